@@ -1,0 +1,165 @@
+//! The refusals keygate answers itself on the request path, each with its status, code
+//! and metrics outcome, and the JSON body every keygate-made response carries.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Why the gateway answered a request itself instead of forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the request path contains dot segments or backslashes; send a normalized path")]
+    InvalidPath,
+    #[error("no API key: send it in the `x-api-key`, `key` or `Authorization: Bearer` header")]
+    MissingCredentials,
+    #[error("the request carries two different API keys")]
+    ConflictingCredentials,
+    #[error("the API key is not valid")]
+    InvalidKey,
+    #[error("the API key has expired")]
+    KeyExpired,
+    #[error("the API key lacks a scope this route requires")]
+    InsufficientScope,
+    #[error("rate limit exceeded; retry after the time in Retry-After")]
+    RateLimited { retry_after: u64 },
+    #[error("the key store is unavailable; try again shortly")]
+    StoreUnavailable,
+    #[error("no healthy upstream for this route")]
+    NoHealthyUpstream,
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("the request is malformed")]
+    MalformedRequest,
+    #[error("the request could not be processed")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(self) -> u16 {
+        match self {
+            GatewayError::NoRoute => 404,
+            GatewayError::InvalidPath
+            | GatewayError::ConflictingCredentials
+            | GatewayError::MalformedRequest => 400,
+            GatewayError::MissingCredentials
+            | GatewayError::InvalidKey
+            | GatewayError::KeyExpired => 401,
+            GatewayError::InsufficientScope => 403,
+            GatewayError::RateLimited { .. } => 429,
+            GatewayError::StoreUnavailable | GatewayError::NoHealthyUpstream => 503,
+            GatewayError::UpstreamUnavailable => 502,
+            GatewayError::UpstreamTimeout => 504,
+            GatewayError::Internal => 500,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no_route",
+            GatewayError::InvalidPath => "invalid_path",
+            GatewayError::MissingCredentials => "missing_credentials",
+            GatewayError::ConflictingCredentials => "conflicting_credentials",
+            GatewayError::InvalidKey => "invalid_key",
+            GatewayError::KeyExpired => "key_expired",
+            GatewayError::InsufficientScope => "insufficient_scope",
+            GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::StoreUnavailable => "store_unavailable",
+            GatewayError::NoHealthyUpstream => "no_healthy_upstream",
+            GatewayError::UpstreamUnavailable => "upstream_unavailable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::MalformedRequest => "bad_request",
+            GatewayError::Internal => "internal_error",
+        }
+    }
+
+    /// The `outcome` label of `keygate_requests_total`. Upstream failures happen after the
+    /// request was admitted, so they count as `allowed` (their status shows in the upstream
+    /// metrics and the access log).
+    pub fn outcome(self) -> Outcome {
+        match self {
+            GatewayError::NoRoute => Outcome::NoRoute,
+            GatewayError::InvalidPath
+            | GatewayError::ConflictingCredentials
+            | GatewayError::MalformedRequest => Outcome::BadRequest,
+            GatewayError::MissingCredentials => Outcome::MissingCredentials,
+            GatewayError::InvalidKey => Outcome::InvalidKey,
+            GatewayError::KeyExpired => Outcome::KeyExpired,
+            GatewayError::InsufficientScope => Outcome::InsufficientScope,
+            GatewayError::RateLimited { .. } => Outcome::RateLimited,
+            GatewayError::StoreUnavailable => Outcome::StoreUnavailable,
+            GatewayError::NoHealthyUpstream
+            | GatewayError::UpstreamUnavailable
+            | GatewayError::UpstreamTimeout
+            | GatewayError::Internal => Outcome::Allowed,
+        }
+    }
+}
+
+/// The `outcome` label values of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    #[default]
+    Allowed,
+    MissingCredentials,
+    InvalidKey,
+    KeyExpired,
+    InsufficientScope,
+    RateLimited,
+    StoreUnavailable,
+    BadRequest,
+    NoRoute,
+    Public,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::MissingCredentials => "missing_credentials",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::KeyExpired => "key_expired",
+            Outcome::InsufficientScope => "insufficient_scope",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::BadRequest => "bad_request",
+            Outcome::NoRoute => "no_route",
+            Outcome::Public => "public",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a serde_json::Value>,
+}
+
+/// `{"error": {"code", "message", "request_id"[, "details"]}}`
+pub fn error_body(
+    code: &str,
+    message: &str,
+    request_id: &str,
+    details: Option<&serde_json::Value>,
+) -> Bytes {
+    let envelope = ErrorEnvelope {
+        error: ErrorBody {
+            code,
+            message,
+            request_id,
+            details,
+        },
+    };
+    // Serializing plain strings and a JSON value cannot fail.
+    Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default())
+}

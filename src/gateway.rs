@@ -1,0 +1,340 @@
+//! The request path, top to bottom: route, path check, credentials, key format, cache (or
+//! one store read), expiry, scope, usage. Everything the proxy hooks do is decided here.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderValue};
+use pingora::http::RequestHeader;
+
+use crate::auth::{self, CredentialSources};
+use crate::config::Config;
+use crate::error::{GatewayError, Outcome};
+use crate::keys::{KeyFormat, KeyHash};
+use crate::metrics::{CacheMetrics, Metrics, RouteMetrics};
+use crate::service::KeyService;
+use crate::store::{CachedKey, KeyIndex, LookupSource};
+use crate::upstream::{Route, Router, request_host};
+use crate::usage::UsageRecorder;
+
+/// Metrics label for requests that matched no route, and for management calls.
+pub const NO_ROUTE_LABEL: &str = "_none";
+pub const MANAGEMENT_LABEL: &str = "_management";
+
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub format: KeyFormat,
+    pub router: Router,
+    pub index: Arc<KeyIndex>,
+    pub usage: Arc<UsageRecorder>,
+    pub metrics: Arc<Metrics>,
+    pub service: KeyService,
+    /// The admin token's bytes; None = no admin access.
+    pub admin_token: Option<Vec<u8>>,
+    route_metrics: Vec<RouteMetrics>,
+    no_route_metrics: RouteMetrics,
+    management_metrics: RouteMetrics,
+    cache_metrics: CacheMetrics,
+}
+
+/// Per-request state shared by the proxy hooks.
+pub struct RequestCtx {
+    pub started: Instant,
+    pub request_id: String,
+    pub route: Option<Arc<Route>>,
+    route_index: Option<usize>,
+    pub outcome: Outcome,
+    pub key: Option<Arc<CachedKey>>,
+    pub credential_sources: CredentialSources,
+    pub management: bool,
+    pub upstream: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub peer_attempts: usize,
+    pub error_code: Option<&'static str>,
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            route_index: None,
+            outcome: Outcome::Allowed,
+            key: None,
+            credential_sources: CredentialSources::default(),
+            management: false,
+            upstream: None,
+            upstream_status: None,
+            peer_attempts: 0,
+            error_code: None,
+        }
+    }
+}
+
+pub enum Admission {
+    /// Forward to the route's upstreams.
+    Forward,
+    /// A management API call; the API authenticates it itself.
+    Management,
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Gateway {
+    pub fn new(
+        config: Arc<Config>,
+        router: Router,
+        index: Arc<KeyIndex>,
+        usage: Arc<UsageRecorder>,
+        metrics: Arc<Metrics>,
+        admin_token: Option<Vec<u8>>,
+    ) -> Self {
+        let format = KeyFormat::new(&config.keys.prefix);
+        let route_metrics = router
+            .routes()
+            .iter()
+            .map(|r| RouteMetrics::new(&metrics, r.name()))
+            .collect();
+        Gateway {
+            service: KeyService::new(Arc::clone(&index), Arc::clone(&usage), format.clone()),
+            no_route_metrics: RouteMetrics::new(&metrics, NO_ROUTE_LABEL),
+            management_metrics: RouteMetrics::new(&metrics, MANAGEMENT_LABEL),
+            cache_metrics: CacheMetrics::new(&metrics),
+            route_metrics,
+            format,
+            config,
+            router,
+            index,
+            usage,
+            metrics,
+            admin_token,
+        }
+    }
+
+    /// Decides what happens to a request. On `Err`, the caller answers with the error.
+    pub async fn admit(
+        &self,
+        req: &RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admission, GatewayError> {
+        let path = req.uri.path();
+        if !is_normalized(path) {
+            return Err(GatewayError::InvalidPath);
+        }
+        if self.is_management_path(path) {
+            ctx.management = true;
+            return Ok(Admission::Management);
+        }
+        let (index, route) = self
+            .router
+            .find(request_host(req), path)
+            .ok_or(GatewayError::NoRoute)?;
+        ctx.route = Some(Arc::clone(route));
+        ctx.route_index = Some(index);
+        if route.is_public() {
+            ctx.outcome = Outcome::Public;
+            return Ok(Admission::Forward);
+        }
+
+        let auth_started = Instant::now();
+        let authenticated = self.authenticate(&req.headers).await;
+        self.metrics
+            .auth_duration
+            .observe(auth_started.elapsed().as_secs_f64());
+        let (key, sources) = authenticated?;
+        if !auth::has_scopes(&key.scopes, &route.config.scopes) {
+            return Err(GatewayError::InsufficientScope);
+        }
+        self.usage.record(key.id_number, &key.id, unix_now());
+        ctx.key = Some(key);
+        ctx.credential_sources = sources;
+        Ok(Admission::Forward)
+    }
+
+    /// Finds and checks the request's key: present, well-formed, known, not revoked, not
+    /// expired. Only a key missing from the cache costs a store read.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(Arc<CachedKey>, CredentialSources), GatewayError> {
+        let credential = auth::extract(headers, &self.format)
+            .map_err(|_| GatewayError::ConflictingCredentials)?
+            .ok_or(GatewayError::MissingCredentials)?;
+        self.format
+            .check(credential.value)
+            .map_err(|_| GatewayError::InvalidKey)?;
+        let hash = KeyHash::of(credential.value);
+        let resolved = self.index.resolve(&hash).await.map_err(|e| {
+            tracing::warn!(error = %e, "key store read failed");
+            GatewayError::StoreUnavailable
+        })?;
+        match resolved.source {
+            LookupSource::Hit => self.cache_metrics.hit.inc(),
+            LookupSource::NegativeHit => self.cache_metrics.negative_hit.inc(),
+            LookupSource::Miss => {
+                self.cache_metrics.miss.inc();
+                self.metrics.store_reads.inc();
+            }
+        }
+        let key = resolved.key.ok_or(GatewayError::InvalidKey)?;
+        if key.is_expired(unix_now()) {
+            return Err(GatewayError::KeyExpired);
+        }
+        Ok((key, credential.sources))
+    }
+
+    pub fn is_management_path(&self, path: &str) -> bool {
+        let base = self.config.management.path.as_str();
+        path.strip_prefix(base)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Rewrites the request for the upstream: the key never travels past keygate, spoofed
+    /// identity headers are dropped, the real identity is added.
+    pub fn prepare_upstream_request(
+        &self,
+        req: &mut RequestHeader,
+        ctx: &RequestCtx,
+    ) -> pingora::Result<()> {
+        for name in ctx.credential_sources.header_names() {
+            req.remove_header(name);
+        }
+        let spoofed: Vec<http::HeaderName> = req
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-keygate-"))
+            .cloned()
+            .collect();
+        for name in &spoofed {
+            req.remove_header(name);
+        }
+        if let Some(key) = &ctx.key {
+            req.insert_header("x-keygate-key-id", key.id_header.clone())?;
+            req.insert_header("x-keygate-owner", key.owner_header.clone())?;
+            req.insert_header("x-keygate-scopes", key.scopes_header.clone())?;
+        }
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(route) = &ctx.route
+            && let Some(path) = route.upstream_path(req.uri.path())
+        {
+            let with_query = match req.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            if let Ok(uri) = with_query.parse::<http::Uri>() {
+                req.set_uri(uri);
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics of the request's route (or of the no-route / management pseudo routes).
+    pub fn route_metrics(&self, ctx: &RequestCtx) -> &RouteMetrics {
+        if ctx.management {
+            return &self.management_metrics;
+        }
+        ctx.route_index
+            .and_then(|i| self.route_metrics.get(i))
+            .unwrap_or(&self.no_route_metrics)
+    }
+}
+
+/// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else a
+/// fresh ULID.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)
+}
+
+/// Refuses paths an upstream might resolve differently from our router: `.`/`..` segments
+/// (also percent-encoded) and backslashes. Otherwise `/public/../admin` could be routed as
+/// public and served as admin.
+pub fn is_normalized(path: &str) -> bool {
+    if !path.starts_with('/') && path != "*" {
+        return false;
+    }
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'.') && !bytes.contains(&b'%') && !bytes.contains(&b'\\') {
+        return true;
+    }
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let code = path.get(i + 1..i + 3).map(str::to_ascii_lowercase);
+            match code.as_deref() {
+                Some("2e") => {
+                    decoded.push('.');
+                    i += 3;
+                    continue;
+                }
+                Some("2f") | Some("5c") => {
+                    decoded.push('/');
+                    i += 3;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if b == b'\\' {
+            return false;
+        }
+        decoded.push(char::from(b));
+        i += 1;
+    }
+    !decoded
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalized_paths() {
+        for ok in [
+            "/",
+            "/a/b",
+            "/a.b/c",
+            "/file.txt",
+            "/a%20b",
+            "/...",
+            "/a/..b",
+        ] {
+            assert!(is_normalized(ok), "{ok}");
+        }
+        for bad in [
+            "/a/../b",
+            "/..",
+            "/a/.",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a%2f..%2fb",
+            "/a\\b",
+            "/a/%5c../b",
+            "relative",
+        ] {
+            assert!(!is_normalized(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&h).len(), 26);
+        assert_eq!(request_id(&HeaderMap::new()).len(), 26);
+    }
+}

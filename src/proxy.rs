@@ -1,0 +1,170 @@
+//! The Pingora `ProxyHttp` implementation. Hooks only delegate: decisions live in
+//! `gateway`, the management API in `api`, response writing in `respond`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::api;
+use crate::error::GatewayError;
+use crate::gateway::{Admission, Gateway, RequestCtx, request_id};
+use crate::respond::{self, Reply};
+
+const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
+
+pub struct KeygateProxy {
+    pub gateway: Arc<Gateway>,
+}
+
+/// Maps a proxying failure to what the client is told; None when the client is gone.
+fn classify(error: &Error) -> Option<GatewayError> {
+    match error.etype() {
+        ErrorType::Custom(NO_HEALTHY_UPSTREAM) => Some(GatewayError::NoHealthyUpstream),
+        ErrorType::ConnectTimedout
+        | ErrorType::ReadTimedout
+        | ErrorType::WriteTimedout
+        | ErrorType::TLSHandshakeTimedout => Some(GatewayError::UpstreamTimeout),
+        _ => match error.esource() {
+            ErrorSource::Upstream => Some(GatewayError::UpstreamUnavailable),
+            ErrorSource::Downstream => match error.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+                _ => Some(GatewayError::MalformedRequest),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => Some(GatewayError::Internal),
+        },
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for KeygateProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        // Pingora keeps idle downstream connections forever unless told otherwise.
+        session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
+        Ok(())
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        ctx.request_id = request_id(&session.req_header().headers);
+        match self.gateway.admit(session.req_header(), ctx).await {
+            Ok(Admission::Forward) => Ok(false),
+            Ok(Admission::Management) => {
+                api::serve(&self.gateway, session, ctx).await?;
+                Ok(true)
+            }
+            Err(error) => {
+                ctx.outcome = error.outcome();
+                ctx.error_code = Some(error.code());
+                let reply = Reply::gateway_error(error, &ctx.request_id);
+                respond::send(session, reply, &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        ctx.peer_attempts += 1;
+        let selected = ctx.route.as_ref().and_then(|route| route.select_peer());
+        match selected {
+            Some((peer, upstream)) => {
+                ctx.upstream = Some(upstream);
+                Ok(peer)
+            }
+            None => Err(Error::explain(
+                ErrorType::Custom(NO_HEALTHY_UPSTREAM),
+                "every upstream of the route is unhealthy",
+            )),
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut error: Box<Error>,
+    ) -> Box<Error> {
+        // Try each upstream of the route at most once before giving up.
+        let upstreams = ctx.route.as_ref().map_or(0, |r| r.config.upstreams.len());
+        if ctx.peer_attempts >= upstreams {
+            error.set_retry(false);
+        }
+        error
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        self.gateway.prepare_upstream_request(upstream_request, ctx)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        if !upstream_response.headers.contains_key("x-request-id") {
+            upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let Some(refusal) = classify(error) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if ctx.request_id.is_empty() {
+            ctx.request_id = request_id(&session.req_header().headers);
+        }
+        ctx.error_code = Some(refusal.code());
+        if refusal == GatewayError::MalformedRequest {
+            ctx.outcome = refusal.outcome();
+        }
+        let reply = Reply::gateway_error(refusal, &ctx.request_id);
+        let written = respond::send(session, reply, &ctx.request_id).await;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "could not send the error response");
+        }
+        FailToProxy {
+            error_code: refusal.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::access::record(&self.gateway, session, ctx);
+    }
+}

@@ -1,0 +1,74 @@
+//! The one place that writes keygate's own responses to a Pingora session: JSON bodies,
+//! always with Content-Length (without it Pingora closes the connection under a misleading
+//! keep-alive), `x-request-id`, and the headers a refusal needs.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::error::{GatewayError, error_body};
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, HeaderValue)>,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Bytes) -> Self {
+        Reply {
+            status,
+            body,
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The JSON error for a refusal, with `WWW-Authenticate` on 401 and `Retry-After` on 429.
+    pub fn gateway_error(error: GatewayError, request_id: &str) -> Self {
+        let message = error.to_string();
+        let reply = Reply::json(
+            error.status(),
+            error_body(error.code(), &message, request_id, None),
+        );
+        match error {
+            GatewayError::MissingCredentials => reply.with_header(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"keygate\""),
+            ),
+            GatewayError::InvalidKey | GatewayError::KeyExpired => reply.with_header(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
+            ),
+            GatewayError::RateLimited { retry_after } => {
+                reply.with_header("retry-after", HeaderValue::from(retry_after))
+            }
+            _ => reply,
+        }
+    }
+}
+
+/// Writes `reply` as the whole response.
+pub async fn send(session: &mut Session, reply: Reply, request_id: &str) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+    header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
+    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+    header.insert_header("x-request-id", request_id)?;
+    for (name, value) in reply.headers {
+        header.append_header(name, value)?;
+    }
+    session
+        .write_response_header(Box::new(header), reply.body.is_empty())
+        .await?;
+    if !reply.body.is_empty() {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The key index the request path reads: a moka cache of hashes in front of the store, a
+//! separate bounded negative cache for unknown hashes (so a flood of junk keys can neither
+//! reach the store twice nor evict valid keys), and revocation that can never be undone by
+//! a concurrent cache fill.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::HeaderValue;
+use moka::sync::Cache;
+
+use super::{KeyStore, StoreError};
+use crate::keys::{KeyHash, KeyRecord, RateLimit};
+
+/// What the request path needs of a key, prepared once per cache fill so that admitting a
+/// request allocates nothing for it.
+#[derive(Debug)]
+pub struct CachedKey {
+    pub id: String,
+    /// The ULID of `id` as a number: the usage counters' map key.
+    pub id_number: u128,
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<i64>,
+    pub rate_limit: Option<RateLimit>,
+    pub id_header: HeaderValue,
+    pub owner_header: HeaderValue,
+    pub scopes_header: HeaderValue,
+}
+
+impl CachedKey {
+    pub fn from_record(record: &KeyRecord) -> Result<Self, StoreError> {
+        let header = |text: &str| {
+            HeaderValue::from_str(text).map_err(|_| {
+                StoreError::Corrupt(format!("key {} has a field unfit for a header", record.id))
+            })
+        };
+        Ok(CachedKey {
+            id_number: ulid::Ulid::from_string(&record.id)
+                .map(u128::from)
+                .map_err(|_| StoreError::Corrupt(format!("key id {} is not a ULID", record.id)))?,
+            id_header: header(&record.id)?,
+            owner_header: header(&record.owner)?,
+            scopes_header: header(&record.scopes.join(" "))?,
+            id: record.id.clone(),
+            owner: record.owner.clone(),
+            scopes: record.scopes.clone(),
+            expires_at: record.expires_at,
+            rate_limit: record.rate_limit,
+        })
+    }
+
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// Where a resolution was answered from, for the cache metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupSource {
+    Hit,
+    NegativeHit,
+    /// Not cached: the store was read.
+    Miss,
+}
+
+pub struct Resolved {
+    pub key: Option<Arc<CachedKey>>,
+    pub source: LookupSource,
+}
+
+pub struct KeyIndex {
+    store: Arc<dyn KeyStore>,
+    positive: Cache<KeyHash, Arc<CachedKey>>,
+    negative: Cache<KeyHash, ()>,
+    /// Bumped by every invalidation. A fill that raced with one undoes itself, so a revoked
+    /// key can never be re-inserted from a read that predates the revoke.
+    generation: AtomicU64,
+    store_reads: AtomicU64,
+}
+
+pub struct CacheSettings {
+    pub capacity: u64,
+    pub ttl: Duration,
+    pub negative_capacity: u64,
+    pub negative_ttl: Duration,
+}
+
+impl KeyIndex {
+    pub fn new(store: Arc<dyn KeyStore>, settings: CacheSettings) -> Self {
+        KeyIndex {
+            store,
+            positive: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.ttl)
+                .build(),
+            negative: Cache::builder()
+                .max_capacity(settings.negative_capacity)
+                .time_to_live(settings.negative_ttl)
+                .build(),
+            generation: AtomicU64::new(0),
+            store_reads: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Look-ups that reached the store since start.
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads.load(Ordering::Relaxed)
+    }
+
+    /// The cache alone: no store access, no await.
+    pub fn cached(&self, hash: &KeyHash) -> Option<Resolved> {
+        if let Some(key) = self.positive.get(hash) {
+            return Some(Resolved {
+                key: Some(key),
+                source: LookupSource::Hit,
+            });
+        }
+        if self.negative.contains_key(hash) {
+            return Some(Resolved {
+                key: None,
+                source: LookupSource::NegativeHit,
+            });
+        }
+        None
+    }
+
+    /// Cache first; on a miss, one store read that fills the cache.
+    pub async fn resolve(&self, hash: &KeyHash) -> Result<Resolved, StoreError> {
+        if let Some(resolved) = self.cached(hash) {
+            return Ok(resolved);
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        self.store_reads.fetch_add(1, Ordering::Relaxed);
+        let record = self.store.find_by_hash(hash).await?;
+        let key = match record {
+            Some(record) if !record.is_revoked() => {
+                Some(Arc::new(CachedKey::from_record(&record)?))
+            }
+            _ => None,
+        };
+        match &key {
+            Some(key) => {
+                self.positive.insert(*hash, Arc::clone(key));
+                if self.generation.load(Ordering::SeqCst) != generation {
+                    // An invalidation ran while we read: our record may predate it.
+                    self.positive.invalidate(hash);
+                }
+            }
+            None => self.negative.insert(*hash, ()),
+        }
+        Ok(Resolved {
+            key,
+            source: LookupSource::Miss,
+        })
+    }
+
+    /// Makes every later look-up of `hash` miss the positive cache. Call after the change
+    /// (revoke, expiry) is durable in the store.
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.positive.invalidate(hash);
+    }
+
+    /// Drops every cached entry (e.g. when cross-instance invalidations may have been missed).
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.positive.invalidate_all();
+        self.negative.invalidate_all();
+    }
+
+    /// A key just created: forget any negative entry for its hash.
+    pub fn forget_negative(&self, hash: &KeyHash) {
+        self.negative.invalidate(hash);
+    }
+}

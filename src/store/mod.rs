@@ -1,0 +1,81 @@
+//! Key storage: the `KeyStore` trait every backend implements (sled embedded, PostgreSQL
+//! shared), and the moka-cached index the request path reads through.
+
+mod cache;
+mod sled_store;
+
+pub use cache::{CacheSettings, CachedKey, KeyIndex, LookupSource, Resolved};
+pub use sled_store::SledStore;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{KeyHash, KeyRecord, Usage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is locked by another process (is a gateway running on it?): {0}")]
+    Locked(String),
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("a key with this id already exists")]
+    Duplicate,
+}
+
+/// A key record with its usage totals, as listings and look-ups by id return it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyWithUsage {
+    pub record: KeyRecord,
+    pub usage: Usage,
+}
+
+/// Which records a listing returns: one owner's or all, in id (= creation) order.
+#[derive(Debug, Clone, Copy)]
+pub struct ListQuery<'a> {
+    pub owner: Option<&'a str>,
+    /// Return records with ids strictly greater than this cursor.
+    pub after: Option<&'a str>,
+    pub limit: usize,
+}
+
+/// One management action, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: String,
+    /// `admin` or `key:<id>` or `signup` or `cli`.
+    pub actor: String,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub at: i64,
+    pub client: Option<String>,
+}
+
+/// Storage of key records, usage totals and the audit log. Writes return only once they
+/// are durable: a crash right after an acknowledged write must not lose it.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Persists a new key; `Duplicate` if the id or hash exists already.
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError>;
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+    async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError>;
+    /// Marks a key revoked at `at`; a key revoked before keeps its first `revoked_at`.
+    async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError>;
+    /// Brings a key's expiry forward to `expires_at` (never later than it already was).
+    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError>;
+    /// Adds usage deltas: counts are summed, `last_used` keeps the latest. Never a
+    /// read-modify-write visible to other writers, so concurrent flushes cannot lose counts.
+    async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError>;
+    async fn count(&self) -> Result<u64, StoreError>;
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Newest first; entries with ids strictly smaller than `before`.
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Whether the store is usable right now (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,302 @@
+//! The embedded store: sled, one directory, one process. Every acknowledged write is
+//! followed by a flush, since sled otherwise persists only every 500 ms.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
+use crate::keys::{KeyHash, KeyRecord, Usage};
+
+const KEY_COUNT: &[u8] = b"key_count";
+
+pub struct SledStore {
+    db: sled::Db,
+    /// id -> JSON `KeyRecord`
+    keys: sled::Tree,
+    /// SHA-256 (32 bytes) -> id
+    hashes: sled::Tree,
+    /// owner 0x00 id -> (), for per-owner listings in id order
+    owners: sled::Tree,
+    /// id -> count (u64 BE) ++ last_used (i64 BE), written only by merges
+    usage: sled::Tree,
+    /// ULID -> JSON `AuditEntry`
+    audit: sled::Tree,
+    /// counters kept in step with the trees they count, inside the same transactions
+    meta: sled::Tree,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+            other => StoreError::Io(other.to_string()),
+        }
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn encode_usage(usage: Usage) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&usage.count.to_be_bytes());
+    out[8..].copy_from_slice(&usage.last_used.to_be_bytes());
+    out
+}
+
+fn decode_usage(bytes: &[u8]) -> Usage {
+    let mut count = [0u8; 8];
+    let mut last = [0u8; 8];
+    if bytes.len() == 16 {
+        count.copy_from_slice(&bytes[..8]);
+        last.copy_from_slice(&bytes[8..]);
+    }
+    Usage {
+        count: u64::from_be_bytes(count),
+        last_used: i64::from_be_bytes(last),
+    }
+}
+
+fn merge_usage(_key: &[u8], old: Option<&[u8]>, delta: &[u8]) -> Option<Vec<u8>> {
+    let mut total = old.map(decode_usage).unwrap_or_default();
+    total.merge(decode_usage(delta));
+    Some(encode_usage(total).to_vec())
+}
+
+fn owner_index_key(owner: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 1 + id.len());
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn decode_u64(bytes: Option<sled::IVec>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open().map_err(|e| {
+            let text = e.to_string();
+            if text.contains("lock")
+                || text.contains("WouldBlock")
+                || text.contains("temporarily unavailable")
+            {
+                StoreError::Locked(format!("{}: {text}", path.display()))
+            } else {
+                StoreError::from(e)
+            }
+        })?;
+        let usage = db.open_tree("usage")?;
+        usage.set_merge_operator(merge_usage);
+        Ok(SledStore {
+            keys: db.open_tree("keys")?,
+            hashes: db.open_tree("hashes")?,
+            owners: db.open_tree("owners")?,
+            audit: db.open_tree("audit")?,
+            meta: db.open_tree("meta")?,
+            usage,
+            db,
+        })
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn decode_record(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+        serde_json::from_slice(bytes).map_err(corrupt)
+    }
+
+    fn with_usage(&self, record: KeyRecord) -> Result<KeyWithUsage, StoreError> {
+        let usage = self
+            .usage
+            .get(record.id.as_bytes())?
+            .map(|b| decode_usage(&b))
+            .unwrap_or_default();
+        Ok(KeyWithUsage { record, usage })
+    }
+
+    /// Rewrites one record under a transaction; `change` returns false to leave it as is.
+    async fn update_record(
+        &self,
+        id: &str,
+        change: impl Fn(&mut KeyRecord) -> bool,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let outcome = self.keys.transaction(|tx| {
+            let Some(bytes) = tx.get(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record =
+                Self::decode_record(&bytes).map_err(ConflictableTransactionError::Abort)?;
+            if change(&mut record) {
+                let encoded = serde_json::to_vec(&record)
+                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
+                tx.insert(id.as_bytes(), encoded)?;
+            }
+            Ok(Some(record))
+        });
+        let record = flatten(outcome)?;
+        self.durable().await?;
+        Ok(record)
+    }
+}
+
+fn flatten<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
+#[async_trait]
+impl KeyStore for SledStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let hash = record
+            .key_hash()
+            .ok_or_else(|| corrupt("record without a valid hash"))?;
+        let encoded = serde_json::to_vec(record).map_err(corrupt)?;
+        let owner_key = owner_index_key(&record.owner, &record.id);
+        let outcome = (&self.keys, &self.hashes, &self.owners, &self.meta).transaction(
+            |(keys, hashes, owners, meta)| {
+                if keys.get(record.id.as_bytes())?.is_some() || hashes.get(hash.0)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Duplicate));
+                }
+                keys.insert(record.id.as_bytes(), encoded.as_slice())?;
+                hashes.insert(&hash.0[..], record.id.as_bytes())?;
+                owners.insert(owner_key.as_slice(), &[][..])?;
+                let count = decode_u64(meta.get(KEY_COUNT)?);
+                meta.insert(KEY_COUNT, &(count + 1).to_be_bytes()[..])?;
+                Ok(())
+            },
+        );
+        flatten(outcome)?;
+        self.durable().await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError> {
+        match self.keys.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(self.with_usage(Self::decode_record(&bytes)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(id) = self.hashes.get(hash.0)? else {
+            return Ok(None);
+        };
+        match self.keys.get(&id)? {
+            Some(bytes) => Ok(Some(Self::decode_record(&bytes)?)),
+            None => Err(corrupt("hash index points at a missing key")),
+        }
+    }
+
+    async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let mut out = Vec::with_capacity(query.limit.min(1024));
+        match query.owner {
+            Some(owner) => {
+                let prefix = owner_index_key(owner, "");
+                let start = match query.after {
+                    Some(after) => Excluded(owner_index_key(owner, after)),
+                    None => Included(prefix.clone()),
+                };
+                for entry in self.owners.range::<Vec<u8>, _>((start, Unbounded)) {
+                    let (index_key, _) = entry?;
+                    if !index_key.starts_with(&prefix) || out.len() >= query.limit {
+                        break;
+                    }
+                    let id = &index_key[prefix.len()..];
+                    if let Some(bytes) = self.keys.get(id)? {
+                        out.push(self.with_usage(Self::decode_record(&bytes)?)?);
+                    }
+                }
+            }
+            None => {
+                let start = match query.after {
+                    Some(after) => Excluded(after.as_bytes().to_vec()),
+                    None => Unbounded,
+                };
+                for entry in self.keys.range::<Vec<u8>, _>((start, Unbounded)) {
+                    if out.len() >= query.limit {
+                        break;
+                    }
+                    let (_, bytes) = entry?;
+                    out.push(self.with_usage(Self::decode_record(&bytes)?)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, |record| {
+            if record.revoked_at.is_some() {
+                return false;
+            }
+            record.revoked_at = Some(at);
+            true
+        })
+        .await
+    }
+
+    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, |record| match record.expires_at {
+            Some(existing) if existing <= expires_at => false,
+            _ => {
+                record.expires_at = Some(expires_at);
+                true
+            }
+        })
+        .await
+    }
+
+    async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
+        for (id, delta) in deltas {
+            self.usage.merge(id.as_bytes(), encode_usage(*delta))?;
+        }
+        self.durable().await
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        Ok(decode_u64(self.meta.get(KEY_COUNT)?))
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let encoded = serde_json::to_vec(entry).map_err(corrupt)?;
+        self.audit.insert(entry.id.as_bytes(), encoded)?;
+        self.durable().await
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let iter = match before {
+            Some(before) => self.audit.range(..before.as_bytes().to_vec()),
+            None => self.audit.range::<Vec<u8>, _>(..),
+        };
+        iter.rev()
+            .take(limit)
+            .map(|entry| {
+                let (_, bytes) = entry?;
+                serde_json::from_slice(&bytes).map_err(corrupt)
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.meta.get(KEY_COUNT)?;
+        Ok(())
+    }
+}

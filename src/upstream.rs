@@ -1,0 +1,239 @@
+//! Routes and their upstream pools: longest-prefix matching, a round-robin Pingora load
+//! balancer per route with TCP or HTTP health checks, and peers with every timeout set
+//! (Pingora's default is none: a hung upstream would hang the request).
+
+use std::sync::Arc;
+
+use pingora::lb::LoadBalancer;
+use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::RoundRobin;
+use pingora::prelude::HttpPeer;
+
+use crate::config::{AuthMode, RouteConfig};
+
+pub struct Route {
+    pub config: RouteConfig,
+    pub balancer: Arc<LoadBalancer<RoundRobin>>,
+}
+
+impl Route {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn is_public(&self) -> bool {
+        self.config.auth == AuthMode::None
+    }
+
+    /// The next healthy upstream, round-robin; None when every upstream is down.
+    pub fn select_peer(&self) -> Option<(Box<HttpPeer>, String)> {
+        let backend = self.balancer.select(b"", 256)?;
+        let addr = *backend.addr.as_inet()?;
+        let mut peer = HttpPeer::new(addr, self.config.tls, self.config.sni.clone());
+        let options = &mut peer.options;
+        options.connection_timeout = Some(self.config.connect_timeout);
+        options.total_connection_timeout = Some(self.config.connect_timeout);
+        options.read_timeout = Some(self.config.read_timeout);
+        options.write_timeout = Some(self.config.write_timeout);
+        options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        Some((Box::new(peer), addr.to_string()))
+    }
+
+    /// Health of each upstream as (configured name, healthy).
+    pub fn upstream_health(&self) -> Vec<(String, bool)> {
+        let backends = self.balancer.backends();
+        let set = backends.get_backend();
+        self.config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let healthy = set
+                    .iter()
+                    .find(|b| b.addr.as_inet() == Some(&u.addr))
+                    .is_some_and(|b| backends.ready(b));
+                (u.name.clone(), healthy)
+            })
+            .collect()
+    }
+
+    /// Path after `strip_prefix`, or None when the path is forwarded unchanged.
+    pub fn upstream_path(&self, path: &str) -> Option<String> {
+        if !self.config.strip_prefix || self.config.path_prefix == "/" {
+            return None;
+        }
+        let rest = path
+            .strip_prefix(self.config.path_prefix.trim_end_matches('/'))
+            .unwrap_or(path);
+        Some(if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        })
+    }
+}
+
+/// Builds a route's balancer. The caller must also run it as a background service, or
+/// its health checks never run.
+pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
+    let mut balancer =
+        LoadBalancer::<RoundRobin>::try_from_iter(config.upstreams.iter().map(|u| u.addr))?;
+    match &config.health_check_path {
+        Some(path) => {
+            let host = config
+                .upstreams
+                .first()
+                .map(|u| u.name.clone())
+                .unwrap_or_default();
+            let mut check = HttpHealthCheck::new(&host, config.tls);
+            if config.tls {
+                check.peer_template.sni = config.sni.clone();
+            }
+            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            req.insert_header("Host", host.as_str())
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            req.insert_header("User-Agent", "keygate-health-check")
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            check.req = req;
+            balancer.set_health_check(Box::new(check));
+        }
+        None => {
+            let mut check = if config.tls {
+                TcpHealthCheck::new_tls(&config.sni)
+            } else {
+                TcpHealthCheck::new()
+            };
+            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            balancer.set_health_check(check);
+        }
+    }
+    balancer.health_check_frequency = Some(config.health_check_interval);
+    balancer.parallel_health_check = true;
+    Ok(Route {
+        config,
+        balancer: Arc::new(balancer),
+    })
+}
+
+/// Longest-prefix routing. A prefix matches whole path segments: `/api` matches `/api` and
+/// `/api/x`, not `/apix`. Among equal prefixes, a route with a matching `host` wins.
+pub struct Router {
+    /// Sorted by prefix length, longest first; host-bound routes first among equals.
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
+        routes.sort_by(|a, b| {
+            b.config
+                .path_prefix
+                .len()
+                .cmp(&a.config.path_prefix.len())
+                .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
+        });
+        Router { routes }
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The matching route and its index in `routes()`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Arc<Route>)> {
+        self.routes.iter().enumerate().find(|(_, route)| {
+            let host_ok = match (&route.config.host, host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                (Some(_), None) => false,
+            };
+            host_ok && prefix_matches(&route.config.path_prefix, path)
+        })
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if !path.starts_with(prefix) {
+        return false;
+    }
+    prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'
+}
+
+/// The request's host without port, from the URI authority or the Host header.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+    if let Some(host) = req.uri.host() {
+        return Some(host);
+    }
+    let raw = req.headers.get(http::header::HOST)?.to_str().ok()?;
+    if let Some(bracketed) = raw.strip_prefix('[') {
+        return bracketed.split(']').next();
+    }
+    Some(match raw.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router(toml: &str) -> Router {
+        let config = Config::parse(toml).expect("valid");
+        Router::new(
+            config
+                .routes
+                .into_iter()
+                .map(|r| build_route(r).expect("route"))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let r = router(
+            r#"
+[[routes]]
+name = "root"
+upstreams = ["127.0.0.1:1"]
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstreams = ["127.0.0.1:2"]
+[[routes]]
+name = "api-admin"
+path_prefix = "/api/admin"
+upstreams = ["127.0.0.1:3"]
+[[routes]]
+name = "api-host"
+path_prefix = "/api"
+host = "special.example"
+upstreams = ["127.0.0.1:4"]
+"#,
+        );
+        let name = |host, path| r.find(host, path).map(|(_, x)| x.name().to_string());
+        assert_eq!(name(None, "/").as_deref(), Some("root"));
+        assert_eq!(name(None, "/api").as_deref(), Some("api"));
+        assert_eq!(name(None, "/api/x").as_deref(), Some("api"));
+        assert_eq!(name(None, "/apix").as_deref(), Some("root"));
+        assert_eq!(name(None, "/api/admin/users").as_deref(), Some("api-admin"));
+        assert_eq!(
+            name(Some("special.example"), "/api/x").as_deref(),
+            Some("api-host")
+        );
+        assert_eq!(
+            name(Some("SPECIAL.example"), "/api").as_deref(),
+            Some("api-host")
+        );
+    }
+
+    #[test]
+    fn no_match_without_root_route() {
+        let r = router(
+            "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstreams = [\"127.0.0.1:1\"]\n",
+        );
+        assert!(r.find(None, "/b").is_none());
+    }
+}

@@ -1,0 +1,418 @@
+//! Shared end-to-end test harness: a real upstream (hyper on tokio, recording what it
+//! receives), the real `keygate` binary on free loopback ports with a generated config in a
+//! temp dir, and helpers for the offline CLI.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn has_header(&self, name: &str) -> bool {
+        self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// Every header value, as text, for "does the key appear anywhere" checks.
+    pub fn all_header_text(&self) -> String {
+        self.headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}\n", String::from_utf8_lossy(v)))
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamMode {
+    /// 200 with body `upstream <name> <path>`.
+    Ok,
+    /// Accepts the request and never answers.
+    Hang,
+}
+
+/// A tiny HTTP/1.1 upstream on loopback that records every request it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_with(name, UpstreamMode::Ok).await
+    }
+
+    pub async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let name_owned = name.to_string();
+        let seen_task = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = Arc::clone(&seen_task);
+                let name = name_owned.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let seen = Arc::clone(&seen);
+                        let name = name.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let path_and_query = parts
+                                .uri
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default();
+                            seen.lock().expect("lock").push(Seen {
+                                method: parts.method.to_string(),
+                                path_and_query: path_and_query.clone(),
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                                    .collect(),
+                                body,
+                            });
+                            if mode == UpstreamMode::Hang {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(200)
+                                    .header("x-upstream", name.as_str())
+                                    .body(Full::new(Bytes::from(format!(
+                                        "upstream {name} {path_and_query}"
+                                    ))))
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            name: name.to_string(),
+            seen,
+            task,
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+
+    /// Stops accepting: later connections are refused.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config file and store directory for one gateway, in a temp dir.
+pub struct GatewayConfig {
+    pub dir: tempfile::TempDir,
+    pub listen: u16,
+    pub admin: u16,
+    /// Everything but [server] and [store]: routes, [keys], [management], ...
+    pub extra: String,
+    pub store_extra: String,
+    pub server_extra: String,
+}
+
+impl GatewayConfig {
+    /// One route "default" at "/" to `upstreams`, auth required.
+    pub fn single_route(upstreams: &[SocketAddr]) -> Self {
+        Self::with_routes(&format!(
+            "[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstreams = [{}]\nhealth_check_interval_ms = 200\n",
+            quoted(upstreams)
+        ))
+    }
+
+    pub fn with_routes(routes_toml: &str) -> Self {
+        GatewayConfig {
+            dir: tempfile::tempdir().expect("temp dir"),
+            listen: free_port(),
+            admin: free_port(),
+            extra: routes_toml.to_string(),
+            store_extra: String::new(),
+            server_extra: String::new(),
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn access_log_path(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("keygate.toml")
+    }
+
+    /// Writes the config file and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\nshutdown_grace_seconds = 0\naccess_log = \"{}\"\n{}\n\n[store]\nbackend = \"sled\"\npath = \"{}\"\nusage_flush_interval_ms = 200\n{}\n\n{}\n",
+            self.listen,
+            self.admin,
+            self.access_log_path().display(),
+            self.server_extra,
+            self.store_path().display(),
+            self.store_extra,
+            self.extra
+        );
+        let path = self.path();
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.listen)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+}
+
+pub fn quoted(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs `keygate` with `args` and returns its output.
+pub fn keygate(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run keygate")
+}
+
+/// Creates a key with the offline CLI; returns (record JSON, raw key).
+pub fn create_key(config: &Path, owner: &str, scopes: &[&str], ttl: Option<i64>) -> (serde_json::Value, String) {
+    let config_str = config.to_str().expect("utf-8 path");
+    let mut args = vec!["keys", "create", "--config", config_str, "--owner", owner];
+    for scope in scopes {
+        args.push("--scope");
+        args.push(scope);
+    }
+    let ttl_text;
+    if let Some(ttl) = ttl {
+        ttl_text = ttl.to_string();
+        args.push("--ttl-seconds");
+        args.push(&ttl_text);
+    }
+    let out = keygate(&args);
+    assert!(
+        out.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON record");
+    let key = record["key"].as_str().expect("key in record").to_string();
+    (record, key)
+}
+
+/// A running gateway process; stopped with SIGTERM (or killed) on drop.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub base: String,
+    pub admin: String,
+}
+
+impl Gateway {
+    /// Starts `keygate serve` and waits until both listeners answer as keygate.
+    pub async fn start(config: &GatewayConfig) -> Gateway {
+        Self::start_with_env(config, &[]).await
+    }
+
+    pub async fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
+        let path = config.write();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config", path.to_str().expect("utf-8 path")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(config.dir.path().join("stderr.log")).expect("log file"),
+            ))
+            .env_remove("KEYGATE_ADMIN_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn keygate");
+        let gateway = Gateway {
+            child: Some(child),
+            base: config.base_url(),
+            admin: config.admin_url(),
+        };
+        gateway.wait_ready(config).await;
+        gateway
+    }
+
+    async fn wait_ready(&self, config: &GatewayConfig) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let healthz = client
+                .get(format!("{}/healthz", self.admin))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await;
+            if let Ok(resp) = healthz {
+                let body = resp.text().await.unwrap_or_default();
+                if body.contains("keygate")
+                    && std::net::TcpStream::connect(("127.0.0.1", config.listen)).is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate did not become ready; stderr:\n{}",
+                std::fs::read_to_string(config.dir.path().join("stderr.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// SIGTERM, then waits for exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        self.signal_and_wait("-TERM")
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal_and_wait("-KILL");
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client with no connection reuse surprises: short timeouts, no proxies.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// The `error.code` of a keygate JSON error response.
+pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
