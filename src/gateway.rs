@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue};
 use pingora::http::RequestHeader;
 
+use crate::api::ManagementLimiters;
 use crate::auth::{self, CredentialSources};
 use crate::config::Config;
 use crate::error::{GatewayError, Outcome};
@@ -29,6 +30,7 @@ pub struct Gateway {
     pub usage: Arc<UsageRecorder>,
     pub metrics: Arc<Metrics>,
     pub service: KeyService,
+    pub management_limiters: ManagementLimiters,
     /// The admin token's bytes; None = no admin access.
     pub admin_token: Option<Vec<u8>>,
     route_metrics: Vec<RouteMetrics>,
@@ -102,6 +104,10 @@ impl Gateway {
             .collect();
         Gateway {
             service: KeyService::new(Arc::clone(&index), Arc::clone(&usage), format.clone()),
+            management_limiters: ManagementLimiters::new(
+                &config.management.limits,
+                config.signup.per_client_per_hour,
+            ),
             no_route_metrics: RouteMetrics::new(&metrics, NO_ROUTE_LABEL),
             management_metrics: RouteMetrics::new(&metrics, MANAGEMENT_LABEL),
             cache_metrics: CacheMetrics::new(&metrics),

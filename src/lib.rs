@@ -11,6 +11,7 @@
 //! - `store`    the `KeyStore` trait, the sled store, the moka-cached key index
 //! - `service`  key lifecycle operations shared by the API and the CLI
 //! - `api`      the management API handlers
+//! - `ratelimit` GCRA limits (per key, per route, management calls)
 //! - `usage`    in-memory usage counters and their flusher
 //! - `metrics`  Prometheus families in keygate's own registry
 //! - `admin`    the admin listener: /metrics, /healthz, /readyz
@@ -33,6 +34,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod respond;
 pub mod service;
 pub mod store;

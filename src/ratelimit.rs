@@ -1,0 +1,118 @@
+//! Rate limiting by GCRA (the `governor` crate): a burst of at most `requests`, refilled
+//! evenly over `window_seconds`, so no window boundary ever admits 2N.
+
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+
+/// The verdict on one request, with what the `RateLimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        /// Seconds until the full burst is available again.
+        reset: u64,
+    },
+    Limited {
+        limit: u32,
+        /// Whole seconds until a request would be admitted, at least 1.
+        retry_after: u64,
+        reset: u64,
+    },
+}
+
+/// `requests` per `window_seconds`, burst `requests`.
+pub fn quota(requests: u32, window_seconds: u32) -> Option<Quota> {
+    let burst = NonZeroU32::new(requests)?;
+    let window = Duration::from_secs(u64::from(window_seconds.max(1)));
+    Quota::with_period(window / requests).map(|q| q.allow_burst(burst))
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// One limiter per key of type `K`, all with the same quota.
+pub struct KeyedLimiter<K: Hash + Eq + Clone> {
+    limiter: RateLimiter<K, DashMapStateStore<K>, DefaultClock, StateInformationMiddleware>,
+    limit: u32,
+    window: Duration,
+    clock: DefaultClock,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    pub fn new(requests: u32, window_seconds: u32) -> Option<Self> {
+        let quota = quota(requests, window_seconds)?;
+        Some(KeyedLimiter {
+            limiter: RateLimiter::dashmap(quota).with_middleware::<StateInformationMiddleware>(),
+            limit: requests,
+            window: Duration::from_secs(u64::from(window_seconds.max(1))),
+            clock: DefaultClock::default(),
+        })
+    }
+
+    pub fn check(&self, key: &K) -> Decision {
+        match self.limiter.check_key(key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let used = self.limit.saturating_sub(remaining);
+                let reset = ceil_secs(self.window.mul_f64(f64::from(used) / f64::from(self.limit)));
+                Decision::Allowed {
+                    limit: self.limit,
+                    remaining,
+                    reset,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Decision::Limited {
+                    limit: self.limit,
+                    retry_after: ceil_secs(wait).clamp(1, self.window.as_secs().max(1)),
+                    reset: ceil_secs(self.window),
+                }
+            }
+        }
+    }
+
+    /// Drops state of keys whose limit has fully recovered, bounding memory.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_n_then_refusal() {
+        let limiter = KeyedLimiter::new(3, 60).expect("quota");
+        for expected_remaining in [2, 1, 0] {
+            match limiter.check(&"a") {
+                Decision::Allowed {
+                    remaining, limit, ..
+                } => {
+                    assert_eq!(limit, 3);
+                    assert_eq!(remaining, expected_remaining);
+                }
+                other => panic!("expected allowed, got {other:?}"),
+            }
+        }
+        match limiter.check(&"a") {
+            Decision::Limited { retry_after, .. } => assert!((1..=60).contains(&retry_after)),
+            other => panic!("expected limited, got {other:?}"),
+        }
+        assert!(matches!(limiter.check(&"b"), Decision::Allowed { .. }));
+    }
+
+    #[test]
+    fn zero_requests_is_no_quota() {
+        assert!(quota(0, 10).is_none());
+    }
+}
