@@ -93,6 +93,27 @@ impl BackgroundService for UsageFlusher {
     }
 }
 
+/// Drops the state of rate limits that have fully recovered, bounding their memory.
+struct Housekeeping {
+    gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.gateway.rate_limits.forget_idle();
+                    self.gateway.management_limiters.forget_idle();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// Fails early, with a clear message, when a listen address is taken: Pingora would retry
 /// for 30 s and then let that listener die silently.
 fn check_port_free(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -166,6 +187,13 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             interval: config.store.usage_flush_interval,
+        }),
+    ));
+
+    server.add_service(GenBackgroundService::new(
+        "housekeeping".to_string(),
+        Arc::new(Housekeeping {
+            gateway: Arc::clone(&gateway),
         }),
     ));
 

@@ -1,5 +1,5 @@
 //! The request path, top to bottom: route, path check, credentials, key format, cache (or
-//! one store read), expiry, scope, usage. Everything the proxy hooks do is decided here.
+//! one store read), expiry, scope, rate limit, usage. Everything the proxy hooks do is decided here.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::{GatewayError, Outcome};
 use crate::keys::{KeyFormat, KeyHash};
 use crate::metrics::{CacheMetrics, Metrics, RouteMetrics};
+use crate::ratelimit::{Decision, KEY_OWN_LIMIT, KeyLimits};
 use crate::service::KeyService;
 use crate::store::{CachedKey, KeyIndex, LookupSource};
 use crate::upstream::{Route, Router, request_host};
@@ -31,6 +32,7 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub service: KeyService,
     pub management_limiters: ManagementLimiters,
+    pub rate_limits: KeyLimits,
     /// The admin token's bytes; None = no admin access.
     pub admin_token: Option<Vec<u8>>,
     route_metrics: Vec<RouteMetrics>,
@@ -52,6 +54,8 @@ pub struct RequestCtx {
     pub upstream: Option<String>,
     pub upstream_status: Option<u16>,
     pub peer_attempts: usize,
+    /// The rate-limit verdict, for the `RateLimit-*` response headers.
+    pub rate_limit: Option<Decision>,
     pub error_code: Option<&'static str>,
 }
 
@@ -69,6 +73,7 @@ impl Default for RequestCtx {
             upstream: None,
             upstream_status: None,
             peer_attempts: 0,
+            rate_limit: None,
             error_code: None,
         }
     }
@@ -111,6 +116,7 @@ impl Gateway {
             no_route_metrics: RouteMetrics::new(&metrics, NO_ROUTE_LABEL),
             management_metrics: RouteMetrics::new(&metrics, MANAGEMENT_LABEL),
             cache_metrics: CacheMetrics::new(&metrics),
+            rate_limits: KeyLimits::default(),
             route_metrics,
             format,
             config,
@@ -155,6 +161,21 @@ impl Gateway {
         let (key, sources) = authenticated?;
         if !auth::has_scopes(&key.scopes, &route.config.scopes) {
             return Err(GatewayError::InsufficientScope);
+        }
+        let limit = match (key.rate_limit, route.config.rate_limit) {
+            (Some(own), _) => Some((own, KEY_OWN_LIMIT)),
+            (None, Some(route_default)) => Some((route_default, index as u32)),
+            (None, None) => None,
+        };
+        if let Some((limit, scope)) = limit {
+            let decision =
+                self.rate_limits
+                    .check(limit.requests, limit.window_seconds, key.id_number, scope);
+            ctx.rate_limit = Some(decision);
+            if let Decision::Limited { retry_after, .. } = decision {
+                ctx.key = Some(key);
+                return Err(GatewayError::RateLimited { retry_after });
+            }
         }
         self.usage.record(key.id_number, &key.id, unix_now());
         ctx.key = Some(key);

@@ -11,6 +11,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::api;
 use crate::error::GatewayError;
 use crate::gateway::{Admission, Gateway, RequestCtx, request_id};
+use crate::ratelimit;
 use crate::respond::{self, Reply};
 
 const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
@@ -71,7 +72,10 @@ impl ProxyHttp for KeygateProxy {
             Err(error) => {
                 ctx.outcome = error.outcome();
                 ctx.error_code = Some(error.code());
-                let reply = Reply::gateway_error(error, &ctx.request_id);
+                let mut reply = Reply::gateway_error(error, &ctx.request_id);
+                if let Some(decision) = ctx.rate_limit {
+                    reply.headers.extend(ratelimit::headers(decision));
+                }
                 respond::send(session, reply, &ctx.request_id).await?;
                 Ok(true)
             }
@@ -131,6 +135,11 @@ impl ProxyHttp for KeygateProxy {
         if !upstream_response.headers.contains_key("x-request-id") {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
+        if let Some(decision) = ctx.rate_limit {
+            for (name, value) in ratelimit::headers(decision) {
+                upstream_response.insert_header(name, value)?;
+            }
+        }
         Ok(())
     }
 
@@ -153,7 +162,10 @@ impl ProxyHttp for KeygateProxy {
         if refusal == GatewayError::MalformedRequest {
             ctx.outcome = refusal.outcome();
         }
-        let reply = Reply::gateway_error(refusal, &ctx.request_id);
+        let mut reply = Reply::gateway_error(refusal, &ctx.request_id);
+        if let Some(decision) = ctx.rate_limit {
+            reply.headers.extend(ratelimit::headers(decision));
+        }
         let written = respond::send(session, reply, &ctx.request_id).await;
         if let Err(e) = written {
             tracing::debug!(error = %e, "could not send the error response");

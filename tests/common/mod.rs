@@ -46,7 +46,9 @@ impl Seen {
     }
 
     pub fn has_header(&self, name: &str) -> bool {
-        self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+        self.headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
     /// Every header value, as text, for "does the key appear anywhere" checks.
@@ -80,7 +82,9 @@ impl Upstream {
     }
 
     pub async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let name_owned = name.to_string();
@@ -175,6 +179,7 @@ pub struct GatewayConfig {
     pub extra: String,
     pub store_extra: String,
     pub server_extra: String,
+    pub flush_interval_ms: u64,
 }
 
 impl GatewayConfig {
@@ -194,6 +199,7 @@ impl GatewayConfig {
             extra: routes_toml.to_string(),
             store_extra: String::new(),
             server_extra: String::new(),
+            flush_interval_ms: 200,
         }
     }
 
@@ -212,12 +218,13 @@ impl GatewayConfig {
     /// Writes the config file and returns its path.
     pub fn write(&self) -> PathBuf {
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\nshutdown_grace_seconds = 0\naccess_log = \"{}\"\n{}\n\n[store]\nbackend = \"sled\"\npath = \"{}\"\nusage_flush_interval_ms = 200\n{}\n\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\nshutdown_grace_seconds = 0\naccess_log = \"{}\"\n{}\n\n[store]\nbackend = \"sled\"\npath = \"{}\"\nusage_flush_interval_ms = {}\n{}\n\n{}\n",
             self.listen,
             self.admin,
             self.access_log_path().display(),
             self.server_extra,
             self.store_path().display(),
+            self.flush_interval_ms,
             self.store_extra,
             self.extra
         );
@@ -245,14 +252,16 @@ pub fn quoted(addrs: &[SocketAddr]) -> String {
 
 /// Runs `keygate` with `args` and returns its output.
 pub fn keygate(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run keygate")
+    Command::new(BIN).args(args).output().expect("run keygate")
 }
 
 /// Creates a key with the offline CLI; returns (record JSON, raw key).
-pub fn create_key(config: &Path, owner: &str, scopes: &[&str], ttl: Option<i64>) -> (serde_json::Value, String) {
+pub fn create_key(
+    config: &Path,
+    owner: &str,
+    scopes: &[&str],
+    ttl: Option<i64>,
+) -> (serde_json::Value, String) {
     let config_str = config.to_str().expect("utf-8 path");
     let mut args = vec!["keys", "create", "--config", config_str, "--owner", owner];
     for scope in scopes {
@@ -397,7 +406,10 @@ pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     (
         status,
-        body["error"]["code"].as_str().unwrap_or_default().to_string(),
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 
