@@ -3,6 +3,7 @@
 
 use std::hash::Hash;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -121,8 +122,11 @@ mod tests {
 /// quota (there are few), each keyed by (key, scope) so that no two keys share a budget.
 #[derive(Default)]
 pub struct KeyLimits {
-    by_quota: dashmap::DashMap<(u32, u32), std::sync::Arc<KeyedLimiter<(u128, u32)>>>,
+    by_quota: dashmap::DashMap<QuotaKey, Arc<KeyedLimiter<(u128, u32)>>>,
 }
+
+/// (requests, window_seconds)
+type QuotaKey = (u32, u32);
 
 /// The limit a key's own `rate_limit` counts against (across all routes); a route default
 /// counts per route, identified by the route's index.
@@ -132,13 +136,13 @@ impl KeyLimits {
     pub fn check(&self, requests: u32, window_seconds: u32, key: u128, scope: u32) -> Decision {
         let quota_key = (requests, window_seconds);
         let limiter = match self.by_quota.get(&quota_key) {
-            Some(limiter) => std::sync::Arc::clone(&limiter),
+            Some(limiter) => Arc::clone(&limiter),
             None => match KeyedLimiter::new(requests, window_seconds) {
-                Some(limiter) => std::sync::Arc::clone(
+                Some(limiter) => Arc::clone(
                     &self
                         .by_quota
                         .entry(quota_key)
-                        .or_insert_with(|| std::sync::Arc::new(limiter)),
+                        .or_insert_with(|| Arc::new(limiter)),
                 ),
                 // A zero quota is refused by config and API validation; admit if one slips by.
                 None => {
