@@ -159,6 +159,22 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series exist from the start (at 0), so rate() works before the first call.
+        for (operation, status) in [
+            ("create", "201"),
+            ("list", "200"),
+            ("get", "200"),
+            ("revoke", "200"),
+            ("revoke_by_value", "200"),
+            ("rotate", "201"),
+            ("audit", "200"),
+            ("signup", "201"),
+            ("openapi", "200"),
+        ] {
+            metrics
+                .management_requests
+                .with_label_values(&[operation, status]);
+        }
         metrics
     }
 
