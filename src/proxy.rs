@@ -166,6 +166,9 @@ impl ProxyHttp for KeygateProxy {
         if let Some(decision) = ctx.rate_limit {
             reply.headers.extend(ratelimit::headers(decision));
         }
+        // Pingora drops the connection after a failed proxy attempt (the request body may be
+        // half-sent): say so, or a pooling client would reuse a dead connection.
+        session.set_keepalive(None);
         let written = respond::send(session, reply, &ctx.request_id).await;
         if let Err(e) = written {
             tracing::debug!(error = %e, "could not send the error response");

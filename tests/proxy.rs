@@ -4,6 +4,14 @@ mod common;
 
 use common::*;
 
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 #[tokio::test]
 async fn key_in_each_header_is_admitted_and_never_forwarded() {
     let upstream = Upstream::start("a").await;
@@ -28,10 +36,1103 @@ async fn key_in_each_header_is_admitted_and_never_forwarded() {
         let seen = upstream.seen().pop().expect("upstream saw the request");
         assert_eq!(seen.path_and_query, "/hello?x=1");
         assert!(!seen.has_header(header), "{header} was forwarded");
-        assert!(!seen.all_header_text().contains(&key), "key leaked via {header}");
-        assert_eq!(seen.header("x-keygate-key-id").as_deref(), record["id"].as_str());
+        assert!(
+            !seen.all_header_text().contains(&key),
+            "key leaked via {header}"
+        );
+        assert_eq!(
+            seen.header("x-keygate-key-id").as_deref(),
+            record["id"].as_str()
+        );
         assert_eq!(seen.header("x-keygate-owner").as_deref(), Some("alice"));
         assert_eq!(seen.header("x-keygate-scopes").as_deref(), Some("read"));
         assert!(seen.has_header("x-request-id"));
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Checks the contract's error envelope: JSON `{"error": {"code", "message", "request_id"}}`,
+/// `Content-Type: application/json`, and an `x-request-id` header equal to
+/// `error.request_id`. Returns the parsed body.
+fn check_envelope(
+    what: &str,
+    content_type: Option<&str>,
+    request_id_header: Option<&str>,
+    body: &[u8],
+    code: &str,
+) -> serde_json::Value {
+    let text = String::from_utf8_lossy(body);
+    let content_type = content_type.unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{what}: Content-Type is {content_type:?}; body {text}"
+    );
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
+    let error = &value["error"];
+    assert_eq!(error["code"].as_str(), Some(code), "{what}: {value}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: no error.message: {value}"
+    );
+    let request_id = error["request_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error.request_id: {value}"));
+    assert!(!request_id.is_empty(), "{what}: empty error.request_id");
+    assert_eq!(
+        request_id_header,
+        Some(request_id),
+        "{what}: x-request-id header differs from error.request_id"
+    );
+    value
+}
+
+/// Asserts that `resp` is keygate's own refusal with `status` and `code`; returns its
+/// headers.
+async fn assert_refusal(
+    resp: reqwest::Response,
+    status: u16,
+    code: &str,
+    what: &str,
+) -> reqwest::header::HeaderMap {
+    let got = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.expect("response body");
+    assert_eq!(
+        got,
+        status,
+        "{what}: status; body {}",
+        String::from_utf8_lossy(&body)
+    );
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    check_envelope(
+        what,
+        header("content-type"),
+        header("x-request-id"),
+        &body,
+        code,
+    );
+    headers
+}
+
+/// A response read off a raw TCP connection.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|e| format!("read failed: {e}"))?;
+    if n == 0 {
+        return Err(format!(
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(buf)
+        ));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Reads one response off `stream`, framed by Content-Length or chunked encoding (or, with
+/// neither, by the end of the connection). Err when the connection fails or ends early.
+async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(pos) = find(&buf, b"\r\n\r\n") {
+            break pos + 4;
+        }
+        read_more(stream, &mut buf).await?;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut rest = buf[head_end..].to_vec();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if let Some(len) = header("content-length") {
+        let len: usize = len.parse().map_err(|_| format!("content-length {len:?}"))?;
+        while rest.len() < len {
+            read_more(stream, &mut rest).await?;
+        }
+        rest.truncate(len);
+        rest
+    } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(pos) = find(&rest, b"\r\n") {
+                    break pos;
+                }
+                read_more(stream, &mut rest).await?;
+            };
+            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| format!("chunk size {size_text:?}"))?;
+            while rest.len() < line_end + 2 + size + 2 {
+                read_more(stream, &mut rest).await?;
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        let _ = stream.read_to_end(&mut rest).await;
+        rest
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends `request` byte for byte (reqwest would normalize the path) on a new connection and
+/// reads one response.
+async fn raw_request(port: u16, request: &str) -> RawResponse {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to keygate");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        read_response(&mut stream).await.expect("a response")
+    })
+    .await
+    .expect("raw request timed out")
+}
+
+/// A client that opens a new connection for every request.
+fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// An upstream that accepts only until the gateway's first health check has connected,
+/// then refuses connections: with a long health-check interval, the gateway still thinks it
+/// healthy (see `dead_upstream_is_502`).
+struct RefusesAfterFirstCheck {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RefusesAfterFirstCheck {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted_task = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted_task.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        RefusesAfterFirstCheck {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Call once the gateway runs: waits for its first health check, then closes the port.
+    async fn close_after_first_check(self) {
+        let accepted = Arc::clone(&self.accepted);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                accepted.load(Ordering::SeqCst) >= 1
+            })
+            .await,
+            "the first health check never connected"
+        );
+        self.task.abort();
+        let _ = self.task.await;
+        let addr = self.addr;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                TcpStream::connect(addr).await.is_err()
+            })
+            .await,
+            "the upstream port still accepts connections"
+        );
+    }
+}
+
+/// Sum of every sample of a Prometheus counter family on the admin listener.
+async fn metric_sum(admin: &str, family: &str) -> f64 {
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends `signal` to the gateway process and waits (at most 30 s) for it to exit.
+fn signal_and_wait(gateway: &mut Gateway, signal: &str) -> ExitStatus {
+    let mut child = gateway.child.take().expect("gateway running");
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} failed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for keygate") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keygate did not exit within 30 s of {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `key` with the character at `index` replaced by another base62 digit.
+fn with_char_changed(key: &str, index: usize) -> String {
+    let mut bytes = key.as_bytes().to_vec();
+    bytes[index] = if bytes[index] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(bytes).expect("ascii")
+}
+
+fn route(name: &str, prefix: &str, upstreams: &[std::net::SocketAddr], extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstreams = [{}]\nhealth_check_interval_ms = 200\n{extra}\n",
+        quoted(upstreams)
+    )
+}
+
+// ---------------------------------------------------------------- tests
+
+/// 1. A Bearer token without the key prefix belongs to the backend: forwarded untouched on
+/// a public route, and "no credential" on a protected one.
+#[tokio::test]
+async fn foreign_bearer_token_passes_through_and_is_no_credential() {
+    let public = Upstream::start("public").await;
+    let private = Upstream::start("private").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("public", "/public", &[public.addr], "auth = \"none\""),
+        route("private", "/", &[private.addr], "")
+    ));
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+
+    let resp = client
+        .get(format!("{}/public/thing", config.base_url()))
+        .header("authorization", "Bearer xyz")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let seen = public
+        .seen()
+        .pop()
+        .expect("public upstream saw the request");
+    assert_eq!(seen.path_and_query, "/public/thing");
+    let auth: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(
+        auth,
+        ["Bearer xyz"],
+        "Authorization not forwarded untouched"
+    );
+
+    let resp = client
+        .get(format!("{}/private", config.base_url()))
+        .header("authorization", "Bearer xyz")
+        .send()
+        .await
+        .expect("request");
+    let headers = assert_refusal(resp, 401, "missing_credentials", "foreign bearer").await;
+    assert_eq!(
+        headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer realm=\"keygate\"")
+    );
+    assert_eq!(private.count(), 0, "refused request reached the upstream");
+}
+
+/// 2. Every way a credential can be wrong, each refused before the upstream with the
+/// contract's error envelope; the same key twice is fine.
+#[tokio::test]
+async fn bad_credentials_are_refused_with_json_errors() {
+    let upstream = Upstream::start("a").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let (_, key2) = create_key(&config.path(), "alice", &[], None);
+    let (_, expiring) = create_key(&config.path(), "alice", &[], Some(1));
+    let expiring_created = Instant::now();
+    // A well-formed key this gateway's store has never seen.
+    let elsewhere = GatewayConfig::single_route(&[upstream.addr]);
+    elsewhere.write();
+    let (_, unknown) = create_key(&elsewhere.path(), "mallory", &[], None);
+    assert_eq!(key.len(), 52);
+
+    let gateway = Gateway::start(&config).await;
+    let client = client();
+    let url = format!("{}/resource", config.base_url());
+
+    // Missing credentials.
+    let resp = client.get(&url).send().await.expect("request");
+    let headers = assert_refusal(resp, 401, "missing_credentials", "no key").await;
+    assert_eq!(
+        headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer realm=\"keygate\"")
+    );
+    assert_eq!(upstream.count(), 0);
+
+    // Malformed or mistyped keys: refused on format alone, without a store look-up.
+    let lookups_before = metric_sum(&gateway.admin, "keygate_key_cache_lookups_total").await;
+    let bad_charset = format!("kg_{}-{}", "a".repeat(24), "a".repeat(24));
+    assert_eq!(bad_charset.len(), key.len());
+    let format_failures = [
+        ("short", "kg_abc".to_string()),
+        ("one too long", format!("{key}A")),
+        ("one too short", key[..key.len() - 1].to_string()),
+        ("bad charset", bad_charset),
+        ("body char changed", with_char_changed(&key, 10)),
+        (
+            "checksum char changed",
+            with_char_changed(&key, key.len() - 1),
+        ),
+    ];
+    for (what, value) in &format_failures {
+        let resp = client
+            .get(&url)
+            .header("x-api-key", value)
+            .send()
+            .await
+            .expect("request");
+        assert_refusal(resp, 401, "invalid_key", what).await;
+        assert_eq!(upstream.count(), 0, "{what}: reached the upstream");
+    }
+    let lookups_after = metric_sum(&gateway.admin, "keygate_key_cache_lookups_total").await;
+    assert_eq!(
+        lookups_before, lookups_after,
+        "malformed keys were looked up in the cache/store"
+    );
+
+    // Unknown, well-formed key.
+    let resp = client
+        .get(&url)
+        .header("authorization", format!("Bearer {unknown}"))
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 401, "invalid_key", "unknown key").await;
+    assert_eq!(upstream.count(), 0);
+
+    // Expired key (ttl 1 s; expired once a second has passed since creation).
+    let wait = Duration::from_millis(1100).saturating_sub(expiring_created.elapsed());
+    tokio::time::sleep(wait).await;
+    let resp = client
+        .get(&url)
+        .header("key", &expiring)
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 401, "key_expired", "expired key").await;
+    assert_eq!(upstream.count(), 0);
+
+    // Two different keys.
+    for (what, first, second) in [
+        ("x-api-key + authorization", "x-api-key", "authorization"),
+        ("key + x-api-key", "key", "x-api-key"),
+    ] {
+        let second_value = if second == "authorization" {
+            format!("Bearer {key2}")
+        } else {
+            key2.clone()
+        };
+        let resp = client
+            .get(&url)
+            .header(first, &key)
+            .header(second, second_value)
+            .send()
+            .await
+            .expect("request");
+        assert_refusal(resp, 400, "conflicting_credentials", what).await;
+        assert_eq!(upstream.count(), 0, "{what}: reached the upstream");
+    }
+
+    // The same key in every header is one credential.
+    let resp = client
+        .get(&url)
+        .header("key", &key)
+        .header("x-api-key", &key)
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.count(), 1);
+    let seen = upstream.seen().pop().expect("seen");
+    for header in ["key", "x-api-key", "authorization"] {
+        assert!(!seen.has_header(header), "{header} was forwarded");
+    }
+    assert!(!seen.all_header_text().contains(&key), "key leaked");
+    assert_eq!(seen.header("x-keygate-owner").as_deref(), Some("alice"));
+}
+
+/// 3. A route's scopes are required of the key; a route without scopes admits any key.
+#[tokio::test]
+async fn scope_guarded_route_requires_the_scope() {
+    let admin_up = Upstream::start("admin").await;
+    let root_up = Upstream::start("root").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("admin", "/admin", &[admin_up.addr], "scopes = [\"admin\"]"),
+        route("root", "/", &[root_up.addr], "")
+    ));
+    config.write();
+    let (_, reader) = create_key(&config.path(), "reader", &["read"], None);
+    let (_, admin) = create_key(&config.path(), "boss", &["admin"], None);
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+
+    let resp = client
+        .get(format!("{}/admin/users", config.base_url()))
+        .header("x-api-key", &reader)
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 403, "insufficient_scope", "reader on /admin").await;
+    assert_eq!(admin_up.count(), 0, "refused request reached the upstream");
+
+    let resp = client
+        .get(format!("{}/admin/users", config.base_url()))
+        .header("x-api-key", &admin)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(admin_up.count(), 1);
+    assert_eq!(
+        admin_up.seen()[0].header("x-keygate-owner").as_deref(),
+        Some("boss")
+    );
+
+    for (owner, key) in [("reader", &reader), ("boss", &admin)] {
+        let resp = client
+            .get(format!("{}/items", config.base_url()))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{owner} on /");
+        let seen = root_up.seen().pop().expect("root upstream saw it");
+        assert_eq!(seen.header("x-keygate-owner").as_deref(), Some(owner));
+    }
+    assert_eq!(root_up.count(), 2);
+    assert_eq!(admin_up.count(), 1);
+}
+
+/// 4. Client-sent x-keygate-* headers never reach an upstream.
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let public = Upstream::start("public").await;
+    let private = Upstream::start("private").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("public", "/public", &[public.addr], "auth = \"none\""),
+        route("private", "/", &[private.addr], "")
+    ));
+    config.write();
+    let (record, key) = create_key(&config.path(), "alice", &["read", "write"], None);
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+    let spoof = |req: reqwest::RequestBuilder| {
+        req.header("x-keygate-owner", "root")
+            .header("x-keygate-key-id", "x")
+            .header("x-keygate-anything", "y")
+            .header("X-Keygate-Scopes", "admin")
+    };
+
+    let resp = spoof(client.get(format!("{}/data", config.base_url())))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let seen = private.seen().pop().expect("private upstream saw it");
+    let keygate_headers: Vec<(String, String)> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.to_ascii_lowercase().starts_with("x-keygate-"))
+        .map(|(n, v)| {
+            (
+                n.to_ascii_lowercase(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect();
+    let mut expected = vec![
+        (
+            "x-keygate-key-id".to_string(),
+            record["id"].as_str().expect("id").to_string(),
+        ),
+        ("x-keygate-owner".to_string(), "alice".to_string()),
+        ("x-keygate-scopes".to_string(), "read write".to_string()),
+    ];
+    let mut got = keygate_headers.clone();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "identity headers on a protected route");
+
+    let resp = spoof(client.get(format!("{}/public/data", config.base_url())))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let seen = public.seen().pop().expect("public upstream saw it");
+    let leaked: Vec<&String> = seen
+        .headers
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.to_ascii_lowercase().starts_with("x-keygate-"))
+        .collect();
+    assert!(leaked.is_empty(), "public route forwarded {leaked:?}");
+}
+
+/// 5. Requests that match no route are answered 404 no_route, before any credential check;
+/// prefixes match whole segments.
+#[tokio::test]
+async fn unmatched_paths_get_no_route() {
+    let upstream = Upstream::start("api").await;
+    let config = GatewayConfig::with_routes(&route("api", "/api", &[upstream.addr], ""));
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+
+    for path in ["/other", "/apix", "/"] {
+        let resp = client
+            .get(format!("{}{path}", config.base_url()))
+            .send()
+            .await
+            .expect("request");
+        assert_refusal(resp, 404, "no_route", path).await;
+        let resp = client
+            .get(format!("{}{path}", config.base_url()))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("request");
+        assert_refusal(resp, 404, "no_route", &format!("{path} with key")).await;
+    }
+    assert_eq!(upstream.count(), 0);
+
+    let resp = client
+        .get(format!("{}/api/x", config.base_url()))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        upstream.seen().pop().expect("seen").path_and_query,
+        "/api/x"
+    );
+}
+
+/// 6. An upstream that refuses connections: 502 upstream_unavailable.
+///
+/// Pingora's backends start healthy but the first health check runs as soon as the
+/// gateway starts, so a never-bound port would usually (not always) be marked unhealthy
+/// first and answer 503. To make this deterministic the upstream is a listener we control:
+/// we wait until it has accepted the first health check's connection, then close it. With
+/// a 60 s interval no later check runs, so the backend stays healthy and the request's
+/// connect is refused.
+#[tokio::test]
+async fn dead_upstream_is_502() {
+    let upstream = RefusesAfterFirstCheck::start().await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"dead\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhealth_check_interval_ms = 60000\n",
+        upstream.addr
+    ));
+    let _gateway = Gateway::start(&config).await;
+    upstream.close_after_first_check().await;
+
+    let resp = client()
+        .get(format!("{}/x", config.base_url()))
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 502, "upstream_unavailable", "dead upstream").await;
+}
+
+/// 7. An upstream that never answers: 504 upstream_timeout after read_timeout_ms.
+#[tokio::test]
+async fn hung_upstream_is_504() {
+    let upstream = Upstream::start_with("hang", UpstreamMode::Hang).await;
+    let config = GatewayConfig::with_routes(&route(
+        "hang",
+        "/",
+        &[upstream.addr],
+        "auth = \"none\"\nread_timeout_ms = 500",
+    ));
+    let _gateway = Gateway::start(&config).await;
+    let resp = client()
+        .get(format!("{}/slow", config.base_url()))
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 504, "upstream_timeout", "hung upstream").await;
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the upstream should have received the request once"
+    );
+    assert_eq!(upstream.seen()[0].path_and_query, "/slow");
+}
+
+/// 8. Every upstream fails its health check: 503 no_healthy_upstream, and /readyz is 503.
+#[tokio::test]
+async fn all_upstreams_unhealthy_is_503() {
+    let dead: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let config = GatewayConfig::with_routes(&route("dead", "/", &dead, "auth = \"none\""));
+    let gateway = Gateway::start(&config).await;
+    // A new connection per request: keygate closes the connection after a 503 it announced
+    // as keep-alive (see `upstream_failure_responses_keep_their_connection_promise`).
+    let client = unpooled_client();
+    let url = format!("{}/x", config.base_url());
+    let became_unhealthy = eventually(Duration::from_secs(5), || {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 503)
+        }
+    })
+    .await;
+    assert!(became_unhealthy, "never answered 503");
+    let resp = client.get(&url).send().await.expect("request");
+    assert_refusal(resp, 503, "no_healthy_upstream", "all unhealthy").await;
+
+    let ready = client
+        .get(format!("{}/readyz", gateway.admin))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503, "/readyz with no healthy upstream");
+}
+
+/// 9. Round-robin over two upstreams.
+#[tokio::test]
+async fn two_upstreams_share_the_load() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let config = GatewayConfig::single_route(&[a.addr, b.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+    for i in 0..20 {
+        let resp = client
+            .get(format!("{}/n/{i}", config.base_url()))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    assert_eq!(a.count() + b.count(), 20);
+    assert!(
+        a.count() >= 5 && b.count() >= 5,
+        "unbalanced: a={} b={}",
+        a.count(),
+        b.count()
+    );
+}
+
+/// 10. A key revoked offline while the gateway is stopped is refused after a restart.
+#[tokio::test]
+async fn key_revoked_offline_is_refused_after_restart() {
+    let upstream = Upstream::start("a").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (record, key) = create_key(&config.path(), "alice", &[], None);
+    let id = record["id"].as_str().expect("id").to_string();
+
+    let mut gateway = Gateway::start(&config).await;
+    let resp = client()
+        .get(format!("{}/x", config.base_url()))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        gateway.stop(),
+        "keygate did not exit successfully on SIGTERM"
+    );
+
+    let config_path = config.path();
+    let out = keygate(&[
+        "keys",
+        "revoke",
+        "--config",
+        config_path.to_str().expect("utf-8"),
+        &id,
+    ]);
+    assert!(
+        out.status.success(),
+        "keys revoke failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let _gateway = Gateway::start(&config).await;
+    let resp = client()
+        .get(format!("{}/x", config.base_url()))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_refusal(resp, 401, "invalid_key", "revoked key").await;
+    assert_eq!(upstream.count(), 1);
+}
+
+/// 11. strip_prefix removes the route's prefix and keeps the query.
+#[tokio::test]
+async fn strip_prefix_rewrites_the_upstream_path() {
+    let upstream = Upstream::start("svc").await;
+    let config = GatewayConfig::with_routes(&route(
+        "svc",
+        "/svc",
+        &[upstream.addr],
+        "auth = \"none\"\nstrip_prefix = true",
+    ));
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+    for (sent, expected) in [("/svc/items?q=1", "/items?q=1"), ("/svc/a/b", "/a/b")] {
+        let resp = client
+            .get(format!("{}{sent}", config.base_url()))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{sent}");
+        let seen = upstream.seen().pop().expect("seen");
+        assert_eq!(seen.path_and_query, expected, "{sent}");
+    }
+}
+
+/// 12. A route with `host` takes that host's requests; the other route takes the rest.
+#[tokio::test]
+async fn host_narrows_a_route() {
+    let a = Upstream::start("a").await;
+    let other = Upstream::start("other").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("a", "/", &[a.addr], "auth = \"none\"\nhost = \"a.example\""),
+        route("other", "/", &[other.addr], "auth = \"none\"")
+    ));
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+    let url = format!("{}/where", config.base_url());
+
+    for host in ["a.example", "A.Example", "a.example:8080"] {
+        let before = (a.count(), other.count());
+        let resp = client
+            .get(&url)
+            .header("host", host)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{host}");
+        assert_eq!(
+            (a.count(), other.count()),
+            (before.0 + 1, before.1),
+            "Host: {host}"
+        );
+    }
+    for host in ["b.example", "a.example.org"] {
+        let before = (a.count(), other.count());
+        let resp = client
+            .get(&url)
+            .header("host", host)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{host}");
+        assert_eq!(
+            (a.count(), other.count()),
+            (before.0, before.1 + 1),
+            "Host: {host}"
+        );
+    }
+    // The client's default Host (127.0.0.1:port).
+    let resp = client.get(&url).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!((a.count(), other.count()), (3, 3));
+}
+
+/// 13. Dot segments, raw or percent-encoded, are refused: 400 invalid_path.
+#[tokio::test]
+async fn dot_segment_paths_are_refused() {
+    let public = Upstream::start("public").await;
+    let admin = Upstream::start("admin").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("public", "/public", &[public.addr], "auth = \"none\""),
+        route("admin", "/admin", &[admin.addr], "")
+    ));
+    let _gateway = Gateway::start(&config).await;
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public/./x",
+    ] {
+        let resp = raw_request(
+            config.listen,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+                config.listen
+            ),
+        )
+        .await;
+        assert_eq!(
+            resp.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        check_envelope(
+            path,
+            resp.header("content-type"),
+            resp.header("x-request-id"),
+            &resp.body,
+            "invalid_path",
+        );
+    }
+    assert_eq!(public.count(), 0, "public upstream saw a dot-segment path");
+    assert_eq!(admin.count(), 0, "admin upstream saw a dot-segment path");
+}
+
+/// 14. A key in a header the client's Connection header names still authenticates, and
+/// that header is not forwarded.
+#[tokio::test]
+async fn key_in_connection_named_header_is_admitted_and_removed() {
+    let upstream = Upstream::start("a").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (record, key) = create_key(&config.path(), "alice", &["read"], None);
+    let _gateway = Gateway::start(&config).await;
+    let resp = raw_request(
+        config.listen,
+        &format!(
+            "GET /hop HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: keep-alive, x-api-key\r\nx-api-key: {key}\r\n\r\n",
+            config.listen
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(upstream.count(), 1);
+    let seen = upstream.seen().pop().expect("seen");
+    assert_eq!(seen.path_and_query, "/hop");
+    assert!(!seen.has_header("x-api-key"), "x-api-key was forwarded");
+    assert!(!seen.all_header_text().contains(&key), "key leaked");
+    assert_eq!(seen.header("x-keygate-owner").as_deref(), Some("alice"));
+    assert_eq!(
+        seen.header("x-keygate-key-id").as_deref(),
+        record["id"].as_str()
+    );
+}
+
+/// 15. SIGTERM and SIGINT both stop the gateway with exit status 0.
+#[tokio::test]
+async fn sigterm_and_sigint_exit_cleanly() {
+    let upstream = Upstream::start("a").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+
+    for signal in ["-TERM", "-INT"] {
+        let mut gateway = Gateway::start(&config).await;
+        let resp = client()
+            .get(format!("{}/x", config.base_url()))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "{signal}: before the signal");
+        if signal == "-TERM" {
+            assert!(
+                gateway.stop(),
+                "keygate did not exit with status 0 on SIGTERM"
+            );
+        } else {
+            let status = signal_and_wait(&mut gateway, signal);
+            assert!(status.success(), "keygate exited with {status} on SIGINT");
+        }
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", config.listen)).is_err(),
+            "{signal}: the listener still accepts after exit"
+        );
+    }
+    assert_eq!(upstream.count(), 2);
+}
+
+/// Found while writing item 8 (fixed since): keygate's answers to upstream
+/// failures (502, 503, 504) announce `Connection: keep-alive` and then close the
+/// connection, so a client that reuses it (as every pooling client does) gets a reset or
+/// an empty reply instead of the next response. Either keep the connection open or say
+/// `Connection: close` (RFC 9112, section 9.6).
+#[tokio::test]
+
+async fn upstream_failure_responses_keep_their_connection_promise() {
+    let hang = Upstream::start_with("hang", UpstreamMode::Hang).await;
+    let gone = RefusesAfterFirstCheck::start().await;
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}[[routes]]\nname = \"gone\"\npath_prefix = \"/gone\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhealth_check_interval_ms = 60000\n",
+        route("dead", "/dead", &[dead], "auth = \"none\""),
+        route(
+            "hang",
+            "/hang",
+            &[hang.addr],
+            "auth = \"none\"\nread_timeout_ms = 500"
+        ),
+        gone.addr
+    ));
+    let _gateway = Gateway::start(&config).await;
+    gone.close_after_first_check().await;
+    let probe = unpooled_client();
+    let dead_url = format!("{}/dead", config.base_url());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let probe = probe.clone();
+            let url = dead_url.clone();
+            async move {
+                probe
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 503)
+            }
+        })
+        .await,
+        "the dead route never answered 503"
+    );
+
+    for (path, status, code) in [
+        ("/gone", 502, "upstream_unavailable"),
+        ("/dead", 503, "no_healthy_upstream"),
+        ("/hang", 504, "upstream_timeout"),
+    ] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+            config.listen
+        );
+        let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let first = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
+            .await
+            .expect("first response timed out")
+            .unwrap_or_else(|e| panic!("{path}: first response: {e}"));
+        assert_eq!(first.status, status, "{path}");
+        let closes = first
+            .header("connection")
+            .is_some_and(|c| c.to_ascii_lowercase().contains("close"));
+        if closes {
+            continue;
+        }
+        // Announced as persistent: a second request on it must be answered too.
+        let second = async {
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+            read_response(&mut stream).await
+        };
+        let second = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("second response timed out")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{path}: {status} said `Connection: {}`, but the second request on it failed: {e}",
+                    first.header("connection").unwrap_or("(none)")
+                )
+            });
+        assert_eq!(second.status, status, "{path}: second request");
+        check_envelope(
+            path,
+            second.header("content-type"),
+            second.header("x-request-id"),
+            &second.body,
+            code,
+        );
     }
 }
