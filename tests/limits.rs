@@ -1,0 +1,260 @@
+//! Per-key rate limits and flood resistance, end to end.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+
+const ADMIN: &str = "limits-admin-token";
+
+async fn create_via_api(base: &str, body: serde_json::Value) -> (String, String) {
+    let resp = client()
+        .post(format!("{base}/_keygate/keys"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(resp.status(), 201);
+    let record: serde_json::Value = resp.json().await.expect("JSON");
+    (
+        record["id"].as_str().expect("id").to_string(),
+        record["key"].as_str().expect("key").to_string(),
+    )
+}
+
+fn header_u64(resp: &reqwest::Response, name: &str) -> u64 {
+    resp.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("integer")
+}
+
+#[tokio::test]
+async fn a_key_gets_its_burst_then_429_then_recovers() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+    let (_, key) = create_via_api(
+        &gateway.base,
+        serde_json::json!({"owner": "alice", "rate_limit": {"requests": 5, "window_seconds": 2}}),
+    )
+    .await;
+    let (_, other) = create_via_api(
+        &gateway.base,
+        serde_json::json!({"owner": "alice", "rate_limit": {"requests": 5, "window_seconds": 2}}),
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/x", gateway.base);
+    for expected_remaining in (0..5).rev() {
+        let resp = c
+            .get(&url)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header_u64(&resp, "ratelimit-limit"), 5);
+        assert_eq!(header_u64(&resp, "ratelimit-remaining"), expected_remaining);
+        assert!(header_u64(&resp, "ratelimit-reset") <= 2);
+    }
+    let refused = c
+        .get(&url)
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(refused.status(), 429);
+    let retry_after = header_u64(&refused, "retry-after");
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(header_u64(&refused, "ratelimit-remaining"), 0);
+    assert_eq!(error_code(refused).await, (429, "rate_limited".to_string()));
+    assert_eq!(
+        upstream.count(),
+        5,
+        "the refused request never reached the upstream"
+    );
+
+    // Keys do not share limits.
+    let resp = c
+        .get(&url)
+        .header("x-api-key", &other)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+
+    // After the window the burst is available again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = c
+        .get(&url)
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+
+    // A refused request is not counted as usage.
+    let record: serde_json::Value = c
+        .get(format!("{}/_keygate/keys?owner=alice", gateway.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("JSON");
+    let counts: BTreeMap<String, u64> = record["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|r| {
+            (
+                r["preview"].as_str().expect("preview").to_string(),
+                r["usage_count"].as_u64().expect("count"),
+            )
+        })
+        .collect();
+    let mut values: Vec<u64> = counts.values().copied().collect();
+    values.sort();
+    assert_eq!(values, vec![1, 6]);
+}
+
+#[tokio::test]
+async fn a_route_default_applies_to_keys_without_their_own_limit() {
+    let upstream = Upstream::start("u").await;
+    let a = upstream.addr;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"limited\"\npath_prefix = \"/\"\nupstreams = [\"{a}\"]\nrate_limit = {{ requests = 3, window_seconds = 60 }}\n"
+    ));
+    let gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+    let (_, plain) = create_via_api(&gateway.base, serde_json::json!({"owner": "a"})).await;
+    let (_, own) = create_via_api(
+        &gateway.base,
+        serde_json::json!({"owner": "a", "rate_limit": {"requests": 10, "window_seconds": 60}}),
+    )
+    .await;
+    let c = client();
+    let url = format!("{}/x", gateway.base);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            c.get(&url)
+                .header("x-api-key", &plain)
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    // The key's own, larger limit wins over the route default.
+    for _ in 0..6 {
+        let resp = c
+            .get(&url)
+            .header("x-api-key", &own)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header_u64(&resp, "ratelimit-limit"), 10);
+    }
+}
+
+async fn store_reads(admin: &str) -> f64 {
+    let text = client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("keygate_store_reads_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("keygate_store_reads_total")
+}
+
+#[tokio::test]
+async fn unknown_keys_reach_the_store_once_and_junk_never() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, valid) = create_key(&config.path(), "alice", &[], None);
+    let gateway = Gateway::start(&config).await;
+    let format = keygate::keys::KeyFormat::new("kg");
+    let distinct: Vec<String> = (0..500).map(|_| format.generate().expect("rng")).collect();
+    let before = store_reads(&gateway.admin).await;
+
+    // Each unknown well-formed key four times, over several connections.
+    let mut tasks = Vec::new();
+    for chunk in distinct.chunks(125) {
+        let keys = chunk.to_vec();
+        let url = format!("{}/x", gateway.base);
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..4 {
+                for key in &keys {
+                    let resp = c
+                        .get(&url)
+                        .header("x-api-key", key)
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(resp.status(), 401);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let after_unknown = store_reads(&gateway.admin).await;
+    assert!(
+        after_unknown - before <= distinct.len() as f64,
+        "{} store reads for {} distinct unknown keys",
+        after_unknown - before,
+        distinct.len()
+    );
+
+    // Malformed, bad-checksum and oversized values never reach the store.
+    let c = client();
+    let mut bad_checksum = valid.clone().into_bytes();
+    bad_checksum[10] = if bad_checksum[10] == b'a' { b'b' } else { b'a' };
+    let bad_checksum = String::from_utf8(bad_checksum).expect("ascii");
+    let junk = [
+        "kg_".to_string(),
+        "kg_short".to_string(),
+        bad_checksum,
+        format!("kg_{}", "A".repeat(4000)),
+        format!("{}!", &valid[..51]),
+    ];
+    for value in junk.iter().cycle().take(1000) {
+        let resp = c
+            .get(format!("{}/x", gateway.base))
+            .header("x-api-key", value)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 401);
+    }
+    assert_eq!(store_reads(&gateway.admin).await, after_unknown);
+    assert_eq!(upstream.count(), 0);
+
+    // The valid key still works: the negative cache did not push it out.
+    let resp = c
+        .get(format!("{}/x", gateway.base))
+        .header("x-api-key", &valid)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+}
