@@ -192,6 +192,25 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A fresh record for `raw_key`, with defaults for everything optional; only the key's
+    /// hash and preview are kept.
+    pub fn for_key(format: &KeyFormat, raw_key: &str, owner: &str, created_at: i64) -> Self {
+        KeyRecord {
+            id: new_key_id(),
+            name: "default".to_string(),
+            owner: owner.to_string(),
+            preview: format.preview(raw_key),
+            hash: KeyHash::of(raw_key.as_bytes()).to_hex(),
+            scopes: Vec::new(),
+            created_at,
+            expires_at: None,
+            revoked_at: None,
+            rate_limit: None,
+            metadata: None,
+            rotated_from: None,
+        }
+    }
+
     pub fn key_hash(&self) -> Option<KeyHash> {
         KeyHash::from_hex(&self.hash)
     }

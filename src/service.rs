@@ -213,21 +213,16 @@ impl KeyService {
         rotated_from: Option<String>,
     ) -> Result<KeyView, ServiceError> {
         let raw = self.format.generate().map_err(|_| ServiceError::Random)?;
-        let hash = KeyHash::of(raw.as_bytes());
         let record = KeyRecord {
-            id: new_key_id(),
             name: new.name,
-            owner: new.owner,
-            preview: self.format.preview(&raw),
-            hash: hash.to_hex(),
             scopes: new.scopes,
-            created_at: unix_now(),
             expires_at: new.expires_at,
-            revoked_at: None,
             rate_limit: new.rate_limit,
             metadata: new.metadata,
             rotated_from,
+            ..KeyRecord::for_key(&self.format, &raw, &new.owner, unix_now())
         };
+        let hash = KeyHash::of(raw.as_bytes());
         self.store().insert(&record).await?;
         self.index.forget_negative(&hash);
         let mut view = KeyView::new(record, Usage::default());

@@ -107,6 +107,15 @@ impl SledStore {
         })
     }
 
+    /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
+    /// as `insert`; on error, the records before the failing one are kept.
+    pub async fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
+        for record in records {
+            self.insert_unflushed(record)?;
+        }
+        self.durable().await
+    }
+
     async fn durable(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())
@@ -158,9 +167,8 @@ fn flatten<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, Stor
     }
 }
 
-#[async_trait]
-impl KeyStore for SledStore {
-    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+impl SledStore {
+    fn insert_unflushed(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let hash = record
             .key_hash()
             .ok_or_else(|| corrupt("record without a valid hash"))?;
@@ -179,7 +187,14 @@ impl KeyStore for SledStore {
                 Ok(())
             },
         );
-        flatten(outcome)?;
+        flatten(outcome)
+    }
+}
+
+#[async_trait]
+impl KeyStore for SledStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.insert_unflushed(record)?;
         self.durable().await
     }
 

@@ -1,0 +1,638 @@
+//! End-to-end load, side by side, measured in one run:
+//!
+//!   direct to the upstream | keygate, auth = "none" | keygate, one valid key |
+//!   keygate, random invalid keys | keygate, 100k distinct valid keys |
+//!   nginx with a `map $http_x_api_key` check (valid key, and its 401 to invalid keys),
+//!   when nginx is installed
+//!
+//! `cargo bench --bench load` builds the release gateway (bench profile) and runs it from
+//! `CARGO_BIN_EXE_keygate`; nothing is built by hand. HTTP/1.1 keep-alive, a fixed number
+//! of connections, a fixed time per row. The gateway (and nginx) run pinned to the last
+//! core; the load generator and the upstream to the first.
+//!
+//! Environment: LOAD_SECONDS (default 5), LOAD_CONNECTIONS (default 32),
+//! LOAD_ROWS (comma-separated row names to run; default all), LOAD_WRK=1 to drive the
+//! single-header rows with wrk instead (when wrk is installed).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use keygate::keys::{KeyFormat, KeyRecord};
+use keygate::store::SledStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const DISTINCT_KEYS: usize = 100_000;
+const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Pins a process to one core (best effort: `taskset` may be missing).
+fn pin(pid: u32, core: usize) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A minimal keep-alive HTTP/1.1 upstream answering every request with a small JSON body.
+async fn run_upstream(listener: TcpListener) {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{UPSTREAM_BODY}",
+        UPSTREAM_BODY.len()
+    );
+    let response: Arc<[u8]> = Arc::from(response.into_bytes());
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let response = Arc::clone(&response);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut filled = 0;
+            loop {
+                match stream.read(&mut buf[filled..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => filled += n,
+                }
+                // Answer every complete request header in the buffer (no bodies are sent).
+                while let Some(end) = find(&buf[..filled], b"\r\n\r\n") {
+                    if stream.write_all(&response).await.is_err() {
+                        return;
+                    }
+                    buf.copy_within(end + 4..filled, 0);
+                    filled -= end + 4;
+                }
+                if filled == buf.len() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads one response (headers + Content-Length body); returns its status.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16> {
+    buf.clear();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).ok()?;
+            let status: u16 = head.get(9..12)?.parse().ok()?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Some(status);
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+struct RowResult {
+    requests: u64,
+    errors: u64,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl RowResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_us[i])
+    }
+}
+
+/// Drives `connections` keep-alive connections for `seconds`, cycling through `requests`
+/// (pre-rendered request bytes).
+async fn drive(
+    target: SocketAddr,
+    requests: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    seconds: u64,
+) -> RowResult {
+    let stop = Arc::new(AtomicBool::new(false));
+    let warmup = Duration::from_millis(500);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let requests = Arc::clone(&requests);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut statuses = std::collections::BTreeMap::new();
+            let mut errors = 0u64;
+            let mut buf = Vec::with_capacity(16 * 1024);
+            let mut i = c * 7919;
+            'connect: while !stop.load(Ordering::Relaxed) {
+                let Ok(mut stream) = TcpStream::connect(target).await else {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                while !stop.load(Ordering::Relaxed) {
+                    let request = &requests[i % requests.len()];
+                    i += 1;
+                    let sent = Instant::now();
+                    if stream.write_all(request).await.is_err() {
+                        errors += 1;
+                        continue 'connect;
+                    }
+                    match read_response(&mut stream, &mut buf).await {
+                        Some(status) => {
+                            if started.elapsed() > warmup {
+                                latencies.push(
+                                    sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32,
+                                );
+                                *statuses.entry(status).or_insert(0u64) += 1;
+                            }
+                        }
+                        None => {
+                            errors += 1;
+                            continue 'connect;
+                        }
+                    }
+                }
+            }
+            (latencies, statuses, errors)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let measured_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = measured_from.elapsed();
+    let mut result = RowResult {
+        requests: 0,
+        errors: 0,
+        statuses: Default::default(),
+        elapsed,
+        latencies_us: Vec::new(),
+    };
+    for task in tasks {
+        if let Ok((latencies, statuses, errors)) = task.await {
+            result.requests += latencies.len() as u64;
+            result.latencies_us.extend(latencies);
+            result.errors += errors;
+            for (s, n) in statuses {
+                *result.statuses.entry(s).or_insert(0) += n;
+            }
+        }
+    }
+    result.latencies_us.sort_unstable();
+    result
+}
+
+fn request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: keygate-load\r\n");
+    for (name, value) in headers {
+        r.push_str(&format!("{name}: {value}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+/// Random base62 bodies: well-shaped but with a wrong checksum (rejected before any look-up).
+fn invalid_keys(n: usize) -> Vec<String> {
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let format = KeyFormat::new("kg");
+    (0..n)
+        .map(|_| {
+            let body: String = (0..49)
+                .map(|_| char::from(B62[rand::random_range(0..62)]))
+                .collect();
+            format!("kg_{body}")
+        })
+        .filter(|k| format.check(k.as_bytes()).is_err())
+        .collect()
+}
+
+struct Gateway {
+    child: Child,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_keygate(
+    dir: &Path,
+    upstream: SocketAddr,
+    listen: u16,
+    admin: u16,
+    threads: usize,
+) -> Gateway {
+    let config = format!(
+        r#"[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+threads = {threads}
+shutdown_grace_seconds = 0
+access_log = "off"
+
+[store]
+path = "{store}"
+
+[[routes]]
+name = "open"
+path_prefix = "/open"
+upstreams = ["{upstream}"]
+auth = "none"
+
+[[routes]]
+name = "api"
+path_prefix = "/"
+upstreams = ["{upstream}"]
+"#,
+        store = dir.join("store").display()
+    );
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, config).expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["serve", "--config", path.to_str().expect("path")])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start keygate");
+    wait_for_port(admin, "keygate admin");
+    wait_for_port(listen, "keygate");
+    Gateway { child }
+}
+
+fn start_nginx(dir: &Path, upstream: SocketAddr, listen: u16, valid_key: &str) -> Option<Gateway> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let conf = format!(
+        r#"worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log error;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  map $http_x_api_key $api_key_ok {{ default 0; "{valid_key}" 1; }}
+  upstream backend {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{listen};
+    location / {{
+      if ($api_key_ok = 0) {{
+        default_type application/json;
+        return 401 '{{"error":{{"code":"invalid_key","message":"the API key is not valid"}}}}';
+      }}
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Api-Key "";
+      proxy_pass http://backend;
+    }}
+  }}
+}}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).ok()?;
+    let child = Command::new(nginx)
+        .args([
+            "-p",
+            dir.to_str()?,
+            "-c",
+            path.to_str()?,
+            "-g",
+            "daemon off;",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .ok()?;
+    wait_for_port(listen, "nginx");
+    Some(Gateway { child })
+}
+
+fn wrk_available() -> bool {
+    std::env::var("LOAD_WRK").is_ok_and(|v| v == "1")
+        && Command::new("wrk").arg("--version").output().is_ok()
+}
+
+/// Runs wrk for a single-header row; returns (requests/s, p50 µs, p99 µs).
+fn drive_wrk(
+    url: &str,
+    header: Option<(&str, &str)>,
+    connections: usize,
+    seconds: u64,
+) -> Option<(f64, f64, f64)> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "0", "wrk", "--latency", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"));
+    if let Some((name, value)) = header {
+        cmd.arg("-H").arg(format!("{name}: {value}"));
+    }
+    let out = cmd.arg(url).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let value = |prefix: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.trim_start().starts_with(prefix))?;
+        let raw = line.split_whitespace().nth(1)?;
+        let (number, unit) =
+            raw.split_at(raw.find(|c: char| c.is_alphabetic()).unwrap_or(raw.len()));
+        let n: f64 = number.parse().ok()?;
+        Some(match unit {
+            "us" => n,
+            "ms" => n * 1000.0,
+            "s" => n * 1_000_000.0,
+            _ => n,
+        })
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((rps, value("50%")?, value("99%")?))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument is ignored.
+    let seconds: u64 = env_or("LOAD_SECONDS", 5);
+    let connections: usize = env_or("LOAD_CONNECTIONS", 32);
+    let only: Option<Vec<String>> = std::env::var("LOAD_ROWS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wanted = |row: &str| only.as_ref().is_none_or(|o| o.iter().any(|r| r == row));
+    let server_core = cores().saturating_sub(1);
+    if cores() > 1 {
+        pin(std::process::id(), 0);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // Keys: 100k valid keys bulk-imported into the gateway's store before it starts.
+    let format = KeyFormat::new("kg");
+    let valid: Vec<String> = (0..DISTINCT_KEYS)
+        .map(|_| format.generate().expect("rng"))
+        .collect();
+    {
+        let store = SledStore::open(&dir.path().join("store")).expect("store");
+        let records: Vec<KeyRecord> = valid
+            .iter()
+            .map(|k| KeyRecord::for_key(&format, k, "bench", 0))
+            .collect();
+        runtime
+            .block_on(store.import(&records))
+            .expect("import keys");
+    }
+    let invalid = invalid_keys(10_000);
+
+    let upstream_listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("upstream");
+    let upstream = upstream_listener.local_addr().expect("addr");
+    runtime.spawn(run_upstream(upstream_listener));
+
+    let (listen, admin) = (free_port(), free_port());
+    let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
+    let gateway = start_keygate(dir.path(), upstream, listen, admin, threads);
+    if cores() > 1 {
+        pin(gateway.child.id(), server_core);
+    }
+    let keygate_addr: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let nginx_port = free_port();
+    let nginx_dir = dir.path().join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+    let nginx = if wanted("nginx-valid") || wanted("nginx-invalid") {
+        start_nginx(&nginx_dir, upstream, nginx_port, &valid[0])
+    } else {
+        None
+    };
+    if let Some(n) = &nginx
+        && cores() > 1
+    {
+        pin(n.child.id(), server_core);
+    }
+    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+
+    type Row = (&'static str, &'static str, SocketAddr, Vec<Vec<u8>>);
+    let mut rows: Vec<Row> = vec![
+        (
+            "direct",
+            "direct to the upstream",
+            upstream,
+            vec![request("/", &[])],
+        ),
+        (
+            "none",
+            "keygate, auth = \"none\"",
+            keygate_addr,
+            vec![request("/open/x", &[])],
+        ),
+        (
+            "valid",
+            "keygate, one valid key",
+            keygate_addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ),
+        (
+            "invalid",
+            "keygate, random invalid keys",
+            keygate_addr,
+            invalid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ),
+        (
+            "distinct",
+            "keygate, 100k distinct valid keys",
+            keygate_addr,
+            valid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ),
+    ];
+    if nginx.is_some() {
+        rows.push((
+            "nginx-valid",
+            "nginx map check, valid key",
+            nginx_addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ));
+        rows.push((
+            "nginx-invalid",
+            "nginx map check, invalid keys (401)",
+            nginx_addr,
+            invalid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ));
+    }
+
+    let use_wrk = wrk_available();
+    println!(
+        "load: {connections} keep-alive connections, {seconds} s per row, gateway threads = {threads}, \
+         {} cores (servers pinned to core {server_core}), generator = {}",
+        cores(),
+        if use_wrk {
+            "wrk (single-header rows)"
+        } else {
+            "built-in"
+        }
+    );
+    let mut results: Vec<(&str, &str, f64, f64, f64, String)> = Vec::new();
+    for (name, label, target, requests) in rows {
+        if !wanted(name) {
+            continue;
+        }
+        let single = requests.len() == 1;
+        let wrk_result = if use_wrk && single {
+            let path = if name == "none" { "/open/x" } else { "/x" };
+            let header = (name.contains("valid")).then(|| ("x-api-key", valid[0].as_str()));
+            drive_wrk(
+                &format!("http://{target}{path}"),
+                header,
+                connections,
+                seconds,
+            )
+        } else {
+            None
+        };
+        let (rps, p50, p99, statuses) = match wrk_result {
+            Some((rps, p50, p99)) => (rps, p50, p99, "(wrk)".to_string()),
+            None => {
+                let r = runtime.block_on(drive(target, Arc::new(requests), connections, seconds));
+                let statuses = r
+                    .statuses
+                    .iter()
+                    .map(|(s, n)| format!("{s}×{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + &if r.errors > 0 {
+                        format!(" errors×{}", r.errors)
+                    } else {
+                        String::new()
+                    };
+                (r.rps(), r.percentile(0.5), r.percentile(0.99), statuses)
+            }
+        };
+        results.push((name, label, rps, p50, p99, statuses));
+    }
+
+    let baseline = results
+        .iter()
+        .find(|r| r.0 == "none")
+        .map(|r| r.2)
+        .unwrap_or(f64::NAN);
+    let nginx_valid = results.iter().find(|r| r.0 == "nginx-valid").map(|r| r.2);
+    let nginx_invalid = results.iter().find(|r| r.0 == "nginx-invalid").map(|r| r.2);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | statuses |\n|---|---:|---:|---:|---:|---:|---|"
+    );
+    for (name, label, rps, p50, p99, statuses) in &results {
+        let vs_nginx = match *name {
+            "valid" | "distinct" => nginx_valid.map(|n| rps / n),
+            "invalid" => nginx_invalid.map(|n| rps / n),
+            _ => None,
+        }
+        .map_or("".to_string(), |r| format!("{r:.2}"));
+        let _ = writeln!(
+            out,
+            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {statuses} |",
+            rps / baseline
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nkeygate RSS after the run: {} MiB",
+        rss_kib(gateway.child.id()) / 1024
+    );
+    drop(nginx);
+    drop(gateway);
+}
