@@ -338,13 +338,15 @@ http {{
   fastcgi_temp_path {dir}/fastcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
+  map_hash_bucket_size 128;
   map $http_x_api_key $api_key_ok {{ default 0; "{valid_key}" 1; }}
   upstream backend {{ server {upstream}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{listen};
+    keepalive_requests 100000000;
     location / {{
+      default_type application/json;
       if ($api_key_ok = 0) {{
-        default_type application/json;
         return 401 '{{"error":{{"code":"invalid_key","message":"the API key is not valid"}}}}';
       }}
       proxy_http_version 1.1;
@@ -439,8 +441,9 @@ fn main() {
         .ok()
         .map(|v| v.split(',').map(str::to_string).collect());
     let wanted = |row: &str| only.as_ref().is_none_or(|o| o.iter().any(|r| r == row));
-    let server_core = cores().saturating_sub(1);
-    if cores() > 1 {
+    let cores = cores();
+    let server_core = cores.saturating_sub(1);
+    if cores > 1 {
         pin(std::process::id(), 0);
     }
 
@@ -477,7 +480,7 @@ fn main() {
     let (listen, admin) = (free_port(), free_port());
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
     let gateway = start_keygate(dir.path(), upstream, listen, admin, threads);
-    if cores() > 1 {
+    if cores > 1 {
         pin(gateway.child.id(), server_core);
     }
     let keygate_addr: SocketAddr = ([127, 0, 0, 1], listen).into();
@@ -490,7 +493,7 @@ fn main() {
         None
     };
     if let Some(n) = &nginx
-        && cores() > 1
+        && cores > 1
     {
         pin(n.child.id(), server_core);
     }
@@ -527,7 +530,7 @@ fn main() {
         ),
         (
             "distinct",
-            "keygate, 100k distinct valid keys",
+            "keygate, 100k distinct valid keys (mostly first use: cache misses)",
             keygate_addr,
             valid
                 .iter()
@@ -556,8 +559,7 @@ fn main() {
     let use_wrk = wrk_available();
     println!(
         "load: {connections} keep-alive connections, {seconds} s per row, gateway threads = {threads}, \
-         {} cores (servers pinned to core {server_core}), generator = {}",
-        cores(),
+         {cores} cores (servers pinned to core {server_core}), generator = {}",
         if use_wrk {
             "wrk (single-header rows)"
         } else {
