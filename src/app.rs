@@ -204,6 +204,13 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         },
         "keygate proxy",
     );
+    // Let CONNECT reach request_filter, which refuses it with keygate's own JSON 405
+    // (Pingora's built-in refusal is a bare 405).
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+    }
     proxy.add_tcp(&config.server.listen.to_string());
     server.add_service(proxy);
 

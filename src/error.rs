@@ -33,6 +33,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the request is malformed")]
     MalformedRequest,
+    #[error("CONNECT tunnels are not served")]
+    ConnectNotAllowed,
     #[error("the request could not be processed")]
     Internal,
 }
@@ -44,6 +46,7 @@ impl GatewayError {
             GatewayError::InvalidPath
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest => 400,
+            GatewayError::ConnectNotAllowed => 405,
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired => 401,
@@ -71,6 +74,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::MalformedRequest => "bad_request",
+            GatewayError::ConnectNotAllowed => "method_not_allowed",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -83,7 +87,8 @@ impl GatewayError {
             GatewayError::NoRoute => Outcome::NoRoute,
             GatewayError::InvalidPath
             | GatewayError::ConflictingCredentials
-            | GatewayError::MalformedRequest => Outcome::BadRequest,
+            | GatewayError::MalformedRequest
+            | GatewayError::ConnectNotAllowed => Outcome::BadRequest,
             GatewayError::MissingCredentials => Outcome::MissingCredentials,
             GatewayError::InvalidKey => Outcome::InvalidKey,
             GatewayError::KeyExpired => Outcome::KeyExpired,

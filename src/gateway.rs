@@ -134,6 +134,9 @@ impl Gateway {
         req: &RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
+        if req.method == http::Method::CONNECT {
+            return Err(GatewayError::ConnectNotAllowed);
+        }
         let path = req.uri.path();
         if !is_normalized(path) {
             return Err(GatewayError::InvalidPath);

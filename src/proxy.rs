@@ -70,6 +70,10 @@ impl ProxyHttp for KeygateProxy {
                 Ok(true)
             }
             Err(error) => {
+                if error == GatewayError::ConnectNotAllowed {
+                    // A CONNECT's framing is not a normal request's: end the connection.
+                    session.set_keepalive(None);
+                }
                 ctx.outcome = error.outcome();
                 ctx.error_code = Some(error.code());
                 let mut reply = Reply::gateway_error(error, &ctx.request_id);
@@ -177,6 +181,18 @@ impl ProxyHttp for KeygateProxy {
             error_code: refusal.status(),
             can_reuse_downstream: false,
         }
+    }
+
+    /// What Pingora's own error log says about a request: never the query string, where a
+    /// key may have been put by mistake.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {} (request {})",
+            req.method,
+            req.uri.path(),
+            ctx.request_id
+        )
     }
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {

@@ -47,6 +47,10 @@ impl Reply {
                 "www-authenticate",
                 HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
             ),
+            GatewayError::ConnectNotAllowed => reply.with_header(
+                "allow",
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            ),
             GatewayError::RateLimited { retry_after } => {
                 reply.with_header("retry-after", HeaderValue::from(retry_after))
             }
