@@ -879,6 +879,20 @@ async fn rotate(
             "a revoked key cannot be rotated",
         ));
     }
+    if old.expires_at.is_some_and(|at| at <= unix_now()) {
+        return Err(ApiError::Conflict(
+            "key_expired",
+            "an expired key cannot be rotated",
+        ));
+    }
+    // Rotation mints a key with the old one's scopes: the same rule as creation applies.
+    if let Caller::Key(key) = caller
+        && !crate::auth::has_scopes(&key.scopes, &old.scopes)
+    {
+        return Err(ApiError::Forbidden(
+            "a key can only rotate keys whose scopes it holds itself",
+        ));
+    }
     let view = gateway.service.rotate(&old, grace).await?;
     gateway
         .service

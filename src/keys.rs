@@ -235,9 +235,22 @@ impl Usage {
     }
 }
 
-/// A fresh opaque identifier: a ULID (time-ordered, so listings page stably by id).
+/// A fresh opaque identifier for keys and audit entries: a ULID, strictly increasing within
+/// this process (the same millisecond continues from the previous id), so listings and the
+/// audit log order exactly by creation. Not on the request path: the lock is uncontended.
 pub fn new_key_id() -> String {
-    new_ulid().to_string()
+    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+    let fresh = u128::from(new_ulid());
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let same_millisecond = fresh >> 80 == *last >> 80;
+    *last = if same_millisecond && fresh <= *last {
+        *last + 1
+    } else {
+        fresh
+    };
+    ulid::Ulid::from(*last).to_string()
 }
 
 /// A ULID: milliseconds since the epoch, then 80 random bits.
@@ -344,6 +357,12 @@ mod tests {
         let key = format.generate().expect("os rng");
         let preview = format.preview(&key);
         assert_eq!(preview, format!("kg_{}…{}", &key[3..7], &key[48..]));
+    }
+
+    #[test]
+    fn key_ids_strictly_increase() {
+        let ids: Vec<String> = (0..10_000).map(|_| new_key_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]
