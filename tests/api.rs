@@ -1694,7 +1694,7 @@ async fn bodies_are_json_objects_of_at_most_64_kib_whatever_the_content_type() {
     .await
     .invalid(&["nmae", "scope"]);
     env.post(
-        &format!("/keys/{}/rotate", id_of(&record)),
+        &format!("/keys/{}/rotate", id_of(record)),
         Cred::Admin,
         json!({"grace": 5}),
     )
