@@ -36,7 +36,7 @@ pub fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
         error = ctx.error_code,
         key_id = ctx.key.as_ref().map(|k| k.id.as_str()),
         owner = ctx.key.as_ref().map(|k| k.owner.as_str()),
-        upstream = ctx.upstream.as_deref(),
+        upstream = ctx.upstream.map(|u| u.to_string()).as_deref(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         client = session.client_addr().map(ToString::to_string).as_deref(),
     );

@@ -51,7 +51,9 @@ pub struct RequestCtx {
     pub key: Option<Arc<CachedKey>>,
     pub credential_sources: CredentialSources,
     pub management: bool,
-    pub upstream: Option<String>,
+    pub upstream: Option<std::net::SocketAddr>,
+    /// The upstream whose connection failed this request, avoided on the retry.
+    pub failed_upstream: Option<std::net::SocketAddr>,
     pub upstream_status: Option<u16>,
     pub peer_attempts: usize,
     /// The rate-limit verdict, for the `RateLimit-*` response headers.
@@ -71,6 +73,7 @@ impl Default for RequestCtx {
             credential_sources: CredentialSources::default(),
             management: false,
             upstream: None,
+            failed_upstream: None,
             upstream_status: None,
             peer_attempts: 0,
             rate_limit: None,

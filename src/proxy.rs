@@ -92,7 +92,11 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.peer_attempts += 1;
-        let selected = ctx.route.as_ref().and_then(|route| route.select_peer());
+        let avoid = ctx.failed_upstream;
+        let selected = ctx
+            .route
+            .as_ref()
+            .and_then(|route| route.select_peer(avoid));
         match selected {
             Some((peer, upstream)) => {
                 ctx.upstream = Some(upstream);
@@ -112,11 +116,32 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
         mut error: Box<Error>,
     ) -> Box<Error> {
-        // Try each upstream of the route at most once before giving up.
+        // A refused or failed connect sent nothing upstream: try the route's next upstream,
+        // each at most once, before giving up.
         let upstreams = ctx.route.as_ref().map_or(0, |r| r.config.upstreams.len());
-        if ctx.peer_attempts >= upstreams {
+        error.set_retry(ctx.peer_attempts < upstreams);
+        ctx.failed_upstream = ctx.upstream;
+        error
+    }
+
+    /// Pingora's own retry rule (idempotent requests whose body is still buffered, on a
+    /// reused connection), plus: the retry avoids the upstream that just failed.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        error: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut error = error.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
             error.set_retry(false);
+        } else {
+            error.retry.decide_reuse(client_reused);
         }
+        ctx.failed_upstream = ctx.upstream;
         error
     }
 

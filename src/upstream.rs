@@ -25,9 +25,19 @@ impl Route {
         self.config.auth == AuthMode::None
     }
 
-    /// The next healthy upstream, round-robin; None when every upstream is down.
-    pub fn select_peer(&self) -> Option<(Box<HttpPeer>, String)> {
-        let backend = self.balancer.select(b"", 256)?;
+    /// The next healthy upstream, round-robin, other than `avoid` (the one that just failed
+    /// this request) when another is healthy; None when every upstream is down.
+    pub fn select_peer(
+        &self,
+        avoid: Option<std::net::SocketAddr>,
+    ) -> Option<(Box<HttpPeer>, std::net::SocketAddr)> {
+        let backend = avoid
+            .and_then(|failed| {
+                self.balancer.select_with(b"", 256, |backend, healthy| {
+                    healthy && backend.addr.as_inet() != Some(&failed)
+                })
+            })
+            .or_else(|| self.balancer.select(b"", 256))?;
         let addr = *backend.addr.as_inet()?;
         let mut peer = HttpPeer::new(addr, self.config.tls, self.config.sni.clone());
         let options = &mut peer.options;
@@ -36,7 +46,7 @@ impl Route {
         options.read_timeout = Some(self.config.read_timeout);
         options.write_timeout = Some(self.config.write_timeout);
         options.idle_timeout = Some(std::time::Duration::from_secs(60));
-        Some((Box::new(peer), addr.to_string()))
+        Some((Box::new(peer), addr))
     }
 
     /// Health of each upstream as (configured name, healthy).

@@ -1,7 +1,7 @@
-//! The embedded store: sled, one directory, one process. Every acknowledged write is
-//! followed by a flush, since sled otherwise persists only every 500 ms.
+//! The embedded store: sled, one directory, one process.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -11,7 +11,16 @@ use crate::keys::{KeyHash, KeyRecord, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
+/// The embedded store. Reads go straight to sled (lock-free). Writes run one at a time on a
+/// blocking thread, each followed by a flush before it is acknowledged: sled 0.34 can
+/// deadlock when transactions run concurrently with flushes (sled issues #1308, #1241), and
+/// a stuck sled call must never occupy a proxy worker thread.
 pub struct SledStore {
+    trees: Arc<Trees>,
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Trees {
     db: sled::Db,
     /// id -> JSON `KeyRecord`
     keys: sled::Tree,
@@ -83,44 +92,72 @@ fn decode_u64(bytes: Option<sled::IVec>) -> u64 {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("lock")
-                || text.contains("WouldBlock")
-                || text.contains("temporarily unavailable")
-            {
-                StoreError::Locked(format!("{}: {text}", path.display()))
-            } else {
-                StoreError::from(e)
-            }
-        })?;
+        // No background flusher: every write flushes before it is acknowledged, and a flush
+        // racing a transaction is what deadlocks.
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("lock")
+                    || text.contains("WouldBlock")
+                    || text.contains("temporarily unavailable")
+                {
+                    StoreError::Locked(format!("{}: {text}", path.display()))
+                } else {
+                    StoreError::from(e)
+                }
+            })?;
         let usage = db.open_tree("usage")?;
         usage.set_merge_operator(merge_usage);
         Ok(SledStore {
-            keys: db.open_tree("keys")?,
-            hashes: db.open_tree("hashes")?,
-            owners: db.open_tree("owners")?,
-            audit: db.open_tree("audit")?,
-            meta: db.open_tree("meta")?,
-            usage,
-            db,
+            trees: Arc::new(Trees {
+                keys: db.open_tree("keys")?,
+                hashes: db.open_tree("hashes")?,
+                owners: db.open_tree("owners")?,
+                audit: db.open_tree("audit")?,
+                meta: db.open_tree("meta")?,
+                usage,
+                db,
+            }),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// Runs `op` and then a flush on a blocking thread, holding the writer lock for both (the
+    /// guard moves into the thread, so a cancelled caller cannot release it early).
+    async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let guard = Arc::clone(&self.writer).lock_owned().await;
+        let trees = Arc::clone(&self.trees);
+        tokio::task::spawn_blocking(move || {
+            let _one_writer = guard;
+            let out = op(&trees)?;
+            trees.db.flush()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("the store writer stopped: {e}")))?
     }
 
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
     /// as `insert`; on error, the records before the failing one are kept.
     pub async fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
-        for record in records {
-            self.insert_unflushed(record)?;
-        }
-        self.durable().await
+        let records = records.to_vec();
+        self.write(move |trees| {
+            for record in &records {
+                trees.insert(record)?;
+            }
+            Ok(())
+        })
+        .await
     }
+}
 
-    async fn durable(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
-    }
-
+impl Trees {
     fn decode_record(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
         serde_json::from_slice(bytes).map_err(corrupt)
     }
@@ -135,7 +172,7 @@ impl SledStore {
     }
 
     /// Rewrites one record under a transaction; `change` returns false to leave it as is.
-    async fn update_record(
+    fn update_record(
         &self,
         id: &str,
         change: impl Fn(&mut KeyRecord) -> bool,
@@ -153,22 +190,10 @@ impl SledStore {
             }
             Ok(Some(record))
         });
-        let record = flatten(outcome)?;
-        self.durable().await?;
-        Ok(record)
+        flatten(outcome)
     }
-}
 
-fn flatten<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
-    match result {
-        Ok(v) => Ok(v),
-        Err(TransactionError::Abort(e)) => Err(e),
-        Err(TransactionError::Storage(e)) => Err(e.into()),
-    }
-}
-
-impl SledStore {
-    fn insert_unflushed(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let hash = record
             .key_hash()
             .ok_or_else(|| corrupt("record without a valid hash"))?;
@@ -191,26 +216,34 @@ impl SledStore {
     }
 }
 
+fn flatten<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
 #[async_trait]
 impl KeyStore for SledStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        self.insert_unflushed(record)?;
-        self.durable().await
+        let record = record.clone();
+        self.write(move |trees| trees.insert(&record)).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError> {
-        match self.keys.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(self.with_usage(Self::decode_record(&bytes)?)?)),
+        match self.trees.keys.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(self.trees.with_usage(Trees::decode_record(&bytes)?)?)),
             None => Ok(None),
         }
     }
 
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        let Some(id) = self.hashes.get(hash.0)? else {
+        let Some(id) = self.trees.hashes.get(hash.0)? else {
             return Ok(None);
         };
-        match self.keys.get(&id)? {
-            Some(bytes) => Ok(Some(Self::decode_record(&bytes)?)),
+        match self.trees.keys.get(&id)? {
+            Some(bytes) => Ok(Some(Trees::decode_record(&bytes)?)),
             None => Err(corrupt("hash index points at a missing key")),
         }
     }
@@ -225,14 +258,14 @@ impl KeyStore for SledStore {
                     Some(after) => Excluded(owner_index_key(owner, after)),
                     None => Included(prefix.clone()),
                 };
-                for entry in self.owners.range::<Vec<u8>, _>((start, Unbounded)) {
+                for entry in self.trees.owners.range::<Vec<u8>, _>((start, Unbounded)) {
                     let (index_key, _) = entry?;
                     if !index_key.starts_with(&prefix) || out.len() >= query.limit {
                         break;
                     }
                     let id = &index_key[prefix.len()..];
-                    if let Some(bytes) = self.keys.get(id)? {
-                        out.push(self.with_usage(Self::decode_record(&bytes)?)?);
+                    if let Some(bytes) = self.trees.keys.get(id)? {
+                        out.push(self.trees.with_usage(Trees::decode_record(&bytes)?)?);
                     }
                 }
             }
@@ -241,12 +274,12 @@ impl KeyStore for SledStore {
                     Some(after) => Excluded(after.as_bytes().to_vec()),
                     None => Unbounded,
                 };
-                for entry in self.keys.range::<Vec<u8>, _>((start, Unbounded)) {
+                for entry in self.trees.keys.range::<Vec<u8>, _>((start, Unbounded)) {
                     if out.len() >= query.limit {
                         break;
                     }
                     let (_, bytes) = entry?;
-                    out.push(self.with_usage(Self::decode_record(&bytes)?)?);
+                    out.push(self.trees.with_usage(Trees::decode_record(&bytes)?)?);
                 }
             }
         }
@@ -254,42 +287,56 @@ impl KeyStore for SledStore {
     }
 
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
-        self.update_record(id, |record| {
-            if record.revoked_at.is_some() {
-                return false;
-            }
-            record.revoked_at = Some(at);
-            true
+        let id = id.to_string();
+        self.write(move |trees| {
+            trees.update_record(&id, |record| {
+                if record.revoked_at.is_some() {
+                    return false;
+                }
+                record.revoked_at = Some(at);
+                true
+            })
         })
         .await
     }
 
     async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
-        self.update_record(id, |record| match record.expires_at {
-            Some(existing) if existing <= expires_at => false,
-            _ => {
-                record.expires_at = Some(expires_at);
-                true
-            }
+        let id = id.to_string();
+        self.write(move |trees| {
+            trees.update_record(&id, |record| match record.expires_at {
+                Some(existing) if existing <= expires_at => false,
+                _ => {
+                    record.expires_at = Some(expires_at);
+                    true
+                }
+            })
         })
         .await
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
-        for (id, delta) in deltas {
-            self.usage.merge(id.as_bytes(), encode_usage(*delta))?;
-        }
-        self.durable().await
+        let deltas = deltas.to_vec();
+        self.write(move |trees| {
+            for (id, delta) in &deltas {
+                trees.usage.merge(id.as_bytes(), encode_usage(*delta))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn count(&self) -> Result<u64, StoreError> {
-        Ok(decode_u64(self.meta.get(KEY_COUNT)?))
+        Ok(decode_u64(self.trees.meta.get(KEY_COUNT)?))
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let encoded = serde_json::to_vec(entry).map_err(corrupt)?;
-        self.audit.insert(entry.id.as_bytes(), encoded)?;
-        self.durable().await
+        let id = entry.id.clone();
+        self.write(move |trees| {
+            trees.audit.insert(id.as_bytes(), encoded)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn list_audit(
@@ -298,8 +345,8 @@ impl KeyStore for SledStore {
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let iter = match before {
-            Some(before) => self.audit.range(..before.as_bytes().to_vec()),
-            None => self.audit.range::<Vec<u8>, _>(..),
+            Some(before) => self.trees.audit.range(..before.as_bytes().to_vec()),
+            None => self.trees.audit.range::<Vec<u8>, _>(..),
         };
         iter.rev()
             .take(limit)
@@ -311,7 +358,7 @@ impl KeyStore for SledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.meta.get(KEY_COUNT)?;
+        self.trees.meta.get(KEY_COUNT)?;
         Ok(())
     }
 }

@@ -1,0 +1,2752 @@
+//! Hardening: hostile and malformed requests as raw bytes, random credentials, kill -9 in
+//! the middle of management bursts, an upstream lost under load, revocation racing with
+//! traffic, concurrent creates, and secrets that must never leak.
+//!
+//! Every test runs the real binary against a real upstream; nothing here asserts on speed.
+
+mod common;
+
+use common::*;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ADMIN: &str = "hardening-admin-token-5b2e91d4";
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+// ---------------------------------------------------------------- key format
+
+/// The contract's checksum: CRC-32 (IEEE) of `text`, as exactly 6 base62 digits.
+fn checksum(text: &str) -> String {
+    let mut n = crc32fast::hash(text.as_bytes());
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8(out.to_vec()).expect("ascii")
+}
+
+/// `kg_` + 43 base62 digits + the checksum of what precedes it.
+fn is_well_formed(key: &str) -> bool {
+    let Some(body) = key.strip_prefix("kg_") else {
+        return false;
+    };
+    body.len() == 49
+        && body.bytes().all(|b| b.is_ascii_alphanumeric())
+        && checksum(&key[..46]) == body[43..]
+}
+
+/// A well-formed key (right length, charset and checksum) that no store has ever seen.
+fn well_formed_unknown_key(rng: &mut XorShift) -> String {
+    // A leading 0 keeps the 43 digits below 2^256.
+    let mut key = String::from("kg_0");
+    for _ in 0..42 {
+        key.push(char::from(BASE62[rng.below(62) as usize]));
+    }
+    let sum = checksum(&key);
+    key.push_str(&sum);
+    assert!(is_well_formed(&key));
+    key
+}
+
+/// `key` with the character at `index` replaced by another base62 digit.
+fn with_char_changed(key: &str, index: usize) -> String {
+    let mut bytes = key.as_bytes().to_vec();
+    bytes[index] = if bytes[index] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(bytes).expect("ascii")
+}
+
+/// A deterministic xorshift64 generator: the same cases on every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// ---------------------------------------------------------------- raw HTTP
+
+/// A response read off a raw TCP connection.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    fn error_code(&self) -> Option<String> {
+        self.json()?["error"]["code"].as_str().map(str::to_string)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 16384];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|e| format!("read failed: {e}"))?;
+    if n == 0 {
+        return Err(format!(
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(&buf[..buf.len().min(300)])
+        ));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Reads one final response off `stream` (skipping `1xx` interim responses), framed by
+/// Content-Length or chunked encoding, or by the end of the connection. Err when the
+/// connection fails or ends before a whole response arrived.
+async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
+    let mut buf = Vec::new();
+    let (status, headers, head_end) = loop {
+        let head_end = loop {
+            if let Some(pos) = find(&buf, b"\r\n\r\n") {
+                break pos + 4;
+            }
+            read_more(stream, &mut buf).await?;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        if (100..200).contains(&status) {
+            buf.drain(..head_end);
+            continue;
+        }
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        break (status, headers, head_end);
+    };
+    let mut rest = buf[head_end..].to_vec();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if let Some(len) = header("content-length") {
+        let len: usize = len.parse().map_err(|_| format!("content-length {len:?}"))?;
+        while rest.len() < len {
+            read_more(stream, &mut rest).await?;
+        }
+        rest.truncate(len);
+        rest
+    } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(pos) = find(&rest, b"\r\n") {
+                    break pos;
+                }
+                read_more(stream, &mut rest).await?;
+            };
+            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| format!("chunk size {size_text:?}"))?;
+            while rest.len() < line_end + 2 + size + 2 {
+                read_more(stream, &mut rest).await?;
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        let _ = stream.read_to_end(&mut rest).await;
+        rest
+    };
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// What came back for one raw request.
+#[derive(Debug)]
+enum Answer {
+    Response(RawResponse),
+    /// The connection ended (or failed) before a whole response arrived.
+    Closed(String),
+    /// Nothing within 10 s.
+    TimedOut,
+}
+
+impl Answer {
+    fn describe(&self) -> String {
+        match self {
+            Answer::Response(r) => format!(
+                "{} {}",
+                r.status,
+                String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+            ),
+            Answer::Closed(why) => format!("closed ({})", &why[..why.len().min(200)]),
+            Answer::TimedOut => "no answer within 10 s".to_string(),
+        }
+    }
+}
+
+/// Sends `request` byte for byte on a new connection (then, with `half_close`, ends the
+/// write side) and reads one response.
+async fn exchange(port: u16, request: &[u8], half_close: bool) -> Answer {
+    let work = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to keygate");
+        let write_error = stream.write_all(request).await.err();
+        if half_close && write_error.is_none() {
+            let _ = stream.shutdown().await;
+        }
+        match read_response(&mut stream).await {
+            Ok(response) => Answer::Response(response),
+            Err(e) => Answer::Closed(match write_error {
+                Some(w) => format!("write failed: {w}; {e}"),
+                None => e,
+            }),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .unwrap_or(Answer::TimedOut)
+}
+
+/// A request: `method target HTTP/1.1`, a Host, `headers` as raw bytes, `Connection:
+/// close`, and with a body, its Content-Length.
+fn request(
+    method: &str,
+    target: &str,
+    headers: &[(&str, Vec<u8>)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: gateway.test\r\n").into_bytes();
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(body) = body {
+        out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    if let Some(body) = body {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+fn h(name: &'static str, value: impl AsRef<[u8]>) -> (&'static str, Vec<u8>) {
+    (name, value.as_ref().to_vec())
+}
+
+fn admin_auth() -> (&'static str, Vec<u8>) {
+    h("authorization", format!("Bearer {ADMIN}"))
+}
+
+// ---------------------------------------------------------------- secrets
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files_under(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+}
+
+/// Finds any of `secrets` (each at least 8 bytes) in `haystack`; returns its index.
+/// Indexed by each secret's first 8 bytes, so that large store files scan quickly.
+fn find_secret(haystack: &[u8], secrets: &[String]) -> Option<usize> {
+    let mut by_head: HashMap<[u8; 8], Vec<usize>> = HashMap::new();
+    for (i, secret) in secrets.iter().enumerate() {
+        let head: [u8; 8] = secret.as_bytes()[..8].try_into().expect("8 bytes");
+        by_head.entry(head).or_default().push(i);
+    }
+    if haystack.len() < 8 {
+        return None;
+    }
+    for start in 0..=haystack.len() - 8 {
+        let head: [u8; 8] = haystack[start..start + 8].try_into().expect("8 bytes");
+        if let Some(candidates) = by_head.get(&head) {
+            for &i in candidates {
+                if haystack[start..].starts_with(secrets[i].as_bytes()) {
+                    return Some(i);
+                }
+            }
+        }
+    }
+    None
+}
+
+async fn scrape_metrics(admin: &str) -> String {
+    client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Asserts that none of `secrets` (raw keys, the admin token) appears in the access log,
+/// the stderr log, any file of the store, `metrics`, or any of `bodies` (error responses).
+/// Call after the gateway stopped, so that its logs are flushed.
+fn assert_no_secrets(
+    config: &GatewayConfig,
+    metrics: &str,
+    bodies: &[Vec<u8>],
+    secrets: &[String],
+) {
+    assert!(!secrets.is_empty());
+    let mut files = vec![
+        config.access_log_path(),
+        config.dir.path().join("stderr.log"),
+    ];
+    let mut store_files = Vec::new();
+    files_under(&config.store_path(), &mut store_files);
+    assert!(!store_files.is_empty(), "the store directory has no files");
+    files.extend(store_files);
+    let access_log = std::fs::read(config.access_log_path()).unwrap_or_default();
+    assert!(
+        !access_log.is_empty(),
+        "the access log is empty: nothing to check"
+    );
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        if let Some(i) = find_secret(&bytes, secrets) {
+            let at = find(&bytes, secrets[i].as_bytes()).unwrap_or(0);
+            let context =
+                &bytes[at.saturating_sub(200)..(at + secrets[i].len() + 50).min(bytes.len())];
+            panic!(
+                "secret #{i} ({}…) appears in {}: …{}…",
+                &secrets[i][..8],
+                file.display(),
+                String::from_utf8_lossy(context)
+            );
+        }
+    }
+    if let Some(i) = find_secret(metrics.as_bytes(), secrets) {
+        panic!("secret #{i} appears in /metrics");
+    }
+    for body in bodies {
+        if let Some(i) = find_secret(body, secrets) {
+            panic!(
+                "secret #{i} appears in a response body: {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- management helpers
+
+/// POST /_keygate/keys as the admin; Some((id, key)) on 201.
+async fn admin_create(
+    client: &reqwest::Client,
+    base: &str,
+    body: serde_json::Value,
+) -> Result<(String, String), String> {
+    let resp = client
+        .post(format!("{base}/_keygate/keys"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("send: {e:?}"))?;
+    let status = resp.status().as_u16();
+    let record: serde_json::Value = resp.json().await.map_err(|e| format!("body: {e}"))?;
+    if status != 201 {
+        return Err(format!("status {status}: {record}"));
+    }
+    match (record["id"].as_str(), record["key"].as_str()) {
+        (Some(id), Some(key)) => Ok((id.to_string(), key.to_string())),
+        _ => Err(format!("no id or key in {record}")),
+    }
+}
+
+/// DELETE /_keygate/keys/{id} as the admin; Ok on a 200 whose body says revoked.
+async fn admin_revoke(client: &reqwest::Client, base: &str, id: &str) -> Result<(), String> {
+    let resp = client
+        .delete(format!("{base}/_keygate/keys/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.map_err(|e| format!("body: {e}"))?;
+    if status == 200 && body["revoked"] == true && body["id"] == id {
+        Ok(())
+    } else {
+        Err(format!("status {status}: {body}"))
+    }
+}
+
+/// The status of one proxied GET with `key` in `x-api-key`.
+async fn proxied_status(client: &reqwest::Client, base: &str, key: &str) -> Result<u16, String> {
+    let resp = client
+        .get(format!("{base}/resource"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let _ = resp.bytes().await;
+    Ok(status)
+}
+
+/// `keygate keys list` on the stopped gateway's store: every record, as JSON.
+fn cli_list(config: &GatewayConfig, owner: Option<&str>) -> Vec<serde_json::Value> {
+    let path = config.path();
+    let mut args = vec![
+        "keys",
+        "list",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ];
+    if let Some(owner) = owner {
+        args.extend(["--owner", owner]);
+    }
+    let out = keygate(&args);
+    assert!(
+        out.status.success(),
+        "keys list failed (store not clean?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("keys list prints a JSON array")
+}
+
+// ---------------------------------------------------------------- 1. the table
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// keygate's own JSON error with this status and `error.code`; not forwarded.
+    Refused(u16, &'static str),
+    /// 405 `method_not_allowed` with an `Allow` header (exactly this one, when given); not
+    /// forwarded.
+    NotAllowed(Option<&'static str>),
+    /// A management answer with this (2xx) status; not forwarded.
+    Answered(u16),
+    /// Admitted: exactly one request reached the upstream, 200 came back, and the upstream
+    /// saw no key.
+    Forwarded,
+    /// Not valid HTTP/1.1: a bare 400 or a closed connection (contract section 7); not
+    /// forwarded.
+    HttpLayer,
+}
+
+struct Row {
+    name: String,
+    bytes: Vec<u8>,
+    expect: Expect,
+    half_close: bool,
+}
+
+fn row(name: impl Into<String>, bytes: Vec<u8>, expect: Expect) -> Row {
+    Row {
+        name: name.into(),
+        bytes,
+        expect,
+        half_close: false,
+    }
+}
+
+/// Checks one answer against its row; Err describes the mismatch.
+fn judge(
+    row: &Row,
+    answer: &Answer,
+    forwarded: usize,
+    secrets: &[String],
+    upstream: &Upstream,
+) -> Result<(), String> {
+    if let Answer::Response(r) = answer
+        && r.status >= 500
+    {
+        return Err(format!("5xx: {}", answer.describe()));
+    }
+    let expected_forwards = usize::from(row.expect == Expect::Forwarded);
+    if forwarded != expected_forwards {
+        return Err(format!(
+            "the upstream received {forwarded} request(s), expected {expected_forwards}; answer {}",
+            answer.describe()
+        ));
+    }
+    let response = match (answer, row.expect) {
+        (Answer::Response(r), _) => r,
+        (Answer::Closed(_), Expect::HttpLayer) => return Ok(()),
+        (other, _) => return Err(format!("no response: {}", other.describe())),
+    };
+    let keygate_error = |status: u16, code: &str| -> Result<(), String> {
+        if response.status != status {
+            return Err(format!(
+                "expected {status} {code}, got {}",
+                answer.describe()
+            ));
+        }
+        let ct = response.header("content-type").unwrap_or_default();
+        if !ct.starts_with("application/json") {
+            return Err(format!("Content-Type {ct:?}; {}", answer.describe()));
+        }
+        let body = response
+            .json()
+            .ok_or_else(|| format!("not JSON: {}", answer.describe()))?;
+        if body["error"]["code"].as_str() != Some(code) {
+            return Err(format!("expected code {code}, got {}", answer.describe()));
+        }
+        let request_id = body["error"]["request_id"].as_str().unwrap_or_default();
+        if request_id.is_empty() || response.header("x-request-id") != Some(request_id) {
+            return Err(format!(
+                "request id missing or different from x-request-id: {body}"
+            ));
+        }
+        if body["error"]["message"].as_str().is_none_or(str::is_empty) {
+            return Err(format!("no error.message: {body}"));
+        }
+        Ok(())
+    };
+    match row.expect {
+        Expect::Refused(status, code) => keygate_error(status, code)?,
+        Expect::NotAllowed(allow) => {
+            keygate_error(405, "method_not_allowed")?;
+            let got = response.header("allow");
+            if got.is_none_or(str::is_empty) || allow.is_some_and(|a| got != Some(a)) {
+                return Err(format!(
+                    "Allow is {:?}, expected {allow:?}",
+                    response.header("allow")
+                ));
+            }
+        }
+        Expect::Answered(status) => {
+            if response.status != status || response.json().is_none() {
+                return Err(format!(
+                    "expected a JSON {status}, got {}",
+                    answer.describe()
+                ));
+            }
+        }
+        Expect::Forwarded => {
+            if response.status != 200 || response.header("x-upstream") != Some("u") {
+                return Err(format!(
+                    "expected the upstream's 200, got {}",
+                    answer.describe()
+                ));
+            }
+            let seen = upstream.seen().pop().expect("the upstream saw it");
+            if find_secret(seen.all_header_text().as_bytes(), secrets).is_some() {
+                return Err(format!("a key was forwarded: {}", seen.all_header_text()));
+            }
+        }
+        Expect::HttpLayer => {
+            if response.status != 400 {
+                return Err(format!(
+                    "expected a bare 400 or a close, got {}",
+                    answer.describe()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends every row on its own connection; returns the failures and every response body.
+async fn run_rows(
+    port: u16,
+    rows: &[Row],
+    upstream: &Upstream,
+    secrets: &[String],
+) -> (Vec<String>, Vec<Vec<u8>>) {
+    let mut failures = Vec::new();
+    let mut bodies = Vec::new();
+    for row in rows {
+        let before = upstream.count();
+        let answer = exchange(port, &row.bytes, row.half_close).await;
+        // A forwarded request is recorded before the upstream answers; a wrongly forwarded
+        // one without an answer (the gateway gave up on it) may land a moment later.
+        if !matches!(answer, Answer::Response(ref r) if r.header("x-upstream").is_some()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let forwarded = upstream.count() - before;
+        eprintln!("{:<70} -> {}", row.name, answer.describe());
+        if let Err(why) = judge(row, &answer, forwarded, secrets, upstream) {
+            failures.push(format!("{}: {why}", row.name));
+        }
+        if let Answer::Response(r) = answer {
+            bodies.push(r.body);
+        }
+    }
+    (failures, bodies)
+}
+
+/// Key A and key B: two valid keys of one owner.
+struct TableKeys {
+    a: String,
+    b: String,
+}
+
+fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
+    use Expect::*;
+    let (a, b) = (keys.a.as_str(), keys.b.as_str());
+    let mut rows = Vec::new();
+    let get = |headers: &[(&str, Vec<u8>)]| request("GET", "/resource", headers, None);
+    let create = |headers: &[(&str, Vec<u8>)], body: &[u8]| {
+        let mut all = vec![admin_auth()];
+        all.extend_from_slice(headers);
+        request("POST", "/_keygate/keys", &all, Some(body))
+    };
+
+    // --- request lines that are not HTTP/1.1
+    rows.push(row("garbage line", b"GARBAGE\r\n\r\n".to_vec(), HttpLayer));
+    rows.push(row(
+        "binary junk",
+        b"\x00\x01\x02\x03\xff\xfe junk \x7f\r\n\r\n".to_vec(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "TLS client hello on the plain listener",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03kg_not_http\r\n\r\n".to_vec(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "missing version",
+        format!("GET /resource\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n").into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "HTTP/9.9",
+        format!("GET /resource HTTP/9.9\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "HTTP/2.0 on an HTTP/1 line",
+        format!("GET /resource HTTP/2.0\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "method with illegal characters",
+        format!("G@T(/) /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "absurd but well-formed method, no key",
+        request("FROBNICATE", "/resource", &[], None),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "4 KiB method name, no key",
+        request(&"X".repeat(4096), "/resource", &[], None),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "header line without a colon",
+        format!("GET /resource HTTP/1.1\r\nHost gateway.test\r\nx-api-key: {a}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "space in a header name",
+        format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx api-key: {a}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "obs-fold continuation of a credential header",
+        format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n  {b}\r\n\r\n")
+            .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(Row {
+        half_close: true,
+        ..row(
+            "only blank lines, then EOF",
+            b"\r\n\r\n\r\n".to_vec(),
+            HttpLayer,
+        )
+    });
+    rows.push(Row {
+        half_close: true,
+        ..row(
+            "header block cut off, then EOF",
+            format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n")
+                .into_bytes(),
+            HttpLayer,
+        )
+    });
+
+    // --- CONNECT: valid HTTP/1.1, refused with keygate's JSON 405, never a tunnel
+    rows.push(row(
+        "CONNECT to another host",
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_vec(),
+        NotAllowed(None),
+    ));
+    rows.push(row(
+        "CONNECT with a valid key, tunnel bytes following",
+        format!(
+            "CONNECT gateway.test:443 HTTP/1.1\r\nHost: gateway.test:443\r\nx-api-key: {a}\r\n\r\n\x16\x03\x01\x00\x05hello"
+        )
+        .into_bytes(),
+        NotAllowed(None),
+    ));
+    rows.push(row(
+        "CONNECT with the admin token",
+        format!("CONNECT 127.0.0.1:9180 HTTP/1.1\r\nHost: 127.0.0.1:9180\r\nAuthorization: Bearer {ADMIN}\r\n\r\n").into_bytes(),
+        NotAllowed(None),
+    ));
+    rows.push(row(
+        "CONNECT whose Host differs from its target",
+        request("CONNECT", "127.0.0.1:9180", &[admin_auth()], None),
+        HttpLayer,
+    ));
+
+    // --- duplicate and conflicting credentials
+    rows.push(row(
+        "no credentials",
+        get(&[]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "x-api-key twice, different keys",
+        get(&[h("x-api-key", a), h("x-api-key", b)]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "key twice, different keys",
+        get(&[h("key", a), h("key", b)]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "Authorization twice, different keys",
+        get(&[
+            h("authorization", format!("Bearer {a}")),
+            h("authorization", format!("Bearer {b}")),
+        ]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "key + x-api-key differing",
+        get(&[h("key", a), h("x-api-key", b)]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "Authorization + x-api-key differing",
+        get(&[h("authorization", format!("Bearer {a}")), h("x-api-key", b)]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "valid key + malformed key",
+        get(&[h("x-api-key", a), h("key", "kg_nope")]),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "x-api-key twice, same key",
+        get(&[h("x-api-key", a), h("x-api-key", a)]),
+        Forwarded,
+    ));
+    rows.push(row(
+        "same key in all three headers",
+        get(&[
+            h("key", a),
+            h("x-api-key", a),
+            h("authorization", format!("Bearer {a}")),
+        ]),
+        Forwarded,
+    ));
+    rows.push(row(
+        "key next to a foreign Basic Authorization",
+        get(&[h("x-api-key", a), h("authorization", "Basic dXNlcjpwYXNz")]),
+        Forwarded,
+    ));
+    rows.push(row(
+        "two keys comma-joined in one value",
+        get(&[h("x-api-key", format!("{a}, {b}"))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "the same key comma-joined in one value",
+        get(&[h("x-api-key", format!("{a},{a}"))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "key then a space and another key",
+        get(&[h("x-api-key", format!("{a} {b}"))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "key surrounded by tabs and spaces",
+        get(&[h("x-api-key", format!("\t {a} \t"))]),
+        Forwarded,
+    ));
+
+    // --- non-UTF-8 and control characters in credential headers
+    rows.push(row(
+        "non-UTF-8 after the prefix",
+        get(&[h("x-api-key", b"kg_\xff\xfe\xfd\x80abc")]),
+        Refused(401, "invalid_key"),
+    ));
+    let mut a_latin1 = a.as_bytes().to_vec();
+    a_latin1[20] = 0xe9;
+    rows.push(row(
+        "a key with one byte made Latin-1",
+        get(&[h("x-api-key", a_latin1)]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "valid key followed by 0xff",
+        get(&[h("key", [a.as_bytes(), b"\xff"].concat())]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "non-UTF-8 without the prefix",
+        get(&[h("x-api-key", b"\xff\xfe\xfd")]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "non-UTF-8 Bearer token",
+        get(&[h("authorization", b"Bearer \xc3\x28kg_")]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "NUL inside a credential",
+        get(&[h(
+            "x-api-key",
+            [b"kg_\x00".as_slice(), &a.as_bytes()[4..]].concat(),
+        )]),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "control character 0x01 in a credential",
+        get(&[h("x-api-key", [a.as_bytes(), b"\x01"].concat())]),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "DEL in a credential",
+        get(&[h(
+            "key",
+            [b"kg_\x7f".as_slice(), &a.as_bytes()[4..]].concat(),
+        )]),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "bare CR inside a credential",
+        get(&[h("x-api-key", format!("{}\r{}", &a[..20], &a[20..]))]),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "ESC sequence in a Bearer token",
+        get(&[h("authorization", format!("Bearer \x1b[2J{a}"))]),
+        HttpLayer,
+    ));
+
+    // --- sizes
+    rows.push(row(
+        "200 KiB header, no key",
+        get(&[h("x-padding", "p".repeat(200 * 1024))]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "10 KiB x-api-key starting with kg_",
+        get(&[h("x-api-key", format!("kg_{}", "A".repeat(10 * 1024)))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "10 KiB Bearer token starting with kg_",
+        get(&[h(
+            "authorization",
+            format!("Bearer kg_{}", "z9".repeat(5 * 1024)),
+        )]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "1.2 MiB header block",
+        get(&[h("x-padding", "p".repeat(1200 * 1024))]),
+        HttpLayer,
+    ));
+    let many: Vec<(&str, Vec<u8>)> = (0..300).map(|_| h("x-many", "1")).collect();
+    rows.push(row("300 headers", get(&many), HttpLayer));
+
+    // --- every wrong length after kg_ (0 to 60)
+    let pool = format!("{}{}", &a[3..], &a[3..]);
+    for len in (0..=60).filter(|n| *n != 49) {
+        let header = ["x-api-key", "key", "authorization"][len % 3];
+        let value = if header == "authorization" {
+            format!("Bearer kg_{}", &pool[..len])
+        } else {
+            format!("kg_{}", &pool[..len])
+        };
+        rows.push(row(
+            format!("body of {len} characters in {header}"),
+            get(&[h(header, value)]),
+            Refused(401, "invalid_key"),
+        ));
+    }
+
+    // --- near misses
+    rows.push(row(
+        "one body character changed",
+        get(&[h("x-api-key", with_char_changed(a, 10))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "one checksum character changed",
+        get(&[h("x-api-key", with_char_changed(a, a.len() - 1))]),
+        Refused(401, "invalid_key"),
+    ));
+    let flipped: String = a
+        .char_indices()
+        .map(|(i, c)| {
+            if i == 30 && c.is_ascii_alphabetic() {
+                (c as u8 ^ 0x20) as char
+            } else if i == 30 {
+                if c == '0' { '1' } else { '0' }
+            } else {
+                c
+            }
+        })
+        .collect();
+    rows.push(row(
+        "one character's case flipped",
+        get(&[h("x-api-key", flipped)]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "two characters swapped",
+        get(&[h(
+            "x-api-key",
+            format!("{}{}{}{}", &a[..20], &a[21..22], &a[20..21], &a[22..]),
+        )]),
+        if a.as_bytes()[20] == a.as_bytes()[21] {
+            Forwarded
+        } else {
+            Refused(401, "invalid_key")
+        },
+    ));
+    rows.push(row(
+        "well-formed key no store knows",
+        get(&[h("x-api-key", unknown)]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "uppercase prefix KG_",
+        get(&[h("x-api-key", format!("KG_{}", &a[3..]))]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "prefix with a dash",
+        get(&[h("x-api-key", format!("kg-{}", &a[3..]))]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "key in the query string only",
+        request("GET", &format!("/resource?api_key={a}&key={a}"), &[], None),
+        Refused(401, "missing_credentials"),
+    ));
+
+    // --- Authorization schemes
+    rows.push(row(
+        "Bearer with no token",
+        get(&[h("authorization", "Bearer")]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "Bearer and spaces",
+        get(&[h("authorization", "Bearer   ")]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "Basic carrying the key",
+        get(&[h("authorization", format!("Basic {a}"))]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "Digest naming the key",
+        get(&[h(
+            "authorization",
+            format!("Digest username=\"{a}\", realm=\"x\", nonce=\"1\", uri=\"/\", response=\"0\""),
+        )]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "Bearer glued to the key",
+        get(&[h("authorization", format!("Bearer{a}"))]),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "lowercase bearer, valid key",
+        get(&[h("authorization", format!("bearer {a}"))]),
+        Forwarded,
+    ));
+    rows.push(row(
+        "BEARER and a tab, valid key",
+        get(&[h("authorization", format!("BEARER\t{a}"))]),
+        Forwarded,
+    ));
+    rows.push(row(
+        "Bearer key plus trailing parameters",
+        get(&[h("authorization", format!("Bearer {a} realm=x"))]),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "the admin token is no API key on a proxied route",
+        get(&[admin_auth()]),
+        Refused(401, "missing_credentials"),
+    ));
+
+    // --- paths around the management API
+    let admin_get = |target: &str| request("GET", target, &[admin_auth()], None);
+    for target in [
+        "/_keygate/../x",
+        "/_keygate/../_keygate/keys",
+        "/_keygate/%2e%2e/keys",
+        "/_keygate/%2E%2e/audit",
+        "/_keygate/keys/../audit",
+        "/_keygate/keys/%2e%2e/audit",
+        "/_keygate/./keys",
+        "/_keygate/keys%2f..%2faudit",
+        "/_keygate/keys/.",
+        "/resource/../_keygate/keys",
+        "/_keygate\\keys",
+        "/_keygate/keys\\..\\audit",
+    ] {
+        rows.push(row(
+            format!("path {target}"),
+            admin_get(target),
+            Refused(400, "invalid_path"),
+        ));
+    }
+    for target in [
+        "//_keygate/keys",
+        "/_keygate%2Fkeys",
+        "/_KEYGATE/keys",
+        "/_keygatex/keys",
+    ] {
+        rows.push(row(
+            format!("path {target} is no management path"),
+            admin_get(target),
+            Refused(401, "missing_credentials"),
+        ));
+    }
+    rows.push(row(
+        "absolute-form target naming the management API",
+        request(
+            "GET",
+            "http://gateway.test/_keygate/keys?limit=1",
+            &[admin_auth()],
+            None,
+        ),
+        Answered(200),
+    ));
+    rows.push(row(
+        "unknown management path",
+        admin_get("/_keygate/nope"),
+        Refused(404, "not_found"),
+    ));
+    rows.push(row(
+        "the management mount itself",
+        admin_get("/_keygate"),
+        Refused(404, "not_found"),
+    ));
+    rows.push(row(
+        "unknown management path without credentials",
+        request("GET", "/_keygate/nope", &[], None),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "keys without credentials",
+        request("GET", "/_keygate/keys", &[], None),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "wrong admin token",
+        request(
+            "GET",
+            "/_keygate/keys",
+            &[h("authorization", format!("Bearer {ADMIN}x"))],
+            None,
+        ),
+        Refused(401, "invalid_key"),
+    ));
+    rows.push(row(
+        "admin token in x-api-key",
+        request("GET", "/_keygate/keys", &[h("x-api-key", ADMIN)], None),
+        Refused(401, "missing_credentials"),
+    ));
+    rows.push(row(
+        "admin token with a lowercase scheme",
+        request(
+            "GET",
+            "/_keygate/keys?limit=1",
+            &[h("authorization", format!("bearer {ADMIN}"))],
+            None,
+        ),
+        Answered(200),
+    ));
+    rows.push(row(
+        "conflicting keys on the management API",
+        request(
+            "GET",
+            "/_keygate/keys",
+            &[h("x-api-key", a), h("key", b)],
+            None,
+        ),
+        Refused(400, "conflicting_credentials"),
+    ));
+    rows.push(row(
+        "audit with a key lacking keys:manage",
+        request("GET", "/_keygate/audit", &[h("x-api-key", a)], None),
+        Refused(403, "insufficient_scope"),
+    ));
+    rows.push(row(
+        "limit=0",
+        admin_get("/_keygate/keys?limit=0"),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "limit=99999999999999999999",
+        admin_get("/_keygate/keys?limit=99999999999999999999"),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "forged cursor",
+        admin_get("/_keygate/keys?cursor=%00%ff'--"),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "unknown key id",
+        admin_get("/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        Refused(404, "not_found"),
+    ));
+    rows.push(row(
+        "key id with percent-encoded junk",
+        admin_get("/_keygate/keys/%00%ff%0d%0a"),
+        Refused(404, "not_found"),
+    ));
+
+    // --- methods the API does not serve
+    for (method, target, allow) in [
+        ("PUT", "/_keygate/keys", "GET, POST"),
+        ("PATCH", "/_keygate/keys", "GET, POST"),
+        ("DELETE", "/_keygate/keys", "GET, POST"),
+        ("OPTIONS", "/_keygate/keys", "GET, POST"),
+        ("FROBNICATE", "/_keygate/keys", "GET, POST"),
+        (
+            "PUT",
+            "/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "GET, DELETE",
+        ),
+        ("GET", "/_keygate/keys/revoke", "POST"),
+        (
+            "GET",
+            "/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV/rotate",
+            "POST",
+        ),
+        ("POST", "/_keygate/audit", "GET"),
+    ] {
+        let body: &[u8] = b"{}";
+        rows.push(row(
+            format!("{method} {target}"),
+            request(method, target, &[admin_auth()], Some(body)),
+            NotAllowed(Some(allow)),
+        ));
+    }
+    rows.push(row(
+        "POST openapi.json (no credentials needed)",
+        request("POST", "/_keygate/openapi.json", &[], Some(b"{}")),
+        NotAllowed(Some("GET")),
+    ));
+
+    // --- bodies
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "image/png",
+        "application/json; charset=latin1",
+    ] {
+        rows.push(row(
+            format!("valid JSON as {content_type}"),
+            create(&[h("content-type", content_type)], br#"{"owner": "table"}"#),
+            Answered(201),
+        ));
+    }
+    rows.push(row(
+        "valid JSON without a Content-Type",
+        create(&[], br#"{"owner": "table", "name": "no-ct"}"#),
+        Answered(201),
+    ));
+    rows.push(row(
+        "Expect: 100-continue",
+        create(&[h("expect", "100-continue")], br#"{"owner": "table"}"#),
+        Answered(201),
+    ));
+    rows.push(row(
+        "truncated JSON",
+        create(&[], br#"{"owner": "table""#),
+        Refused(400, "invalid_json"),
+    ));
+    rows.push(row(
+        "empty body",
+        create(&[], b""),
+        Refused(422, "validation_failed"),
+    ));
+    let padded = |total: usize| {
+        let head = br#"{"owner": "table", "metadata": {"pad": ""#;
+        let tail = br#""}}"#;
+        let mut body = head.to_vec();
+        body.resize(total - tail.len(), b'x');
+        body.extend_from_slice(tail);
+        assert_eq!(body.len(), total);
+        body
+    };
+    rows.push(row(
+        "exactly 64 KiB (metadata too big)",
+        create(&[], &padded(64 * 1024)),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "64 KiB + 1 byte",
+        create(&[], &padded(64 * 1024 + 1)),
+        Refused(413, "payload_too_large"),
+    ));
+    rows.push(row(
+        "70 KiB JSON",
+        create(&[], &padded(70 * 1024)),
+        Refused(413, "payload_too_large"),
+    ));
+    rows.push(row(
+        "10,000 nested arrays",
+        create(&[], "[".repeat(10_000).as_bytes()),
+        Refused(400, "invalid_json"),
+    ));
+    rows.push(row(
+        "10,000 nested objects",
+        create(&[], "{\"a\":".repeat(10_000).as_bytes()),
+        Refused(400, "invalid_json"),
+    ));
+    rows.push(row(
+        "deep nesting inside metadata",
+        create(
+            &[],
+            format!(
+                "{{\"owner\":\"table\",\"metadata\":{}1{}}}",
+                "{\"a\":".repeat(3000),
+                "}".repeat(3000)
+            )
+            .as_bytes(),
+        ),
+        Refused(400, "invalid_json"),
+    ));
+    for (what, body) in [
+        ("a JSON string", br#""owner""#.as_slice()),
+        ("a JSON number", b"42"),
+        ("a JSON array", br#"[{"owner": "table"}]"#),
+        ("JSON null", b"null"),
+        ("JSON true", b"true"),
+        ("invalid UTF-8 in a string", b"{\"owner\": \"\xff\xfe\"}"),
+        ("a lone surrogate escape", br#"{"owner": "\ud800"}"#),
+        ("trailing garbage", br#"{"owner": "table"} {}"#),
+        ("a trailing NUL byte", b"{\"owner\": \"table\"}\x00"),
+        (
+            "a number out of range",
+            br#"{"owner": "table", "ttl_seconds": 1e999}"#,
+        ),
+    ] {
+        rows.push(row(
+            format!("body: {what}"),
+            create(&[], body),
+            Refused(400, "invalid_json"),
+        ));
+    }
+    rows.push(row(
+        "owner of the wrong type",
+        create(&[], br#"{"owner": 5}"#),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "unknown field",
+        create(&[], br#"{"owner": "table", "admin": true}"#),
+        Refused(422, "validation_failed"),
+    ));
+    rows.push(row(
+        "owner with a newline",
+        create(&[], br#"{"owner": "ta\nble"}"#),
+        Refused(422, "validation_failed"),
+    ));
+
+    // --- framing: chunked bodies and Content-Length mismatches
+    let admin_line = format!("Authorization: Bearer {ADMIN}\r\n");
+    let post_head = |extra: &str| {
+        format!(
+            "POST /_keygate/keys HTTP/1.1\r\nHost: gateway.test\r\n{admin_line}{extra}Connection: close\r\n\r\n"
+        )
+    };
+    let json = r#"{"owner": "table", "name": "chunked"}"#;
+    rows.push(row(
+        "chunked body",
+        format!(
+            "{}{:x}\r\n{json}\r\n0\r\n\r\n",
+            post_head("Transfer-Encoding: chunked\r\n"),
+            json.len()
+        )
+        .into_bytes(),
+        Answered(201),
+    ));
+    rows.push(row(
+        "chunked body in one-byte chunks with extensions and a trailer",
+        {
+            let mut text = post_head("Transfer-Encoding: chunked\r\n");
+            for c in json.chars() {
+                text.push_str(&format!("1;ext=\"v\"\r\n{c}\r\n"));
+            }
+            text.push_str("0\r\nx-trailer: t\r\n\r\n");
+            text.into_bytes()
+        },
+        Answered(201),
+    ));
+    rows.push(row(
+        "chunked body with a bad chunk size",
+        format!(
+            "{}zz\r\n{json}\r\n0\r\n\r\n",
+            post_head("Transfer-Encoding: chunked\r\n")
+        )
+        .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "chunk size overflowing 64 bits",
+        format!(
+            "{}fffffffffffffffffffff\r\n{json}\r\n0\r\n\r\n",
+            post_head("Transfer-Encoding: chunked\r\n")
+        )
+        .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(Row {
+        half_close: true,
+        ..row(
+            "chunked body cut off, then EOF",
+            format!(
+                "{}{:x}\r\n{}",
+                post_head("Transfer-Encoding: chunked\r\n"),
+                json.len(),
+                &json[..10]
+            )
+            .into_bytes(),
+            HttpLayer,
+        )
+    });
+    rows.push(row(
+        "Transfer-Encoding gzip (not chunked last)",
+        format!("{}{json}", post_head("Transfer-Encoding: gzip\r\n")).into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "Transfer-Encoding on HTTP/1.0",
+        format!(
+            "POST /_keygate/keys HTTP/1.0\r\nHost: gateway.test\r\n{admin_line}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{json}\r\n0\r\n\r\n",
+            json.len()
+        )
+        .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "two different Content-Lengths",
+        format!(
+            "{}{json}",
+            post_head(&format!(
+                "Content-Length: {}\r\nContent-Length: 5\r\n",
+                json.len()
+            ))
+        )
+        .into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "negative Content-Length",
+        format!("{}{json}", post_head("Content-Length: -1\r\n")).into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "Content-Length that is not a number",
+        format!("{}{json}", post_head("Content-Length: ten\r\n")).into_bytes(),
+        HttpLayer,
+    ));
+    rows.push(row(
+        "Content-Length shorter than the body",
+        format!("{}{json}", post_head("Content-Length: 5\r\n")).into_bytes(),
+        Refused(400, "invalid_json"),
+    ));
+    rows.push(Row {
+        half_close: true,
+        ..row(
+            "Content-Length longer than the body, then EOF",
+            format!("{}{json}", post_head("Content-Length: 500\r\n")).into_bytes(),
+            HttpLayer,
+        )
+    });
+    rows.push(row(
+        "Content-Length and chunked together (chunked wins)",
+        format!(
+            "{}{:x}\r\n{json}\r\n0\r\n\r\n",
+            post_head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
+            json.len()
+        )
+        .into_bytes(),
+        Answered(201),
+    ));
+    rows.push(row(
+        "smuggling: CL + chunked with a request hidden after the chunks",
+        format!(
+            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
+        )
+        .into_bytes(),
+        Forwarded,
+    ));
+    rows.push(row(
+        "chunked body on a proxied route",
+        format!(
+            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        .into_bytes(),
+        Forwarded,
+    ));
+    rows
+}
+
+/// 1. At least 40 malformed or hostile requests as raw bytes, each with its exact expected
+/// answer; none is a 5xx, none reaches the upstream unless admitted with a valid key, and
+/// the gateway still serves afterwards. Then: no key appears in any log, the store,
+/// /metrics or any answer.
+#[tokio::test]
+async fn hostile_requests_table() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, a) = create_key(&config.path(), "alice", &[], None);
+    let (_, b) = create_key(&config.path(), "alice", &[], None);
+    assert!(
+        is_well_formed(&a) && is_well_formed(&b),
+        "the CLI's keys: {a} {b}"
+    );
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let unknown = well_formed_unknown_key(&mut rng);
+    let mut gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+
+    let keys = TableKeys {
+        a: a.clone(),
+        b: b.clone(),
+    };
+    let rows = table_rows(&keys, &unknown);
+    assert!(rows.len() >= 40, "only {} rows", rows.len());
+    let mut secrets = vec![a.clone(), b.clone(), ADMIN.to_string()];
+    let (failures, bodies) = run_rows(config.listen, &rows, &upstream, &secrets).await;
+
+    // The gateway still serves.
+    let client = client();
+    assert_eq!(
+        proxied_status(&client, &gateway.base, &a).await,
+        Ok(200),
+        "a valid request after the table"
+    );
+    let healthz = client
+        .get(format!("{}/healthz", gateway.admin))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(healthz.status(), 200);
+    assert!(
+        gateway
+            .child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the gateway process died"
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|s| !s.path_and_query.contains("smuggled")),
+        "a smuggled request reached the upstream"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+    eprintln!("hostile_requests_table: {} rows passed", rows.len());
+
+    // Keys the table made through the API are secrets too.
+    let listed: serde_json::Value = client
+        .get(format!(
+            "{}/_keygate/keys?owner=table&limit=1000",
+            gateway.base
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("JSON");
+    let created = listed["data"].as_array().expect("data").len();
+    assert_eq!(
+        created,
+        rows.iter()
+            .filter(|r| r.expect == Expect::Answered(201))
+            .count()
+    );
+    for body in &bodies {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body)
+            && let Some(key) = value["key"].as_str()
+        {
+            secrets.push(key.to_string());
+        }
+    }
+    assert_eq!(secrets.len(), 3 + created, "every create returned its key");
+    let error_bodies: Vec<Vec<u8>> = bodies
+        .into_iter()
+        .filter(|b| {
+            serde_json::from_slice::<serde_json::Value>(b).map_or(true, |v| v.get("key").is_none())
+        })
+        .collect();
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop(), "keygate did not exit cleanly");
+    assert_no_secrets(&config, &metrics, &error_bodies, &secrets);
+}
+
+// ---------------------------------------------------------------- found bugs, one each
+
+/// Contract section 7: a request with a bad chunk size is not valid HTTP/1.1 and "is still
+/// never forwarded". With a valid key on a proxied route, Pingora forwards the headers
+/// before it reads (and rejects) the body, so the upstream sees the request.
+#[tokio::test]
+#[ignore = "bug: an admitted request with a bad chunk size reaches the upstream before the body is rejected"]
+async fn bad_chunk_size_is_never_forwarded() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let _gateway = Gateway::start(&config).await;
+    let answer = exchange(
+        config.listen,
+        format!(
+            "POST /chunky HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {key}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+        false,
+    )
+    .await;
+    if let Answer::Response(r) = &answer {
+        assert!(r.status < 500, "{}", answer.describe());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen: Vec<String> = upstream
+        .seen()
+        .iter()
+        .map(|s| s.path_and_query.clone())
+        .collect();
+    assert!(
+        seen.is_empty(),
+        "the upstream received {seen:?}; keygate answered {}",
+        answer.describe()
+    );
+}
+
+/// Contract sections 3 and 7: logs record paths without their query string, because a key
+/// may be sent there by mistake, and a raw key never appears in a log. When the upstream
+/// fails (503, 504), Pingora logs "Fail to proxy: ..., <request summary>" at ERROR level to
+/// stderr; the summary must not carry the query string. (Found by this suite; fixed in
+/// f988106 by overriding `request_summary`.)
+#[tokio::test]
+async fn key_in_query_never_reaches_stderr_when_the_upstream_fails() {
+    let hang = Upstream::start_with("hang", UpstreamMode::Hang).await;
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\nupstreams = [\"{dead}\"]\nhealth_check_interval_ms = 200\n\
+         [[routes]]\nname = \"hang\"\npath_prefix = \"/hang\"\nupstreams = [\"{}\"]\nread_timeout_ms = 300\nhealth_check_interval_ms = 200\n",
+        hang.addr
+    ));
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let mut gateway = Gateway::start(&config).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    // The dead upstream is marked unhealthy by its first check.
+    let url = format!("{}/dead/x?api_key={key}", gateway.base);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            async move {
+                client
+                    .get(&url)
+                    .header("x-api-key", &key)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 503)
+            }
+        })
+        .await,
+        "the dead route never answered 503"
+    );
+    let resp = client
+        .get(format!("{}/hang/x?key={key}", gateway.base))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 504);
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    assert_no_secrets(&config, &metrics, &[], &[key]);
+}
+
+// ---------------------------------------------------------------- 2. random credentials
+
+/// 300 seeded random header values in `x-api-key` (only bytes legal in a header value):
+/// always 401 (invalid_key when the value starts with the prefix, else
+/// missing_credentials), never a 5xx, never forwarded.
+#[tokio::test]
+async fn random_credential_values_are_refused() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let _gateway = Gateway::start(&config).await;
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut failures = Vec::new();
+    let mut prefixed = 0;
+    for case in 0..300 {
+        let mut value = Vec::new();
+        if rng.below(2) == 0 {
+            value.extend_from_slice(b"kg_");
+        }
+        let len = rng.below(if case % 10 == 0 { 400 } else { 70 });
+        for _ in 0..len {
+            // VCHAR, obs-text, SP and HTAB: what RFC 9110 allows in a field value.
+            let byte = match rng.below(100) {
+                0..=1 => b' ',
+                2 => b'\t',
+                3..=40 => BASE62[rng.below(62) as usize],
+                41..=70 => 0x21 + rng.below(94) as u8,
+                _ => 0x80 + rng.below(128) as u8,
+            };
+            value.push(byte);
+        }
+        let trimmed: &[u8] = {
+            let start = value.iter().position(|b| *b != b' ' && *b != b'\t');
+            match start {
+                None => &[],
+                Some(s) => {
+                    let end = value
+                        .iter()
+                        .rposition(|b| *b != b' ' && *b != b'\t')
+                        .expect("non-blank")
+                        + 1;
+                    &value[s..end]
+                }
+            }
+        };
+        let expected = if trimmed.starts_with(b"kg_") {
+            prefixed += 1;
+            "invalid_key"
+        } else {
+            "missing_credentials"
+        };
+        let before = upstream.count();
+        let answer = exchange(
+            config.listen,
+            &request("GET", "/resource", &[h("x-api-key", &value)], None),
+            false,
+        )
+        .await;
+        let forwarded = upstream.count() - before;
+        let ok = match &answer {
+            Answer::Response(r) => r.status == 401 && r.error_code().as_deref() == Some(expected),
+            _ => false,
+        };
+        if !ok || forwarded != 0 {
+            failures.push(format!(
+                "case {case} value {:?}: expected 401 {expected}, got {} (forwarded {forwarded})",
+                String::from_utf8_lossy(&value),
+                answer.describe()
+            ));
+        }
+    }
+    assert!(prefixed > 100, "only {prefixed} prefixed values");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a random credential reached the upstream"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------- 3. kill -9 mid-burst
+
+/// What the burst learned was acknowledged before the kill.
+#[derive(Default)]
+struct Acked {
+    /// Created (201 received): id and key.
+    created: Vec<(String, String)>,
+    /// Keys whose revoke was sent (acknowledged or not).
+    revoke_sent: HashSet<String>,
+    /// Keys whose revoke was acknowledged (200 received).
+    revoked: HashSet<String>,
+    /// Keys never to be revoked, for traffic.
+    live: Vec<String>,
+}
+
+/// Concurrent creates (some revoked at once) and proxied traffic; kill -9 mid-burst, three
+/// times. After each restart every acknowledged create is admitted and every acknowledged
+/// revoke refused, and the store opens cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_burst_loses_no_acknowledged_change() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, seed_key) = create_key(&config.path(), "seed", &[], None);
+    let acked = Arc::new(Mutex::new(Acked {
+        live: vec![seed_key.clone()],
+        ..Acked::default()
+    }));
+    let env = [("KEYGATE_ADMIN_TOKEN", ADMIN)];
+    let mut gateway = Gateway::start_with_env(&config, &env).await;
+    let mut traffic_errors = Vec::new();
+
+    for cycle in 0..3 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let created_before = acked.lock().expect("lock").created.len();
+        let revoked_before = acked.lock().expect("lock").revoked.len();
+        let traffic_done = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let (stop, acked, base) = (Arc::clone(&stop), Arc::clone(&acked), gateway.base.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let body =
+                        serde_json::json!({"owner": "burst", "name": format!("c{cycle}-t{t}-{i}")});
+                    let Ok((id, key)) = admin_create(&client, &base, body).await else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let revoke = i.is_multiple_of(3);
+                    {
+                        let mut acked = acked.lock().expect("lock");
+                        acked.created.push((id.clone(), key.clone()));
+                        if revoke {
+                            acked.revoke_sent.insert(key.clone());
+                        } else {
+                            acked.live.push(key.clone());
+                        }
+                    }
+                    if revoke && admin_revoke(&client, &base, &id).await.is_ok() {
+                        acked.lock().expect("lock").revoked.insert(key);
+                    }
+                }
+                Vec::new()
+            }));
+        }
+        for t in 0..2u64 {
+            let (stop, acked, base, done) = (
+                Arc::clone(&stop),
+                Arc::clone(&acked),
+                gateway.base.clone(),
+                Arc::clone(&traffic_done),
+            );
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                let mut rng = XorShift(0x1234_5678 + t * 7919 + cycle as u64);
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let key = {
+                        let acked = acked.lock().expect("lock");
+                        acked.live[rng.below(acked.live.len() as u64) as usize].clone()
+                    };
+                    match proxied_status(&client, &base, &key).await {
+                        Ok(200) => {}
+                        // Only a live process answers; any answer but 200 is wrong.
+                        Ok(status) => errors.push(format!("cycle {cycle}: live key got {status}")),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                errors
+            }));
+        }
+        let mid_burst = eventually(Duration::from_secs(40), || {
+            let acked = Arc::clone(&acked);
+            let done = Arc::clone(&traffic_done);
+            async move {
+                let acked = acked.lock().expect("lock");
+                acked.created.len() >= created_before + 24
+                    && acked.revoked.len() >= revoked_before + 6
+                    && done.load(Ordering::SeqCst) >= 50
+            }
+        })
+        .await;
+        assert!(
+            mid_burst,
+            "cycle {cycle}: the burst made too little progress"
+        );
+        gateway.kill9();
+        stop.store(true, Ordering::SeqCst);
+        for task in tasks {
+            traffic_errors.extend(task.await.expect("burst task"));
+        }
+
+        // Restart on the same store; it must open and serve.
+        gateway = Gateway::start_with_env(&config, &env).await;
+        let client = client();
+        let ready = client
+            .get(format!("{}/readyz", gateway.admin))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(
+            ready.status(),
+            200,
+            "cycle {cycle}: /readyz after the restart"
+        );
+        let snapshot: Vec<(String, bool, bool)> = {
+            let acked = acked.lock().expect("lock");
+            acked
+                .created
+                .iter()
+                .map(|(_, key)| {
+                    (
+                        key.clone(),
+                        acked.revoke_sent.contains(key),
+                        acked.revoked.contains(key),
+                    )
+                })
+                .collect()
+        };
+        let mut wrong = Vec::new();
+        for (key, revoke_sent, revoked) in &snapshot {
+            let status = proxied_status(&client, &gateway.base, key).await;
+            let fine = match (revoke_sent, revoked) {
+                (_, true) => status == Ok(401),
+                (false, false) => status == Ok(200),
+                // Revoke sent, answer lost in the kill: either outcome is allowed.
+                (true, false) => status == Ok(200) || status == Ok(401),
+            };
+            if !fine {
+                wrong.push(format!(
+                    "{}… revoke sent {revoke_sent}, acknowledged {revoked}: got {status:?}",
+                    &key[..8]
+                ));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "cycle {cycle}: {} of {} acknowledged changes lost after kill -9:\n{}",
+            wrong.len(),
+            snapshot.len(),
+            wrong.join("\n")
+        );
+        assert_eq!(
+            proxied_status(&client, &gateway.base, &seed_key).await,
+            Ok(200)
+        );
+    }
+    assert!(traffic_errors.is_empty(), "{}", traffic_errors.join("\n"));
+
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(
+        gateway.stop(),
+        "keygate did not exit cleanly after the kills"
+    );
+    // Offline, the store opens and holds every acknowledged change.
+    let records = cli_list(&config, Some("burst"));
+    let by_id: HashMap<&str, &serde_json::Value> = records
+        .iter()
+        .map(|r| (r["id"].as_str().expect("id"), r))
+        .collect();
+    let acked = acked.lock().expect("lock");
+    for (id, key) in &acked.created {
+        let record = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("acknowledged create {id} missing from keys list"));
+        if acked.revoked.contains(key) {
+            assert!(
+                record["revoked_at"].is_string(),
+                "acknowledged revoke of {id} lost"
+            );
+        } else if !acked.revoke_sent.contains(key) {
+            assert!(
+                record["revoked_at"].is_null(),
+                "{id} revoked without a request"
+            );
+        }
+    }
+    eprintln!(
+        "kill -9 x3: {} acknowledged creates, {} acknowledged revokes",
+        acked.created.len(),
+        acked.revoked.len()
+    );
+    let mut secrets: Vec<String> = acked.created.iter().map(|(_, k)| k.clone()).collect();
+    secrets.push(seed_key);
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+// ---------------------------------------------------------------- 4. upstream lost under load
+
+/// An upstream whose death is total: `kill` closes the listener and every open connection.
+struct KillableUpstream {
+    addr: std::net::SocketAddr,
+    count: Arc<AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl KillableUpstream {
+    async fn start(name: &'static str) -> Self {
+        use http_body_util::Full;
+        use hyper::server::conn::http1;
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (count_task, connections_task) = (Arc::clone(&count), Arc::clone(&connections));
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count_task);
+                let connection = tokio::spawn(async move {
+                    let service = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .header("x-upstream", name)
+                                    .body(Full::new(bytes::Bytes::from_static(b"ok")))
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                connections_task.lock().expect("lock").push(connection);
+            }
+        });
+        KillableUpstream {
+            addr,
+            count,
+            accept,
+            connections,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn kill(&self) {
+        self.accept.abort();
+        for connection in self.connections.lock().expect("lock").iter() {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for KillableUpstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One proxied request's fate: when it was sent, and the upstream that answered (or the
+/// failure).
+type Outcome = (Instant, Result<String, String>);
+
+/// What happened around an upstream's death under load.
+struct LossRun {
+    /// Sorted by the time each request was sent.
+    outcomes: Vec<Outcome>,
+    /// When upstream "a" was killed.
+    killed_at: Instant,
+    /// When the dead upstream was seen marked unhealthy in /metrics.
+    marked_at: Instant,
+    /// Requests the dead upstream served after it was marked unhealthy.
+    dead_served_after_mark: usize,
+}
+
+/// Two upstreams (health checks every 200 ms) under steady load from 4 clients; upstream
+/// "a" dies (listener and open connections) after 150 requests; the load goes on until
+/// 300 requests were sent after "a" was seen marked unhealthy.
+async fn upstream_loss_under_load() -> LossRun {
+    let a = KillableUpstream::start("a").await;
+    let b = KillableUpstream::start("b").await;
+    let config = GatewayConfig::single_route(&[a.addr, b.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let gateway = Gateway::start(&config).await;
+
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (outcomes, stop, base, key) = (
+            Arc::clone(&outcomes),
+            Arc::clone(&stop),
+            gateway.base.clone(),
+            key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let result = match client
+                    .get(format!("{base}/load"))
+                    .header("x-api-key", &key)
+                    .send()
+                    .await
+                {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let who = resp
+                            .headers()
+                            .get("x-upstream")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let _ = resp.bytes().await;
+                        match (status, who) {
+                            (200, Some(who)) => Ok(who),
+                            (status, _) => Err(format!("status {status}")),
+                        }
+                    }
+                    Err(e) => Err(format!("transport: {e}")),
+                };
+                outcomes.lock().expect("lock").push((sent, result));
+            }
+        }));
+    }
+    let count = |outcomes: &Arc<Mutex<Vec<Outcome>>>, after: Option<Instant>| {
+        outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(sent, _)| after.is_none_or(|t| *sent > t))
+            .count()
+    };
+    let warm = eventually(Duration::from_secs(20), || {
+        let n = count(&outcomes, None);
+        let both = a.count() > 10 && b.count() > 10;
+        async move { n >= 150 && both }
+    })
+    .await;
+    assert!(warm, "both upstreams never served under load");
+
+    a.kill();
+    let killed_at = Instant::now();
+    let a_label = format!("upstream=\"{}\"", a.addr);
+    let marked = eventually(Duration::from_secs(10), || {
+        let admin = gateway.admin.clone();
+        let a_label = a_label.clone();
+        async move {
+            scrape_metrics(&admin).await.lines().any(|l| {
+                l.starts_with("keygate_upstream_healthy")
+                    && l.contains(&a_label)
+                    && l.ends_with(" 0")
+            })
+        }
+    })
+    .await;
+    assert!(marked, "the dead upstream was never marked unhealthy");
+    let marked_at = Instant::now();
+    let a_at_mark = a.count();
+    let enough = eventually(Duration::from_secs(30), || {
+        let n = count(&outcomes, Some(marked_at));
+        async move { n >= 300 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("load task");
+    }
+    assert!(
+        enough,
+        "too little traffic after the upstream was marked unhealthy"
+    );
+    let mut outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    outcomes.sort_by_key(|(sent, _)| *sent);
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count();
+    eprintln!(
+        "upstream loss: {} requests, {failed} failed, {} sent after the mark",
+        outcomes.len(),
+        count_after(&outcomes, marked_at)
+    );
+    LossRun {
+        outcomes,
+        killed_at,
+        marked_at,
+        dead_served_after_mark: a.count() - a_at_mark,
+    }
+}
+
+fn count_after(outcomes: &[Outcome], t: Instant) -> usize {
+    outcomes.iter().filter(|(sent, _)| *sent > t).count()
+}
+
+/// 4. Two upstreams under steady load; one dies. Once it is marked unhealthy every request
+/// succeeds via the other, the last 50 all succeed, and the only failures are keygate's own
+/// upstream-failure answers, never a dropped client connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_upstream_under_load_spares_requests_after_detection() {
+    let run = upstream_loss_under_load().await;
+    let total = run.outcomes.len();
+    let failures: Vec<&Outcome> = run.outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    let odd: Vec<&&Outcome> = failures
+        .iter()
+        .filter(|(_, r)| {
+            !matches!(
+                r.as_ref().err().map(String::as_str),
+                Some("status 502" | "status 503" | "status 504")
+            )
+        })
+        .collect();
+    assert!(
+        odd.is_empty(),
+        "failures other than a 502/503/504 answer: {odd:?}"
+    );
+    let after = count_after(&run.outcomes, run.marked_at);
+    let bad_after: Vec<String> = run
+        .outcomes
+        .iter()
+        .filter(|(sent, r)| *sent > run.marked_at && r.as_deref() != Ok("b"))
+        .map(|(_, r)| format!("{r:?}"))
+        .collect();
+    assert!(
+        bad_after.is_empty(),
+        "{} of {after} requests sent after the upstream was marked unhealthy did not succeed via b: {:?}",
+        bad_after.len(),
+        &bad_after[..bad_after.len().min(10)]
+    );
+    assert!(
+        run.outcomes[total - 50..]
+            .iter()
+            .all(|(_, r)| r.as_deref() == Ok("b")),
+        "the last 50 requests did not all succeed via b"
+    );
+    assert_eq!(
+        run.dead_served_after_mark, 0,
+        "the dead upstream served after it was marked unhealthy"
+    );
+}
+
+/// 4b. The same run, with what "only requests in flight around the stop may fail" means:
+/// at most 5% of all requests fail, and none of those sent after the upstream died (they
+/// were not in flight; the other upstream could serve them). Found as a bug (a refused
+/// connect was not retried on the route's other upstream); fixed: `fail_to_connect` marks
+/// the error retryable and the retry avoids the upstream that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_an_upstream_under_load_fails_at_most_five_percent() {
+    let run = upstream_loss_under_load().await;
+    let total = run.outcomes.len();
+    let failures: Vec<&Outcome> = run.outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    let after_kill: Vec<&&Outcome> = failures
+        .iter()
+        .filter(|(sent, _)| *sent > run.killed_at)
+        .collect();
+    assert!(
+        after_kill.is_empty(),
+        "{} requests sent after the upstream died failed (of {} failures, {total} requests); first: {:?}",
+        after_kill.len(),
+        failures.len(),
+        after_kill.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        failures.len() * 20 <= total,
+        "{} of {total} requests failed (more than 5%); first: {:?}",
+        failures.len(),
+        failures.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        run.outcomes[total - 50..]
+            .iter()
+            .all(|(_, r)| r.as_deref() == Ok("b")),
+        "the last 50 requests did not all succeed via b"
+    );
+}
+
+/// An upstream that accepts the gateway's first health check and then refuses every
+/// connection: with a long health-check interval the gateway still thinks it healthy.
+struct ClosesAfterFirstCheck {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClosesAfterFirstCheck {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        ClosesAfterFirstCheck {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    async fn close_after_first_check(self) {
+        let accepted = Arc::clone(&self.accepted);
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let n = accepted.load(Ordering::SeqCst);
+                async move { n >= 1 }
+            })
+            .await,
+            "the first health check never connected"
+        );
+        self.task.abort();
+        let _ = self.task.await;
+        let addr = self.addr;
+        assert!(
+            eventually(Duration::from_secs(5), || async move {
+                TcpStream::connect(addr).await.is_err()
+            })
+            .await,
+            "the port still accepts connections"
+        );
+    }
+}
+
+/// The mechanism behind 4b, deterministically: upstream "a" refuses connections but is
+/// still believed healthy (no health check for 60 s); "b" is fine. Every request must be
+/// served by "b" (found as a bug: refused connects were 502s instead of retries).
+#[tokio::test]
+async fn refused_connect_is_retried_on_the_other_upstream() {
+    let a = ClosesAfterFirstCheck::start().await;
+    let b = Upstream::start("b").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"pair\"\npath_prefix = \"/\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nhealth_check_interval_ms = 60000\n",
+        a.addr, b.addr
+    ));
+    let _gateway = Gateway::start(&config).await;
+    a.close_after_first_check().await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let resp = client
+            .get(format!("{}/n/{i}", config.base_url()))
+            .send()
+            .await
+            .expect("request");
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200; 10], "b could have served every request");
+    assert_eq!(b.count(), 10);
+}
+
+// ---------------------------------------------------------------- 5. concurrent creates
+
+/// 200 creates by the admin from `clients` concurrent clients: 200 distinct ids and keys,
+/// each well-formed and admitted, all listed by the API (in one page and page by page),
+/// and all in the store after a stop; no key leaks.
+async fn two_hundred_creates(clients: usize) {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let mut gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+    let client = client();
+    let mut tasks = Vec::new();
+    for worker in 0..clients {
+        let (client, base) = (client.clone(), gateway.base.clone());
+        let share: Vec<usize> = (0..200).filter(|i| i % clients == worker).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for i in share {
+                results.push(
+                    admin_create(
+                        &client,
+                        &base,
+                        serde_json::json!({"owner": "bulk-owner", "name": format!("bulk-{i}")}),
+                    )
+                    .await,
+                );
+            }
+            results
+        }));
+    }
+    let mut created = Vec::new();
+    let mut errors = Vec::new();
+    for task in tasks {
+        for result in task.await.expect("create task") {
+            match result {
+                Ok(pair) => created.push(pair),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} creates failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    let ids: BTreeSet<&str> = created.iter().map(|(id, _)| id.as_str()).collect();
+    let keys: BTreeSet<&str> = created.iter().map(|(_, key)| key.as_str()).collect();
+    assert_eq!(ids.len(), 200, "duplicate ids");
+    assert_eq!(keys.len(), 200, "duplicate keys");
+    for key in &keys {
+        assert!(is_well_formed(key), "malformed key {key}");
+    }
+
+    // Every key works.
+    let mut checks = Vec::new();
+    for (_, key) in &created {
+        let (client, base, key) = (client.clone(), gateway.base.clone(), key.clone());
+        checks.push(tokio::spawn(async move {
+            proxied_status(&client, &base, &key).await
+        }));
+    }
+    for check in checks {
+        assert_eq!(check.await.expect("check"), Ok(200));
+    }
+
+    // All listed: in one page, and page by page.
+    let list = |query: String| {
+        let client = client.clone();
+        let base = gateway.base.clone();
+        async move {
+            let resp = client
+                .get(format!("{base}/_keygate/keys?{query}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("list");
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.expect("JSON")
+        }
+    };
+    let page = list("limit=1000&owner=bulk-owner".into()).await;
+    let listed: BTreeSet<&str> = page["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|r| {
+            assert!(r.get("key").is_none(), "a listing shows a raw key");
+            r["id"].as_str().expect("id")
+        })
+        .collect();
+    assert_eq!(listed, ids, "the listing differs from the creates");
+    assert!(page["next_cursor"].is_null());
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("limit=64&owner=bulk-owner&cursor={c}"),
+            None => "limit=64&owner=bulk-owner".to_string(),
+        };
+        let page = list(query).await;
+        for r in page["data"].as_array().expect("data") {
+            paged.push(r["id"].as_str().expect("id").to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+        assert!(paged.len() <= 200, "pagination does not end");
+    }
+    assert_eq!(paged.len(), 200, "pages hold {} records", paged.len());
+    assert_eq!(
+        paged.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        ids
+    );
+
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    let records = cli_list(&config, Some("bulk-owner"));
+    let stored: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        stored, ids,
+        "keys list after the stop differs from the creates"
+    );
+    let mut secrets: Vec<String> = created.into_iter().map(|(_, k)| k).collect();
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// 5. 200 creates at once (200 concurrent admin clients).
+///
+/// Found as a bug: a burst of roughly 8 or more simultaneous creates deadlocked sled 0.34.7
+/// (a transaction against `flush_async`; spacejam/sled#1308, #1241) on the proxy worker
+/// threads, and every request hung from then on. Fixed: the sled store writes one at a time
+/// on a blocking thread, with sled's background flusher off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_creates_are_distinct_and_durable() {
+    two_hundred_creates(200).await;
+}
+
+/// 5b. The same 200 creates from 4 concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_creates_from_four_clients_are_distinct_and_durable() {
+    two_hundred_creates(4).await;
+}
+
+// ---------------------------------------------------------------- 6. revoke racing traffic
+
+/// Tasks hammer the proxy with a key while the admin revokes it: no request sent after the
+/// revoke's answer arrived is admitted. Three rounds, three keys, three headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_after_a_revoke_answer_is_admitted() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let mut gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+    let admin = client();
+    let mut secrets = vec![ADMIN.to_string()];
+    for (round, header) in ["x-api-key", "key", "authorization"]
+        .into_iter()
+        .enumerate()
+    {
+        let (id, key) = admin_create(
+            &admin,
+            &gateway.base,
+            serde_json::json!({"owner": "racer", "name": format!("round-{round}")}),
+        )
+        .await
+        .expect("create");
+        secrets.push(key.clone());
+        let value = if header == "authorization" {
+            format!("Bearer {key}")
+        } else {
+            key.clone()
+        };
+        let log: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (log, stop, url, value) = (
+                Arc::clone(&log),
+                Arc::clone(&stop),
+                format!("{}/race", gateway.base),
+                value.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let client = client();
+                while !stop.load(Ordering::SeqCst) {
+                    let sent = Instant::now();
+                    let status = match client.get(&url).header(header, &value).send().await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            let _ = resp.bytes().await;
+                            status
+                        }
+                        Err(_) => 0,
+                    };
+                    log.lock().expect("lock").push((sent, status));
+                }
+            }));
+        }
+        let warmed = eventually(Duration::from_secs(20), || {
+            let ok = log
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(_, s)| *s == 200)
+                .count();
+            async move { ok >= 50 }
+        })
+        .await;
+        assert!(warmed, "round {round}: the key was never admitted");
+        admin_revoke(&admin, &gateway.base, &id)
+            .await
+            .expect("revoke");
+        let answered = Instant::now();
+        let enough = eventually(Duration::from_secs(30), || {
+            let n = log
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(sent, _)| *sent > answered)
+                .count();
+            async move { n >= 200 }
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        for task in tasks {
+            task.await.expect("hammer task");
+        }
+        assert!(enough, "round {round}: too few requests after the revoke");
+        let log = log.lock().expect("lock");
+        let unexpected: Vec<&(Instant, u16)> =
+            log.iter().filter(|(_, s)| *s != 200 && *s != 401).collect();
+        assert!(
+            unexpected.is_empty(),
+            "round {round}: statuses other than 200/401: {unexpected:?}"
+        );
+        let admitted_after: Vec<Duration> = log
+            .iter()
+            .filter(|(sent, s)| *sent > answered && *s == 200)
+            .map(|(sent, _)| *sent - answered)
+            .collect();
+        let after = log.iter().filter(|(sent, _)| *sent > answered).count();
+        eprintln!(
+            "round {round} ({header}): {} requests, {after} sent after the revoke answer",
+            log.len()
+        );
+        assert!(
+            admitted_after.is_empty(),
+            "round {round} ({header}): {} of {after} requests sent after the revoke was answered got 200 (sent that long after it: {:?})",
+            admitted_after.len(),
+            &admitted_after[..admitted_after.len().min(5)]
+        );
+    }
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+// ---------------------------------------------------------------- 7. secrets
+
+/// Keys put everywhere a careless or hostile client might put them: query strings
+/// (admitted and refused), conflicting headers, malformed requests the HTTP layer refuses,
+/// bad JSON, revoke-by-value, a wrong admin token, an upstream timeout. No raw key and not
+/// the admin token appears in the access log, the stderr log, the store, /metrics or any
+/// answer.
+#[tokio::test]
+async fn hostile_traffic_leaks_no_secret() {
+    let upstream = Upstream::start("u").await;
+    let hang = Upstream::start_with("hang", UpstreamMode::Hang).await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nhealth_check_interval_ms = 200\n\
+         [[routes]]\nname = \"hang\"\npath_prefix = \"/hang\"\nupstreams = [\"{}\"]\nread_timeout_ms = 300\nhealth_check_interval_ms = 200\n",
+        upstream.addr, hang.addr
+    ));
+    config.write();
+    let (_, cli_key) = create_key(&config.path(), "alice", &["keys:manage"], None);
+    let mut gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+    let client = client();
+    let (api_id, api_key) = admin_create(
+        &client,
+        &gateway.base,
+        serde_json::json!({"owner": "alice"}),
+    )
+    .await
+    .expect("create");
+    let rotated: serde_json::Value = client
+        .post(format!("{}/_keygate/keys/{api_id}/rotate", gateway.base))
+        .header("x-api-key", &cli_key)
+        .json(&serde_json::json!({"grace_seconds": 60}))
+        .send()
+        .await
+        .expect("rotate")
+        .json()
+        .await
+        .expect("JSON");
+    let rotated_key = rotated["key"].as_str().expect("rotated key").to_string();
+    let mut rng = XorShift(77);
+    let unknown = well_formed_unknown_key(&mut rng);
+    let k = cli_key.as_str();
+    let port = config.listen;
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    let mut send = async |bytes: Vec<u8>| {
+        if let Answer::Response(r) = exchange(port, &bytes, false).await
+            && r.header("x-upstream").is_none()
+        {
+            assert!(
+                r.status < 500 || r.status == 504,
+                "{} {:?}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+            bodies.push(r.body);
+        }
+    };
+    for key in [k, api_key.as_str(), rotated_key.as_str(), unknown.as_str()] {
+        // In the query string: admitted (with a header) and refused (without).
+        send(request(
+            "GET",
+            &format!("/q?api_key={key}&key={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ))
+        .await;
+        send(request("GET", &format!("/q?api_key={key}"), &[], None)).await;
+        send(request(
+            "GET",
+            &format!("/_keygate/keys?owner={key}&cursor={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ))
+        .await;
+        // Conflicting, malformed, mangled.
+        send(request(
+            "GET",
+            "/c",
+            &[h("x-api-key", key), h("key", &api_key)],
+            None,
+        ))
+        .await;
+        send(request(
+            "GET",
+            "/c",
+            &[h("x-api-key", format!("{key}x"))],
+            None,
+        ))
+        .await;
+        send(request(
+            "GET",
+            "/c",
+            &[h("authorization", format!("Basic {key}"))],
+            None,
+        ))
+        .await;
+        // Refused by the HTTP layer: a control character elsewhere, an oversized block.
+        send(request(
+            "GET",
+            "/m",
+            &[h("x-api-key", key), h("x-other", b"a\x01b")],
+            None,
+        ))
+        .await;
+        send(request(
+            "GET",
+            &format!("/m?{key}"),
+            &[h("x-api-key", key), h("x-pad", "p".repeat(1100 * 1024))],
+            None,
+        ))
+        .await;
+        send(format!("GET /m?{key} HTTP/9.9\r\nx-api-key: {key}\r\n\r\n").into_bytes()).await;
+        // Bodies the API refuses.
+        send(request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("{{\"key\": \"{key}\"").as_bytes()),
+        ))
+        .await;
+        send(request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("[\"{key}\"]").as_bytes()),
+        ))
+        .await;
+        send(request(
+            "POST",
+            "/_keygate/keys",
+            &[h("x-api-key", key)],
+            Some(format!("{{\"name\": 5, \"owner\": \"{key}\"}}").as_bytes()),
+        ))
+        .await;
+        // A wrong admin token that looks like the real one.
+        send(request(
+            "GET",
+            "/_keygate/audit",
+            &[h("authorization", format!("Bearer {ADMIN}{key}"))],
+            None,
+        ))
+        .await;
+        // An upstream timeout with the key in a header.
+        send(request("GET", "/hang/slow", &[h("x-api-key", key)], None)).await;
+    }
+    // A leak report: revoke by value.
+    let resp = client
+        .post(format!("{}/_keygate/keys/revoke", gateway.base))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"key": rotated_key}))
+        .send()
+        .await
+        .expect("revoke by value");
+    assert_eq!(resp.status(), 200);
+    bodies.push(resp.bytes().await.expect("body").to_vec());
+    assert!(upstream.count() > 0, "nothing was admitted");
+
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    let secrets = vec![
+        cli_key.clone(),
+        api_key.clone(),
+        rotated_key.clone(),
+        unknown.clone(),
+        ADMIN.to_string(),
+    ];
+    assert_no_secrets(&config, &metrics, &bodies, &secrets);
+}
