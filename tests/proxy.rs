@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::raw::*;
 use common::*;
 
 use std::process::ExitStatus;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -114,112 +115,6 @@ async fn assert_refusal(
         code,
     );
     headers
-}
-
-/// A response read off a raw TCP connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
-    let mut chunk = [0u8; 4096];
-    let n = stream
-        .read(&mut chunk)
-        .await
-        .map_err(|e| format!("read failed: {e}"))?;
-    if n == 0 {
-        return Err(format!(
-            "connection closed; got {:?}",
-            String::from_utf8_lossy(buf)
-        ));
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
-
-/// Reads one response off `stream`, framed by Content-Length or chunked encoding (or, with
-/// neither, by the end of the connection). Err when the connection fails or ends early.
-async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(pos) = find(&buf, b"\r\n\r\n") {
-            break pos + 4;
-        }
-        read_more(stream, &mut buf).await?;
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut rest = buf[head_end..].to_vec();
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let body = if let Some(len) = header("content-length") {
-        let len: usize = len.parse().map_err(|_| format!("content-length {len:?}"))?;
-        while rest.len() < len {
-            read_more(stream, &mut rest).await?;
-        }
-        rest.truncate(len);
-        rest
-    } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
-        let mut body = Vec::new();
-        loop {
-            let line_end = loop {
-                if let Some(pos) = find(&rest, b"\r\n") {
-                    break pos;
-                }
-                read_more(stream, &mut rest).await?;
-            };
-            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| format!("chunk size {size_text:?}"))?;
-            while rest.len() < line_end + 2 + size + 2 {
-                read_more(stream, &mut rest).await?;
-            }
-            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
-            rest.drain(..line_end + 2 + size + 2);
-            if size == 0 {
-                break body;
-            }
-        }
-    } else {
-        let _ = stream.read_to_end(&mut rest).await;
-        rest
-    };
-    Ok(RawResponse {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// Sends `request` byte for byte (reqwest would normalize the path) on a new connection and

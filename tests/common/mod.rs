@@ -3,6 +3,8 @@
 //! temp dir, and helpers for the offline CLI.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
