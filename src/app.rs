@@ -18,19 +18,40 @@ use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::proxy::KeygateProxy;
-use crate::store::{CacheSettings, KeyIndex, KeyStore, SledStore};
+use crate::store::{CacheSettings, KeyIndex, KeyStore, PgStore, SledStore};
 use crate::upstream::{Router, build_route};
 use crate::usage::UsageRecorder;
 
+/// The PostgreSQL connection string, from the environment variable the config names (never
+/// from the file: it may hold a password).
+pub fn database_url(url_env: &str) -> anyhow::Result<String> {
+    std::env::var(url_env)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .with_context(|| {
+            format!("store.url_env names {url_env}, but that environment variable is not set")
+        })
+}
+
 /// Opens the store the configuration names.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
     match &config.store.backend {
         StoreBackend::Sled { path } => {
             let store = SledStore::open(path)
                 .with_context(|| format!("cannot open the sled store at {}", path.display()))?;
             Ok(Arc::new(store))
         }
-        StoreBackend::Postgres { .. } => bail!("the postgres backend is not available yet"),
+        StoreBackend::Postgres {
+            url_env,
+            pool_size,
+            connect_timeout,
+        } => {
+            let url = database_url(url_env)?;
+            let store = PgStore::connect(&url, *pool_size, *connect_timeout)
+                .await
+                .context("cannot open the postgres store")?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
@@ -93,6 +114,26 @@ impl BackgroundService for UsageFlusher {
     }
 }
 
+/// Keeps this instance's cache coherent with revokes and rotations made by other instances
+/// on the same database (LISTEN/NOTIFY; the cache is cleared whenever the listener
+/// reconnects, so a missed notification cannot keep a revoked key alive).
+struct InvalidationListener {
+    url: String,
+    index: Arc<KeyIndex>,
+}
+
+#[async_trait]
+impl BackgroundService for InvalidationListener {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::store::postgres::run_invalidation_listener(
+            self.url.clone(),
+            Arc::clone(&self.index),
+            shutdown,
+        )
+        .await;
+    }
+}
+
 /// Drops the state of rate limits that have fully recovered, bounding their memory.
 struct Housekeeping {
     gateway: Arc<Gateway>,
@@ -130,7 +171,13 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     check_port_free("server.listen", config.server.listen)?;
     check_port_free("server.admin_listen", config.server.admin_listen)?;
 
-    let store = open_store(&config)?;
+    let store = {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a runtime")?;
+        runtime.block_on(open_store(&config))?
+    };
     let index = key_index(&config, Arc::clone(&store));
     let usage = Arc::new(UsageRecorder::new());
     let metrics = Arc::new(Metrics::new());
@@ -190,6 +237,15 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         }),
     ));
 
+    if let StoreBackend::Postgres { url_env, .. } = &config.store.backend {
+        server.add_service(GenBackgroundService::new(
+            "cache invalidation listener".to_string(),
+            Arc::new(InvalidationListener {
+                url: database_url(url_env)?,
+                index: Arc::clone(&index),
+            }),
+        ));
+    }
     server.add_service(GenBackgroundService::new(
         "housekeeping".to_string(),
         Arc::new(Housekeeping {

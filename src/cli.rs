@@ -108,11 +108,11 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn offline_service(config_path: &Path) -> anyhow::Result<KeyService> {
+async fn offline_service(config_path: &Path) -> anyhow::Result<KeyService> {
     let config = Config::load(config_path).map_err(|errors| {
         anyhow::anyhow!("invalid configuration {}:\n{errors}", config_path.display())
     })?;
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let index = key_index(&config, store);
     Ok(KeyService::new(
         index,
@@ -161,7 +161,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 if !errors.is_empty() {
                     bail!("invalid key settings:\n{}", describe(&errors));
                 }
-                let service = offline_service(&config)?;
+                let service = offline_service(&config).await?;
                 let mut scopes = scopes;
                 scopes.sort();
                 scopes.dedup();
@@ -184,7 +184,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 print_json(&view)
             }
             KeysCommand::List { config, owner } => {
-                let service = offline_service(&config)?;
+                let service = offline_service(&config).await?;
                 let mut all = Vec::new();
                 let mut cursor: Option<String> = None;
                 loop {
@@ -204,7 +204,7 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 print_json(&all)
             }
             KeysCommand::Revoke { config, id } => {
-                let service = offline_service(&config)?;
+                let service = offline_service(&config).await?;
                 let Some(record) = service.revoke(&id).await? else {
                     bail!("no key with id {id}");
                 };

@@ -490,10 +490,6 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                     "the postgres backend needs the name of the environment variable holding the connection string",
                 );
             }
-            p.add(
-                "store.backend",
-                "the postgres backend is not available in this build yet; use \"sled\"",
-            );
             StoreBackend::Postgres {
                 url_env,
                 pool_size: p.ranged("store.pool_size", raw.store.pool_size, 1, 1024) as usize,

@@ -2,9 +2,11 @@
 //! shared), and the moka-cached index the request path reads through.
 
 mod cache;
+pub mod postgres;
 mod sled_store;
 
 pub use cache::{CacheSettings, CachedKey, KeyIndex, LookupSource, Resolved};
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 
 use async_trait::async_trait;

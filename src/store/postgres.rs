@@ -1,0 +1,711 @@
+//! The shared store: PostgreSQL through a deadpool pool of tokio-postgres connections, so
+//! that several gateway instances can serve one set of keys.
+//!
+//! Semantics are exactly those of `SledStore` (`tests/store_conformance.rs` runs one suite
+//! against both):
+//! - ids, owners and audit ids are `COLLATE "C"` columns, so listings and cursors use byte
+//!   order exactly as sled does, whatever the database's default collation;
+//! - usage is added by one batched upsert (`count = count + delta`, `last_used = GREATEST`),
+//!   never a read-modify-write, so concurrent flushes from many instances lose nothing;
+//! - revoke and expiry changes notify `keygate_invalidate` with the key's hash in the same
+//!   transaction, and `run_invalidation_listener` turns those notifications into cache
+//!   invalidations on every other instance.
+//!
+//! The schema is created and upgraded by `MIGRATIONS` at start-up, under an advisory lock,
+//! so that instances starting together apply each migration exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use tokio::sync::watch;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::{AuditEntry, KeyIndex, KeyStore, KeyWithUsage, ListQuery, StoreError};
+use crate::keys::{KeyHash, KeyRecord, Usage};
+
+/// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
+pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
+
+/// Advisory lock key held while migrating ("keygate" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
+
+/// The schema, one entry per version (version = index + 1). Append only: an applied
+/// migration is never edited, a change is a new entry.
+const MIGRATIONS: &[&str] = &[
+    // 1: keys (the record as JSON, plus the columns look-ups and listings need), usage
+    // totals, the audit log. Only the SHA-256 of a key is ever stored, never the key.
+    r#"
+    CREATE TABLE keys (
+        id text COLLATE "C" PRIMARY KEY,
+        hash bytea NOT NULL UNIQUE CHECK (octet_length(hash) = 32),
+        owner text COLLATE "C" NOT NULL,
+        record jsonb NOT NULL
+    );
+    CREATE INDEX keys_owner_id ON keys (owner, id);
+    CREATE TABLE usage (
+        key_id text COLLATE "C" PRIMARY KEY REFERENCES keys (id),
+        count bigint NOT NULL,
+        last_used bigint NOT NULL
+    );
+    CREATE TABLE audit (
+        id text COLLATE "C" PRIMARY KEY,
+        entry jsonb NOT NULL
+    );
+    "#,
+];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+/// An error with its whole chain of causes: tokio-postgres's own `Display` says only
+/// "db error" and keeps the server's message in the source. None of these texts carry the
+/// connection string (which may hold a password).
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Io(format!("PostgreSQL: {}", describe(&e)))
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(e: PoolError) -> Self {
+        let text = match &e {
+            PoolError::Backend(inner) => describe(inner),
+            other => other.to_string(),
+        };
+        StoreError::Io(format!("PostgreSQL connection pool: {text}"))
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn decode_record(row: &Row, column: usize) -> Result<KeyRecord, StoreError> {
+    row.try_get::<_, Json<KeyRecord>>(column)
+        .map(|json| json.0)
+        .map_err(|e| corrupt(format!("stored key record: {}", describe(&e))))
+}
+
+/// `count` and `last_used` columns of a LEFT JOIN with `usage` (NULL = never used).
+fn decode_usage(row: &Row, count: usize, last_used: usize) -> Result<Usage, StoreError> {
+    let stored_count: Option<i64> = row.try_get(count).map_err(corrupt)?;
+    let stored_last: Option<i64> = row.try_get(last_used).map_err(corrupt)?;
+    Ok(Usage {
+        count: u64::try_from(stored_count.unwrap_or(0)).map_err(corrupt)?,
+        last_used: stored_last.unwrap_or(0),
+    })
+}
+
+fn decode_key_with_usage(row: &Row) -> Result<KeyWithUsage, StoreError> {
+    Ok(KeyWithUsage {
+        record: decode_record(row, 0)?,
+        usage: decode_usage(row, 1, 2)?,
+    })
+}
+
+/// PostgreSQL text cannot hold NUL, so no stored id, owner or audit id contains one. Look-ups
+/// by such a value find nothing (as in sled) instead of failing.
+fn has_nul(text: &str) -> bool {
+    text.contains('\0')
+}
+
+/// The part before the first NUL. For strings without NUL, `s > cursor` holds exactly when
+/// `s > before_nul(cursor)`, and `s < cursor` exactly when `s <= before_nul(cursor)`.
+fn before_nul(text: &str) -> &str {
+    text.split('\0').next().unwrap_or_default()
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Connects a pool of up to `pool_size` connections and brings the schema up to date.
+    /// `connect_timeout` bounds connecting and waiting for a free pooled connection.
+    pub async fn connect(
+        url: &str,
+        pool_size: usize,
+        connect_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Io(format!("PostgreSQL connection URL: {}", describe(&e))))?;
+        config.connect_timeout(connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("keygate");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(connect_timeout))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Io(format!("PostgreSQL connection pool: {e}")))?;
+        let store = PgStore { pool };
+        let mut client = store.client().await?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Rewrites one record under a row lock; `change` returns false to leave it as is. In
+    /// the same transaction, notifies `keygate_invalidate` with the key's hash, so that other
+    /// instances drop their cached copy exactly when the change commits. The notification
+    /// is sent whenever the key exists, changed or not: harmless, and it also flushes a
+    /// cache that should not have held the key.
+    async fn update_record<F>(&self, id: &str, change: F) -> Result<Option<KeyRecord>, StoreError>
+    where
+        F: Fn(&mut KeyRecord) -> bool + Send,
+    {
+        if has_nul(id) {
+            return Ok(None);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // NO KEY UPDATE, not UPDATE: it does not wait for usage upserts holding KEY SHARE
+        // locks on the row through the foreign key.
+        let select = tx
+            .prepare_cached("SELECT record, hash FROM keys WHERE id = $1 FOR NO KEY UPDATE")
+            .await?;
+        let Some(row) = tx.query_opt(&select, &[&id]).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let mut record = decode_record(&row, 0)?;
+        let hash_bytes: &[u8] = row.try_get(1).map_err(corrupt)?;
+        let hash = KeyHash(
+            hash_bytes
+                .try_into()
+                .map_err(|_| corrupt("stored key hash is not 32 bytes"))?,
+        );
+        if change(&mut record) {
+            let update = tx
+                .prepare_cached("UPDATE keys SET record = $2 WHERE id = $1")
+                .await?;
+            tx.execute(&update, &[&id, &Json(&record)]).await?;
+        }
+        let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+        tx.execute(&notify, &[&INVALIDATION_CHANNEL, &hash.to_hex()])
+            .await?;
+        tx.commit().await?;
+        Ok(Some(record))
+    }
+}
+
+/// Applies every migration not applied yet, each in its own transaction holding the
+/// migration advisory lock, so that instances starting at once wait for each other.
+async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    for (index, sql) in MIGRATIONS.iter().enumerate() {
+        let version = index as i32 + 1;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS keygate_schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+        let applied = tx
+            .query_opt(
+                "SELECT 1 FROM keygate_schema_migrations WHERE version = $1",
+                &[&version],
+            )
+            .await?
+            .is_some();
+        if !applied {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO keygate_schema_migrations (version, applied_at) VALUES ($1, now())",
+                &[&version],
+            )
+            .await?;
+            tracing::info!(version, "applied PostgreSQL schema migration");
+        }
+        tx.commit().await?;
+    }
+    let newest: Option<i32> = client
+        .query_one("SELECT max(version) FROM keygate_schema_migrations", &[])
+        .await?
+        .try_get(0)
+        .map_err(corrupt)?;
+    if newest.is_some_and(|v| v > SCHEMA_VERSION) {
+        tracing::warn!(
+            database = newest,
+            known = SCHEMA_VERSION,
+            "the PostgreSQL schema is newer than this build knows; running on it anyway"
+        );
+    }
+    Ok(())
+}
+
+const SELECT_WITH_USAGE: &str = "SELECT k.record, u.count, u.last_used \
+     FROM keys k LEFT JOIN usage u ON u.key_id = k.id";
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let hash = record
+            .key_hash()
+            .ok_or_else(|| corrupt("record without a valid hash"))?;
+        if has_nul(&record.id) || has_nul(&record.owner) {
+            return Err(StoreError::Io(
+                "PostgreSQL cannot store a NUL character in a key id or owner".to_string(),
+            ));
+        }
+        let client = self.client().await?;
+        // Without a conflict target, DO NOTHING covers both the id and the hash.
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO keys (id, hash, owner, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let inserted = client
+            .execute(
+                &insert,
+                &[&record.id, &&hash.0[..], &record.owner, &Json(record)],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(StoreError::Duplicate);
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError> {
+        if has_nul(id) {
+            return Ok(None);
+        }
+        let client = self.client().await?;
+        let select = client
+            .prepare_cached(&format!("{SELECT_WITH_USAGE} WHERE k.id = $1"))
+            .await?;
+        match client.query_opt(&select, &[&id]).await? {
+            Some(row) => Ok(Some(decode_key_with_usage(&row)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let client = self.client().await?;
+        let select = client
+            .prepare_cached("SELECT record FROM keys WHERE hash = $1")
+            .await?;
+        match client.query_opt(&select, &[&&hash.0[..]]).await? {
+            Some(row) => Ok(Some(decode_record(&row, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
+        if query.limit == 0 || query.owner.is_some_and(has_nul) {
+            return Ok(Vec::new());
+        }
+        let limit = sql_limit(query.limit);
+        let after = query.after.map(before_nul);
+        // One statement per shape rather than `$1 IS NULL OR ...`, so that each plan can
+        // use the (owner, id) index or the primary key.
+        let (sql, params): (String, Vec<&(dyn ToSql + Sync)>) = match (&query.owner, &after) {
+            (Some(owner), Some(after)) => (
+                format!(
+                    "{SELECT_WITH_USAGE} WHERE k.owner = $1 AND k.id > $2 ORDER BY k.id LIMIT $3"
+                ),
+                vec![owner, after, &limit],
+            ),
+            (Some(owner), None) => (
+                format!("{SELECT_WITH_USAGE} WHERE k.owner = $1 ORDER BY k.id LIMIT $2"),
+                vec![owner, &limit],
+            ),
+            (None, Some(after)) => (
+                format!("{SELECT_WITH_USAGE} WHERE k.id > $1 ORDER BY k.id LIMIT $2"),
+                vec![after, &limit],
+            ),
+            (None, None) => (
+                format!("{SELECT_WITH_USAGE} ORDER BY k.id LIMIT $1"),
+                vec![&limit],
+            ),
+        };
+        let client = self.client().await?;
+        let select = client.prepare_cached(&sql).await?;
+        client
+            .query(&select, &params)
+            .await?
+            .iter()
+            .map(decode_key_with_usage)
+            .collect()
+    }
+
+    async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, move |record| {
+            if record.revoked_at.is_some() {
+                return false;
+            }
+            record.revoked_at = Some(at);
+            true
+        })
+        .await
+    }
+
+    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, move |record| match record.expires_at {
+            Some(existing) if existing <= expires_at => false,
+            _ => {
+                record.expires_at = Some(expires_at);
+                true
+            }
+        })
+        .await
+    }
+
+    async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(deltas.len());
+        let mut counts = Vec::with_capacity(deltas.len());
+        let mut last_used = Vec::with_capacity(deltas.len());
+        // A key id with NUL cannot exist: like any unknown key's, its delta is dropped.
+        for (id, delta) in deltas.iter().filter(|(id, _)| !has_nul(id)) {
+            ids.push(id.as_str());
+            counts.push(
+                i64::try_from(delta.count)
+                    .map_err(|_| corrupt(format!("usage delta for {id} out of range")))?,
+            );
+            last_used.push(delta.last_used);
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        // One statement, one transaction. Deltas of one id are summed first (an upsert may
+        // touch a row only once), rows are locked in id order (no deadlock between
+        // concurrent batches), and deltas of unknown keys are dropped (the foreign key
+        // would refuse them; sled keeps them where nothing ever reads them).
+        let upsert = client
+            .prepare_cached(
+                "INSERT INTO usage (key_id, count, last_used) \
+                 SELECT d.key_id, sum(d.count)::bigint, max(d.last_used) \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
+                 AS d(key_id, count, last_used) \
+                 WHERE EXISTS (SELECT 1 FROM keys k WHERE k.id = d.key_id) \
+                 GROUP BY d.key_id \
+                 ORDER BY d.key_id COLLATE \"C\" \
+                 ON CONFLICT (key_id) DO UPDATE SET \
+                 count = usage.count + EXCLUDED.count, \
+                 last_used = GREATEST(usage.last_used, EXCLUDED.last_used)",
+            )
+            .await?;
+        client
+            .execute(&upsert, &[&ids, &counts, &last_used])
+            .await?;
+        Ok(())
+    }
+
+    async fn count(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let select = client.prepare_cached("SELECT count(*) FROM keys").await?;
+        let count: i64 = client
+            .query_one(&select, &[])
+            .await?
+            .try_get(0)
+            .map_err(corrupt)?;
+        u64::try_from(count).map_err(corrupt)
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        // Same id again replaces the entry, as sled's insert does.
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO audit (id, entry) VALUES ($1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET entry = EXCLUDED.entry",
+            )
+            .await?;
+        client.execute(&insert, &[&entry.id, &Json(entry)]).await?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = sql_limit(limit);
+        let client = self.client().await?;
+        let rows = match before {
+            Some(before) if has_nul(before) => {
+                let select = client
+                    .prepare_cached(
+                        "SELECT entry FROM audit WHERE id <= $1 ORDER BY id DESC LIMIT $2",
+                    )
+                    .await?;
+                client
+                    .query(&select, &[&before_nul(before), &limit])
+                    .await?
+            }
+            Some(before) => {
+                let select = client
+                    .prepare_cached(
+                        "SELECT entry FROM audit WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                    )
+                    .await?;
+                client.query(&select, &[&before, &limit]).await?
+            }
+            None => {
+                let select = client
+                    .prepare_cached("SELECT entry FROM audit ORDER BY id DESC LIMIT $1")
+                    .await?;
+                client.query(&select, &[&limit]).await?
+            }
+        };
+        rows.iter()
+            .map(|row| {
+                row.try_get::<_, Json<AuditEntry>>(0)
+                    .map(|json| json.0)
+                    .map_err(|e| corrupt(format!("stored audit entry: {}", describe(&e))))
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.batch_execute("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+const LISTENER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const LISTENER_MAX_BACKOFF: Duration = Duration::from_secs(2);
+const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A silently dead connection (no RST) would miss notifications forever: probe it.
+const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
+const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keeps `index` coherent with revokes and expiry changes made by other instances: one
+/// dedicated connection `LISTEN`s on `keygate_invalidate` and invalidates each hash it is
+/// told about. Whenever notifications may have been missed (the connection dropped, or a
+/// new `LISTEN` just started) the whole cache is cleared, so a missed notification can
+/// never keep a revoked key alive. Reconnects with backoff (up to 2 s) until `shutdown`
+/// turns true or its sender is dropped.
+pub async fn run_invalidation_listener(
+    url: String,
+    index: Arc<KeyIndex>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut config: tokio_postgres::Config = match url.parse() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(
+                error = %describe(&e),
+                "invalid PostgreSQL URL: cross-instance cache invalidation is off"
+            );
+            stopped(&mut shutdown).await;
+            return;
+        }
+    };
+    if config.get_application_name().is_none() {
+        config.application_name("keygate-invalidation-listener");
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(LISTENER_CONNECT_TIMEOUT);
+    }
+    let mut backoff = LISTENER_FIRST_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match listen_until_lost(&config, &index, &mut shutdown, &mut backoff).await {
+            Listening::Shutdown => return,
+            Listening::Lost(reason) => {
+                index.clear();
+                tracing::warn!(
+                    reason = %reason,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "invalidation listener lost PostgreSQL; key cache cleared"
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        backoff = (backoff * 2).min(LISTENER_MAX_BACKOFF);
+    }
+}
+
+/// Resolves once `shutdown` is true or its sender is gone. (The guard `wait_for` returns
+/// is not `Send`: it must not live in a `select!` whose branches await.)
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+enum Listening {
+    Shutdown,
+    Lost(String),
+}
+
+/// Applies one notification. A payload that is not a key hash is from something this
+/// build does not understand: clear everything rather than guess.
+fn apply_notification(index: &KeyIndex, payload: &str) {
+    match KeyHash::from_hex(payload) {
+        Some(hash) => index.invalidate(&hash),
+        None => {
+            tracing::warn!(
+                payload,
+                "unexpected invalidation payload; key cache cleared"
+            );
+            index.clear();
+        }
+    }
+}
+
+async fn listen_until_lost(
+    config: &tokio_postgres::Config,
+    index: &Arc<KeyIndex>,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Listening {
+    let connecting = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, config.connect(NoTls));
+    let (client, mut connection) = tokio::select! {
+        connected = connecting => match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Listening::Lost(describe(&e)),
+            Err(_) => return Listening::Lost("timed out connecting".to_string()),
+        },
+        _ = stopped(shutdown) => return Listening::Shutdown,
+    };
+    // The connection task reads every message: responses for `client` and notifications.
+    let driver_index = Arc::clone(index);
+    let mut driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == INVALIDATION_CHANNEL => {
+                    apply_notification(&driver_index, n.payload());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return describe(&e),
+                None => return "connection closed".to_string(),
+            }
+        }
+    });
+    let abort = driver.abort_handle();
+    let _abort_on_return = AbortOnDrop(abort);
+
+    let listen = format!("LISTEN {INVALIDATION_CHANNEL}");
+    match tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, client.batch_execute(&listen)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Listening::Lost(describe(&e)),
+        Err(_) => return Listening::Lost("timed out starting LISTEN".to_string()),
+    }
+    // Anything revoked before the LISTEN took effect was not notified to us.
+    index.clear();
+    *backoff = LISTENER_FIRST_BACKOFF;
+    tracing::info!(
+        channel = INVALIDATION_CHANNEL,
+        "invalidation listener connected"
+    );
+
+    let mut heartbeat = tokio::time::interval(LISTENER_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = stopped(shutdown) => return Listening::Shutdown,
+            ended = &mut driver => {
+                return Listening::Lost(ended.unwrap_or_else(|e| e.to_string()));
+            }
+            _ = heartbeat.tick() => {
+                match tokio::time::timeout(
+                    LISTENER_HEARTBEAT_TIMEOUT,
+                    client.batch_execute("SELECT 1"),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Listening::Lost(describe(&e)),
+                    Err(_) => return Listening::Lost("heartbeat timed out".to_string()),
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one() {
+        assert_eq!(SCHEMA_VERSION as usize, MIGRATIONS.len());
+        assert!(MIGRATIONS.iter().all(|sql| !sql.trim().is_empty()));
+    }
+
+    #[tokio::test]
+    async fn connection_errors_do_not_reveal_the_url() {
+        // Nothing listens on port 1: the error is about connecting, not about the URL.
+        let url = "postgres://keygate:sup3rs3cret@127.0.0.1:1/keygate_db";
+        let Err(error) = PgStore::connect(url, 2, Duration::from_secs(2)).await else {
+            panic!("connected to port 1");
+        };
+        let text = error.to_string();
+        assert!(matches!(error, StoreError::Io(_)), "{text}");
+        assert!(!text.contains("sup3rs3cret"), "{text}");
+        assert!(!text.contains("keygate_db"), "{text}");
+        assert!(text.contains("connect"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn malformed_urls_do_not_echo_their_values() {
+        let url = "postgres://keygate:sup3rs3cret@127.0.0.1:notaport/db";
+        let Err(error) = PgStore::connect(url, 2, Duration::from_secs(2)).await else {
+            panic!("accepted a malformed URL");
+        };
+        let text = error.to_string();
+        assert!(!text.contains("sup3rs3cret"), "{text}");
+        assert!(text.contains("port"), "{text}");
+    }
+}
