@@ -849,6 +849,13 @@ upstreams = ["127.0.0.1:3000"]
     }
 
     #[test]
+    fn shipped_postgres_config_is_valid() {
+        let text = include_str!("../config/keygate-postgres.toml");
+        let config = Config::parse(text).expect("config/keygate-postgres.toml must validate");
+        assert!(matches!(config.store.backend, StoreBackend::Postgres { .. }));
+    }
+
+    #[test]
     fn every_unknown_field_is_reported_with_its_path() {
         let p = problems(
             r#"
