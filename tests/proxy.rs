@@ -1031,3 +1031,48 @@ async fn upstream_failure_responses_keep_their_connection_promise() {
         );
     }
 }
+
+/// `health_check_path` makes the health check an HTTP `GET` that must answer 200: an
+/// upstream that accepts connections but fails its health path is taken out of rotation,
+/// while a healthy one on the same kind of check keeps serving.
+#[tokio::test]
+async fn http_health_checks_take_out_an_upstream_that_fails_its_health_path() {
+    let sick = Upstream::start_with("sick", UpstreamMode::FailingHealthPath).await;
+    let well = Upstream::start("well").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"sick\"\npath_prefix = \"/sick\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhealth_check_path = \"/health\"\nhealth_check_interval_ms = 200\n\
+         [[routes]]\nname = \"well\"\npath_prefix = \"/well\"\nupstreams = [\"{}\"]\nauth = \"none\"\nhealth_check_path = \"/health\"\nhealth_check_interval_ms = 200\n",
+        sick.addr, well.addr
+    ));
+    let gateway = Gateway::start(&config).await;
+    let c = client();
+    let sick_url = format!("{}/sick/x", gateway.base);
+    let taken_out = eventually(Duration::from_secs(5), || {
+        let c = c.clone();
+        let url = sick_url.clone();
+        async move {
+            match c.get(&url).send().await {
+                Ok(resp) => error_code(resp).await == (503, "no_healthy_upstream".to_string()),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        taken_out,
+        "the upstream failing GET /health was never taken out"
+    );
+    assert!(
+        sick.seen()
+            .iter()
+            .any(|s| s.path_and_query == "/health" && s.method == "GET"),
+        "the health check is an HTTP GET of the configured path"
+    );
+    let resp = c
+        .get(format!("{}/well/x", gateway.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(well.seen().iter().any(|s| s.path_and_query == "/health"));
+}

@@ -1001,7 +1001,7 @@ mod postgres_only {
         // Nothing was revoked, yet the entry goes: notifications may have been missed.
         let cleared = wait_uncached(&index, &hash_of(&untouched), Duration::from_secs(5))
             .await
-            .expect("the cache is cleared on connection loss");
+            .expect("the cache is cleared once the listener is back after a connection loss");
         println!(
             "cache cleared {:?} after the listener's connection was killed",
             cleared - killed

@@ -553,11 +553,13 @@ pub async fn run_invalidation_listener(
         match listen_until_lost(&config, &index, &mut shutdown, &mut backoff).await {
             Listening::Shutdown => return,
             Listening::Lost(reason) => {
-                index.clear();
+                // The cache is kept while the database is away (cached keys keep working,
+                // contract section 4); it is cleared once LISTEN is back, which covers every
+                // notification missed in between.
                 tracing::warn!(
                     reason = %reason,
                     retry_in_ms = backoff.as_millis() as u64,
-                    "invalidation listener lost PostgreSQL; key cache cleared"
+                    "invalidation listener lost PostgreSQL; the cache is cleared when it reconnects"
                 );
             }
         }

@@ -68,6 +68,8 @@ pub enum UpstreamMode {
     Ok,
     /// Accepts the request and never answers.
     Hang,
+    /// 503 to `GET /health` (a failing HTTP health check), 200 to everything else.
+    FailingHealthPath,
 }
 
 /// A tiny HTTP/1.1 upstream on loopback that records every request it receives.
@@ -127,9 +129,16 @@ impl Upstream {
                             if mode == UpstreamMode::Hang {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                             }
+                            let status = if mode == UpstreamMode::FailingHealthPath
+                                && path_and_query == "/health"
+                            {
+                                503
+                            } else {
+                                200
+                            };
                             Ok::<_, Infallible>(
                                 Response::builder()
-                                    .status(200)
+                                    .status(status)
                                     .header("x-upstream", name.as_str())
                                     .body(Full::new(Bytes::from(format!(
                                         "upstream {name} {path_and_query}"
