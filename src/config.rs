@@ -188,6 +188,7 @@ struct RawRoute {
     strip_prefix: bool,
     tls: bool,
     sni: Option<String>,
+    ca_file: Option<String>,
     connect_timeout_ms: i64,
     read_timeout_ms: i64,
     write_timeout_ms: i64,
@@ -208,6 +209,7 @@ impl Default for RawRoute {
             strip_prefix: false,
             tls: false,
             sni: None,
+            ca_file: None,
             connect_timeout_ms: 2_000,
             read_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
@@ -324,6 +326,8 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     pub tls: bool,
     pub sni: String,
+    /// DER certificates to trust for this route's upstreams instead of the system roots.
+    pub ca_certificates: Option<Vec<Vec<u8>>>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -718,6 +722,20 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                     .unwrap_or_default(),
                 (None, false) => String::new(),
             };
+            let ca_certificates = match (&route.ca_file, route.tls) {
+                (Some(_), false) => {
+                    p.add(at("ca_file"), "only used when tls = true");
+                    None
+                }
+                (Some(path), true) => match load_ca_file(path) {
+                    Ok(certs) => Some(certs),
+                    Err(reason) => {
+                        p.add(at("ca_file"), reason);
+                        None
+                    }
+                },
+                (None, _) => None,
+            };
             if let Some(path) = &route.health_check_path
                 && !path.starts_with('/')
             {
@@ -767,6 +785,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 strip_prefix: route.strip_prefix,
                 tls: route.tls,
                 sni,
+                ca_certificates,
                 health_check_path: route.health_check_path,
                 rate_limit,
             }
@@ -798,6 +817,24 @@ fn resolve(name: &str) -> Result<SocketAddr, String> {
             .ok_or_else(|| format!("`{name}` resolves to no address")),
         Err(e) => Err(format!("`{name}` cannot be resolved: {e}")),
     }
+}
+
+/// Reads PEM certificates and checks each parses as X.509 (Pingora's TLS layer would panic
+/// on one that does not).
+fn load_ca_file(path: &str) -> Result<Vec<Vec<u8>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut certs = Vec::new();
+    for cert in rustls_pemfile::certs(&mut reader) {
+        let der = cert.map_err(|e| format!("{path} is not valid PEM: {e}"))?;
+        x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| format!("{path} holds a certificate that does not parse: {e}"))?;
+        certs.push(der.as_ref().to_vec());
+    }
+    if certs.is_empty() {
+        return Err(format!("{path} holds no PEM certificate"));
+    }
+    Ok(certs)
 }
 
 /// Scope grammar of the contract: `[a-z0-9:._-]{1,64}`.
@@ -852,7 +889,10 @@ upstreams = ["127.0.0.1:3000"]
     fn shipped_postgres_config_is_valid() {
         let text = include_str!("../config/keygate-postgres.toml");
         let config = Config::parse(text).expect("config/keygate-postgres.toml must validate");
-        assert!(matches!(config.store.backend, StoreBackend::Postgres { .. }));
+        assert!(matches!(
+            config.store.backend,
+            StoreBackend::Postgres { .. }
+        ));
     }
 
     #[test]
@@ -929,6 +969,33 @@ sni = "example.com"
         assert!(has(&problems(&text), "store.url_env"));
         let text = format!("[store]\nbackend = \"etcd\"\n{MINIMAL}");
         assert!(has(&problems(&text), "store.backend"));
+    }
+
+    #[test]
+    fn ca_file_problems_are_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here").expect("write");
+        let route = |extra: &str| {
+            format!("[[routes]]\nname = \"a\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n")
+        };
+        for extra in [
+            "ca_file = \"/no/such/file.pem\"\ntls = true".to_string(),
+            format!("ca_file = \"{}\"\ntls = true", garbage.display()),
+            format!("ca_file = \"{}\"\ntls = true", empty.display()),
+            format!("ca_file = \"{}\"", empty.display()),
+        ] {
+            assert!(
+                has(&problems(&route(&extra)), "routes[0].ca_file"),
+                "{extra}"
+            );
+        }
     }
 
     #[test]

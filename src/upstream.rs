@@ -8,12 +8,16 @@ use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::prelude::HttpPeer;
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{WrappedX509, parse_x509};
 
 use crate::config::{AuthMode, RouteConfig};
 
 pub struct Route {
     pub config: RouteConfig,
     pub balancer: Arc<LoadBalancer<RoundRobin>>,
+    /// The route's own trust roots (`ca_file`), shared by every peer.
+    trust: Option<Arc<CaType>>,
 }
 
 impl Route {
@@ -46,6 +50,7 @@ impl Route {
         options.read_timeout = Some(self.config.read_timeout);
         options.write_timeout = Some(self.config.write_timeout);
         options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        options.ca = self.trust.clone();
         Some((Box::new(peer), addr))
     }
 
@@ -85,6 +90,14 @@ impl Route {
 /// Builds a route's balancer. The caller must also run it as a background service, or
 /// its health checks never run.
 pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
+    // Each certificate was checked to parse when the config was loaded.
+    let trust: Option<Arc<CaType>> = config.ca_certificates.as_ref().map(|certs| {
+        certs
+            .iter()
+            .map(|der| WrappedX509::new(der.clone(), parse_x509))
+            .collect::<Vec<_>>()
+            .into()
+    });
     let mut balancer =
         LoadBalancer::<RoundRobin>::try_from_iter(config.upstreams.iter().map(|u| u.addr))?;
     match &config.health_check_path {
@@ -97,6 +110,7 @@ pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
             let mut check = HttpHealthCheck::new(&host, config.tls);
             if config.tls {
                 check.peer_template.sni = config.sni.clone();
+                check.peer_template.options.ca = trust.clone();
             }
             check.peer_template.options.connection_timeout = Some(config.connect_timeout);
             let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
@@ -115,6 +129,7 @@ pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
                 TcpHealthCheck::new()
             };
             check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            check.peer_template.options.ca = trust.clone();
             balancer.set_health_check(check);
         }
     }
@@ -123,6 +138,7 @@ pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
     Ok(Route {
         config,
         balancer: Arc::new(balancer),
+        trust,
     })
 }
 
