@@ -2,6 +2,7 @@
 //!
 //!   direct to the upstream | keygate, auth = "none" | keygate, one valid key |
 //!   keygate, random invalid keys | keygate, 100k distinct valid keys |
+//!   keygate on PostgreSQL (valid key, warm cache), when PostgreSQL is installed |
 //!   nginx with a `map $http_x_api_key` check (valid key, and its 401 to invalid keys),
 //!   when nginx is installed
 //!
@@ -23,9 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keygate::keys::{KeyFormat, KeyRecord};
-use keygate::store::SledStore;
+use keygate::store::{KeyStore, PgStore, SledStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+#[path = "../tests/pg/mod.rs"]
+mod pg;
 
 const DISTINCT_KEYS: usize = 100_000;
 const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
@@ -288,8 +292,15 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
+/// The [store] table of a sled gateway whose store lives in `dir`.
+fn sled_store(dir: &Path) -> String {
+    format!("path = \"{}\"", dir.join("store").display())
+}
+
 fn start_keygate(
     dir: &Path,
+    store: &str,
+    env: &[(&str, &str)],
     upstream: SocketAddr,
     listen: u16,
     admin: u16,
@@ -304,7 +315,7 @@ shutdown_grace_seconds = 0
 access_log = "off"
 
 [store]
-path = "{store}"
+{store}
 
 [[routes]]
 name = "open"
@@ -316,14 +327,14 @@ auth = "none"
 name = "api"
 path_prefix = "/"
 upstreams = ["{upstream}"]
-"#,
-        store = dir.join("store").display()
+"#
     );
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["serve", "--config", path.to_str().expect("path")])
         .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -387,6 +398,16 @@ http {{
         .ok()?;
     wait_for_port(listen, "nginx");
     Some(Gateway { child })
+}
+
+fn pg_binaries_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|versions| {
+            versions
+                .flatten()
+                .any(|v| v.path().join("bin/initdb").exists())
+        })
+        .unwrap_or(false)
 }
 
 fn wrk_available() -> bool {
@@ -490,7 +511,15 @@ fn main() {
 
     let (listen, admin) = (free_port(), free_port());
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
-    let gateway = start_keygate(dir.path(), upstream, listen, admin, threads);
+    let gateway = start_keygate(
+        dir.path(),
+        &sled_store(dir.path()),
+        &[],
+        upstream,
+        listen,
+        admin,
+        threads,
+    );
     if cores > 1 {
         pin(gateway.child.id(), server_core);
     }
@@ -509,6 +538,39 @@ fn main() {
         pin(n.child.id(), server_core);
     }
     let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
+
+    // The same gateway on PostgreSQL, when the server binaries are installed (.ci/setup).
+    let pg_port = free_port();
+    let pg_dir = dir.path().join("pg-gateway");
+    std::fs::create_dir_all(&pg_dir).expect("pg gateway dir");
+    let pg_gateway = if wanted("postgres") && pg_binaries_installed() {
+        let url = pg::fresh_database();
+        runtime.block_on(async {
+            let store = PgStore::connect(&url, 2, Duration::from_secs(5))
+                .await
+                .expect("connect to PostgreSQL");
+            store
+                .insert(&KeyRecord::for_key(&format, &valid[0], "bench", 0))
+                .await
+                .expect("insert the valid key");
+        });
+        let gateway = start_keygate(
+            &pg_dir,
+            "backend = \"postgres\"\nurl_env = \"KEYGATE_DATABASE_URL\"",
+            &[("KEYGATE_DATABASE_URL", url.as_str())],
+            upstream,
+            pg_port,
+            free_port(),
+            threads,
+        );
+        if cores > 1 {
+            pin(gateway.child.id(), server_core);
+        }
+        Some(gateway)
+    } else {
+        None
+    };
+    let pg_addr: SocketAddr = ([127, 0, 0, 1], pg_port).into();
 
     type Row = (&'static str, &'static str, SocketAddr, Vec<Vec<u8>>);
     let mut rows: Vec<Row> = vec![
@@ -549,6 +611,14 @@ fn main() {
                 .collect(),
         ),
     ];
+    if pg_gateway.is_some() {
+        rows.push((
+            "postgres",
+            "keygate on PostgreSQL, one valid key (warm cache)",
+            pg_addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ));
+    }
     if nginx.is_some() {
         rows.push((
             "nginx-valid",
@@ -630,7 +700,7 @@ fn main() {
     );
     for (name, label, rps, p50, p99, statuses) in &results {
         let vs_nginx = match *name {
-            "valid" | "distinct" => nginx_valid.map(|n| rps / n),
+            "valid" | "distinct" | "postgres" => nginx_valid.map(|n| rps / n),
             "invalid" => nginx_invalid.map(|n| rps / n),
             _ => None,
         }
@@ -647,5 +717,6 @@ fn main() {
         rss_kib(gateway.child.id()) / 1024
     );
     drop(nginx);
+    drop(pg_gateway);
     drop(gateway);
 }
