@@ -13,7 +13,8 @@
 //!
 //! Environment: LOAD_SECONDS (default 5), LOAD_CONNECTIONS (default 32),
 //! LOAD_ROWS (comma-separated row names to run; default all), LOAD_WRK=1 to drive the
-//! single-header rows with wrk instead (when wrk is installed).
+//! single-header rows with wrk instead (when wrk is installed), LOAD_SCALE=1 for the scale
+//! check instead (1 million keys: start-up, RSS, durable creates).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -465,7 +466,105 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `LOAD_SCALE=1`: a gateway on a sled store of 1 million keys: time from start to a
+/// healthy admin endpoint, RSS, one look-up; then durable creates through the API.
+fn scale_check() {
+    const KEYS: usize = 1_000_000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let format = KeyFormat::new("kg");
+    let mut sample = String::new();
+    {
+        let store = SledStore::open(&dir.path().join("store")).expect("store");
+        let started = Instant::now();
+        let mut batch = Vec::with_capacity(10_000);
+        for i in 0..KEYS {
+            let key = format.generate().expect("rng");
+            if i == KEYS / 2 {
+                sample = key.clone();
+            }
+            batch.push(KeyRecord::for_key(
+                &format,
+                &key,
+                &format!("owner{}", i % 1000),
+                0,
+            ));
+            if batch.len() == batch.capacity() {
+                runtime.block_on(store.import(&batch)).expect("import");
+                batch.clear();
+            }
+        }
+        runtime.block_on(store.import(&batch)).expect("import");
+        println!(
+            "imported {KEYS} keys in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let upstream_listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("upstream");
+    let upstream = upstream_listener.local_addr().expect("addr");
+    runtime.spawn(run_upstream(upstream_listener));
+    let (listen, admin) = (free_port(), free_port());
+    let admin_token = "scale-check-admin-token";
+    let started = Instant::now();
+    let gateway = start_keygate(
+        dir.path(),
+        &sled_store(dir.path()),
+        &[("KEYGATE_ADMIN_TOKEN", admin_token)],
+        upstream,
+        listen,
+        admin,
+        2,
+    );
+    let startup = started.elapsed();
+    let rss_at_start = rss_kib(gateway.child.id());
+    let status = runtime.block_on(async {
+        let mut stream = TcpStream::connect(("127.0.0.1", listen))
+            .await
+            .expect("connect");
+        let mut buf = Vec::new();
+        stream
+            .write_all(&request("/x", &[("x-api-key", &sample)]))
+            .await
+            .expect("write");
+        read_response(&mut stream, &mut buf).await
+    });
+    println!(
+        "1M keys: start-up to listening {:.0} ms, RSS {} MiB; a look-up of a stored key: {:?}",
+        startup.as_secs_f64() * 1000.0,
+        rss_at_start / 1024,
+        status
+    );
+
+    // Durable creates through the management API, 8 clients for 3 s.
+    let body = "{\"owner\":\"scale\"}";
+    let create = format!(
+        "POST /_keygate/keys HTTP/1.1\r\nHost: bench.local\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let target: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let result = runtime.block_on(drive(target, Arc::new(vec![create]), 8, 3));
+    println!(
+        "durable creates: {:.0}/s with 8 clients (p50 {:.0} µs, p99 {:.0} µs), statuses {:?}; RSS after: {} MiB",
+        result.rps(),
+        result.percentile(0.5),
+        result.percentile(0.99),
+        result.statuses,
+        rss_kib(gateway.child.id()) / 1024
+    );
+}
+
 fn main() {
+    if std::env::var("LOAD_SCALE").is_ok_and(|v| v == "1") {
+        scale_check();
+        return;
+    }
     // `cargo bench` passes --bench; any other argument is ignored.
     let seconds: u64 = env_or("LOAD_SECONDS", 5);
     let connections: usize = env_or("LOAD_CONNECTIONS", 32);
