@@ -9,15 +9,13 @@
 mod common;
 mod pg;
 
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::cluster::Instance;
 use common::*;
-
-const ADMIN: &str = "outage-admin-token";
 
 /// A PostgreSQL cluster of this test alone, in a temp dir, on a free loopback port.
 struct PgServer {
@@ -209,172 +207,6 @@ fn run(command: &mut Command, what: &str) {
     );
 }
 
-/// One `keygate serve` on the PostgreSQL store at `db_url` (process handling from
-/// `common::Gateway`; our own config text, since the common one always writes sled).
-struct Instance {
-    config: GatewayConfig,
-    gateway: Gateway,
-}
-
-impl Instance {
-    async fn start(db_url: &str, upstream: SocketAddr) -> Instance {
-        let config = GatewayConfig::single_route(&[upstream]);
-        let text = format!(
-            "[server]\n\
-             listen = \"127.0.0.1:{listen}\"\n\
-             admin_listen = \"127.0.0.1:{admin}\"\n\
-             threads = 2\n\
-             shutdown_grace_seconds = 0\n\
-             access_log = \"{log}\"\n\
-             \n\
-             [store]\n\
-             backend = \"postgres\"\n\
-             url_env = \"KEYGATE_DATABASE_URL\"\n\
-             pool_size = 4\n\
-             connect_timeout_seconds = 1\n\
-             usage_flush_interval_ms = 200\n\
-             \n\
-             [management]\n\
-             admin_token_env = \"KEYGATE_ADMIN_TOKEN\"\n\
-             \n\
-             [[routes]]\n\
-             name = \"default\"\n\
-             path_prefix = \"/\"\n\
-             upstreams = [\"{upstream}\"]\n\
-             health_check_interval_ms = 200\n",
-            listen = config.listen,
-            admin = config.admin,
-            log = config.access_log_path().display(),
-        );
-        let path = config.path();
-        std::fs::write(&path, text).expect("write config");
-        let child = Command::new(BIN)
-            .args(["serve", "--config", path.to_str().expect("utf-8 path")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(config.dir.path().join("stderr.log")).expect("log file"),
-            ))
-            .env("KEYGATE_DATABASE_URL", db_url)
-            .env("KEYGATE_ADMIN_TOKEN", ADMIN)
-            .spawn()
-            .expect("spawn keygate");
-        let mut instance = Instance {
-            gateway: Gateway {
-                child: Some(child),
-                base: config.base_url(),
-                admin: config.admin_url(),
-            },
-            config,
-        };
-        instance.wait_ready().await;
-        instance
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.config.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self) {
-        let client = client();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.gateway.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!(
-                    "keygate exited during start-up ({status}); stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            let healthz = client
-                .get(format!("{}/healthz", self.gateway.admin))
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await;
-            if let Ok(resp) = healthz {
-                let body = resp.text().await.unwrap_or_default();
-                if body.contains("keygate")
-                    && std::net::TcpStream::connect(("127.0.0.1", self.config.listen)).is_ok()
-                {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not become ready; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn base(&self) -> &str {
-        &self.gateway.base
-    }
-
-    /// POST /_keygate/keys as the admin; (status, body).
-    async fn try_create_key(&self, owner: &str) -> (u16, serde_json::Value) {
-        let resp = client()
-            .post(format!("{}/_keygate/keys", self.base()))
-            .bearer_auth(ADMIN)
-            .json(&serde_json::json!({"owner": owner}))
-            .send()
-            .await
-            .expect("create request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or_default())
-    }
-
-    /// Creates a key; returns the raw key.
-    async fn create_key(&self, owner: &str) -> String {
-        let (status, body) = self.try_create_key(owner).await;
-        assert_eq!(status, 201, "create answered {status}: {body}");
-        body["key"].as_str().expect("key").to_string()
-    }
-
-    /// One proxied request with `key`; (status, error code or "").
-    async fn call(&self, key: &str) -> (u16, String) {
-        let resp = client()
-            .get(format!("{}/work", self.base()))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .expect("proxied request");
-        error_code(resp).await
-    }
-
-    /// GET /readyz on the admin listener; (status, body).
-    async fn readyz(&self) -> (u16, String) {
-        let resp = client()
-            .get(format!("{}/readyz", self.gateway.admin))
-            .send()
-            .await
-            .expect("readyz request");
-        let status = resp.status().as_u16();
-        (status, resp.text().await.unwrap_or_default())
-    }
-
-    async fn cache_hits(&self) -> u64 {
-        let text = client()
-            .get(format!("{}/metrics", self.gateway.admin))
-            .send()
-            .await
-            .expect("metrics request")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .find(|line| {
-                line.starts_with("keygate_key_cache_lookups_total")
-                    && line.contains("result=\"hit\"")
-            })
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse::<f64>().ok())
-            .map_or(0, |value| value as u64)
-    }
-}
-
 /// A fresh cluster with a `keygate` database, a gateway on it, and an upstream.
 async fn setup() -> (PgServer, Upstream, Instance) {
     let server = PgServer::start_new();
@@ -388,7 +220,7 @@ async fn setup() -> (PgServer, Upstream, Instance) {
 async fn cached_keys_keep_working_while_the_database_is_down() {
     let started = Instant::now();
     let (server, _upstream, gateway) = setup().await;
-    let k1 = gateway.create_key("alice").await;
+    let (_, k1) = gateway.create_key("alice").await;
     assert_eq!(gateway.call(&k1).await, (200, String::new()));
     let hits = gateway.cache_hits().await;
     assert_eq!(gateway.call(&k1).await, (200, String::new()));
@@ -425,8 +257,8 @@ async fn cached_keys_keep_working_while_the_database_is_down() {
 async fn the_store_is_unavailable_while_the_database_is_down_and_recovers() {
     let started = Instant::now();
     let (server, _upstream, gateway) = setup().await;
-    let k1 = gateway.create_key("alice").await;
-    let k2 = gateway.create_key("bob").await;
+    let (_, k1) = gateway.create_key("alice").await;
+    let (_, k2) = gateway.create_key("bob").await;
     assert_eq!(gateway.call(&k1).await, (200, String::new()));
     assert_eq!(gateway.readyz().await.0, 200);
 

@@ -3,6 +3,7 @@
 //! temp dir, and helpers for the offline CLI.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod raw;
 
 use std::convert::Infallible;

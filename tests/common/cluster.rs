@@ -1,0 +1,203 @@
+//! Gateways on a PostgreSQL store, for the multi-instance and outage tests.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The admin token every cluster instance is started with.
+pub const ADMIN: &str = "cluster-admin-token";
+
+/// One `keygate serve` on the PostgreSQL store at `db_url`, one route "/" to `upstream`.
+/// Reuses `common::Gateway` for the process (SIGTERM stop, kill on drop) and
+/// `common::GatewayConfig` for the temp dir and ports, with our own config text: the
+/// common one always writes a sled [store].
+pub struct Instance {
+    pub config: GatewayConfig,
+    pub gateway: Gateway,
+}
+
+impl Instance {
+    pub async fn start(db_url: &str, upstream: SocketAddr) -> Instance {
+        let config = GatewayConfig::single_route(&[upstream]);
+        let text = format!(
+            "[server]\n\
+             listen = \"127.0.0.1:{listen}\"\n\
+             admin_listen = \"127.0.0.1:{admin}\"\n\
+             threads = 2\n\
+             shutdown_grace_seconds = 0\n\
+             access_log = \"{log}\"\n\
+             \n\
+             [store]\n\
+             backend = \"postgres\"\n\
+             url_env = \"KEYGATE_DATABASE_URL\"\n\
+             pool_size = 4\n\
+             connect_timeout_seconds = 1\n\
+             usage_flush_interval_ms = 200\n\
+             \n\
+             [management]\n\
+             admin_token_env = \"KEYGATE_ADMIN_TOKEN\"\n\
+             \n\
+             [[routes]]\n\
+             name = \"default\"\n\
+             path_prefix = \"/\"\n\
+             upstreams = [\"{upstream}\"]\n\
+             health_check_interval_ms = 200\n",
+            listen = config.listen,
+            admin = config.admin,
+            log = config.access_log_path().display(),
+        );
+        let path = config.path();
+        std::fs::write(&path, text).expect("write config");
+        let stderr_path = config.dir.path().join("stderr.log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config", path.to_str().expect("utf-8 path")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&stderr_path).expect("log file"),
+            ))
+            .env("KEYGATE_DATABASE_URL", db_url)
+            .env("KEYGATE_ADMIN_TOKEN", ADMIN)
+            .spawn()
+            .expect("spawn keygate");
+        let mut instance = Instance {
+            gateway: Gateway {
+                child: Some(child),
+                base: config.base_url(),
+                admin: config.admin_url(),
+            },
+            config,
+        };
+        instance.wait_ready().await;
+        instance
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.config.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits until the admin listener answers /healthz as keygate and the proxy listener
+    /// accepts connections; fails early if the process exits.
+    pub async fn wait_ready(&mut self) {
+        let client = client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.gateway.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "keygate exited during start-up ({status}); stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            let healthz = client
+                .get(format!("{}/healthz", self.gateway.admin))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await;
+            if let Ok(resp) = healthz {
+                let body = resp.text().await.unwrap_or_default();
+                if body.contains("keygate")
+                    && std::net::TcpStream::connect(("127.0.0.1", self.config.listen)).is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keygate did not become ready; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.gateway.base
+    }
+
+    /// SIGTERM and wait; true when it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        self.gateway.stop()
+    }
+
+    /// POST /_keygate/keys as the admin; (status, body).
+    pub async fn try_create_key(&self, owner: &str) -> (u16, serde_json::Value) {
+        let resp = client()
+            .post(format!("{}/_keygate/keys", self.base()))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"owner": owner}))
+            .send()
+            .await
+            .expect("create request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    /// Creates a key through the management API; returns (id, raw key).
+    pub async fn create_key(&self, owner: &str) -> (String, String) {
+        let (status, body) = self.try_create_key(owner).await;
+        assert_eq!(status, 201, "create answered {status}: {body}");
+        (
+            body["id"].as_str().expect("id").to_string(),
+            body["key"].as_str().expect("key").to_string(),
+        )
+    }
+
+    /// GET /readyz on the admin listener; (status, body).
+    pub async fn readyz(&self) -> (u16, String) {
+        let resp = client()
+            .get(format!("{}/readyz", self.gateway.admin))
+            .send()
+            .await
+            .expect("readyz request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    pub async fn get_key(&self, id: &str) -> serde_json::Value {
+        let resp = client()
+            .get(format!("{}/_keygate/keys/{id}", self.base()))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("get request");
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, 200, "GET key answered {status}: {body}");
+        body
+    }
+
+    /// `keygate_key_cache_lookups_total{result="hit"}` on this instance.
+    pub async fn cache_hits(&self) -> u64 {
+        let text = client()
+            .get(format!("{}/metrics", self.gateway.admin))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find(|line| {
+                line.starts_with("keygate_key_cache_lookups_total")
+                    && line.contains("result=\"hit\"")
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<f64>().ok())
+            .map_or(0, |value| value as u64)
+    }
+
+    /// One proxied request with `key`; (status, error code or "").
+    pub async fn call(&self, key: &str) -> (u16, String) {
+        let resp = client()
+            .get(format!("{}/work", self.base()))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("proxied request");
+        error_code(resp).await
+    }
+}
