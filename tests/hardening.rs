@@ -2117,64 +2117,12 @@ async fn losing_an_upstream_under_load_fails_at_most_five_percent() {
     );
 }
 
-/// An upstream that accepts the gateway's first health check and then refuses every
-/// connection: with a long health-check interval the gateway still thinks it healthy.
-struct ClosesAfterFirstCheck {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ClosesAfterFirstCheck {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
-        ClosesAfterFirstCheck {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    async fn close_after_first_check(self) {
-        let accepted = Arc::clone(&self.accepted);
-        assert!(
-            eventually(Duration::from_secs(5), || {
-                let n = accepted.load(Ordering::SeqCst);
-                async move { n >= 1 }
-            })
-            .await,
-            "the first health check never connected"
-        );
-        self.task.abort();
-        let _ = self.task.await;
-        let addr = self.addr;
-        assert!(
-            eventually(Duration::from_secs(5), || async move {
-                TcpStream::connect(addr).await.is_err()
-            })
-            .await,
-            "the port still accepts connections"
-        );
-    }
-}
-
 /// The mechanism behind 4b, deterministically: upstream "a" refuses connections but is
 /// still believed healthy (no health check for 60 s); "b" is fine. Every request must be
 /// served by "b" (found as a bug: refused connects were 502s instead of retries).
 #[tokio::test]
 async fn refused_connect_is_retried_on_the_other_upstream() {
-    let a = ClosesAfterFirstCheck::start().await;
+    let a = RefusesAfterFirstCheck::start().await;
     let b = Upstream::start("b").await;
     let config = GatewayConfig::with_routes(&format!(
         "[[routes]]\nname = \"pair\"\npath_prefix = \"/\"\nupstreams = [\"{}\", \"{}\"]\nauth = \"none\"\nhealth_check_interval_ms = 60000\n",

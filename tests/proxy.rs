@@ -6,8 +6,6 @@ use common::raw::*;
 use common::*;
 
 use std::process::ExitStatus;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -142,59 +140,6 @@ fn unpooled_client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client")
-}
-
-/// An upstream that accepts only until the gateway's first health check has connected,
-/// then refuses connections: with a long health-check interval, the gateway still thinks it
-/// healthy (see `dead_upstream_is_502`).
-struct RefusesAfterFirstCheck {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RefusesAfterFirstCheck {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let accepted_task = Arc::clone(&accepted);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                accepted_task.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
-        RefusesAfterFirstCheck {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    /// Call once the gateway runs: waits for its first health check, then closes the port.
-    async fn close_after_first_check(self) {
-        let accepted = Arc::clone(&self.accepted);
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                accepted.load(Ordering::SeqCst) >= 1
-            })
-            .await,
-            "the first health check never connected"
-        );
-        self.task.abort();
-        let _ = self.task.await;
-        let addr = self.addr;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                TcpStream::connect(addr).await.is_err()
-            })
-            .await,
-            "the upstream port still accepts connections"
-        );
-    }
 }
 
 /// Sum of every sample of a Prometheus counter family on the admin listener.

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -439,4 +440,57 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// An upstream that accepts only until the gateway's first health check has connected,
+/// then refuses connections: with a long health-check interval, the gateway still thinks it
+/// healthy (see `dead_upstream_is_502` in tests/proxy.rs).
+pub struct RefusesAfterFirstCheck {
+    pub addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RefusesAfterFirstCheck {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted_task = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted_task.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        RefusesAfterFirstCheck {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Call once the gateway runs: waits for its first health check, then closes the port.
+    pub async fn close_after_first_check(self) {
+        let accepted = Arc::clone(&self.accepted);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                accepted.load(Ordering::SeqCst) >= 1
+            })
+            .await,
+            "the first health check never connected"
+        );
+        self.task.abort();
+        let _ = self.task.await;
+        let addr = self.addr;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tokio::net::TcpStream::connect(addr).await.is_err()
+            })
+            .await,
+            "the upstream port still accepts connections"
+        );
+    }
 }
