@@ -244,3 +244,61 @@ async fn a_rotation_on_one_instance_retires_the_old_key_on_another() {
     );
     assert_eq!(a.call(&old_key).await.0, 401, "A refuses the old key too");
 }
+
+/// The offline `keygate keys` commands work on a PostgreSQL store while gateways run on it
+/// (no lock to take): a key made offline is admitted by a running instance, one revoked
+/// offline is refused by it (the revoke's notification reaches its cache), and the listing
+/// shows both.
+#[tokio::test]
+async fn offline_commands_share_the_database_with_running_instances() {
+    let db = pg::fresh_database();
+    let upstream = Upstream::start("up").await;
+    let a = Instance::start(&db, upstream.addr).await;
+    let config = a.config.path();
+    let config = config.to_str().expect("utf-8 path");
+    let offline = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("KEYGATE_DATABASE_URL", &db)
+            .output()
+            .expect("run keygate");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON output")
+    };
+
+    let created = offline(&["keys", "create", "--config", config, "--owner", "ops"]);
+    let key = created["key"].as_str().expect("key").to_string();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        a.call(&key).await,
+        (200, String::new()),
+        "an offline key works"
+    );
+
+    let revoked = offline(&["keys", "revoke", "--config", config, &id]);
+    assert_eq!(revoked["revoked"], true);
+    let refused = eventually(PROPAGATION_LIMIT, || {
+        let a = &a;
+        let key = key.clone();
+        async move { a.call(&key).await == (401, "invalid_key".to_string()) }
+    })
+    .await;
+    assert!(
+        refused,
+        "an offline revoke reaches the running instance's cache"
+    );
+
+    let listed = offline(&["keys", "list", "--config", config, "--owner", "ops"]);
+    let records = listed.as_array().expect("array");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["id"], id.as_str());
+    assert!(records[0]["revoked_at"].is_string());
+    assert!(
+        records[0].get("key").is_none(),
+        "listings never show the key"
+    );
+}
