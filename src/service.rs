@@ -170,9 +170,13 @@ pub fn validate_new_key(
         }
     }
     if let Some(meta) = metadata {
-        let size = serde_json::to_vec(meta).map_or(usize::MAX, |v| v.len());
-        if size > MAX_METADATA_BYTES {
+        let text = serde_json::to_string(meta).unwrap_or_default();
+        if text.len() > MAX_METADATA_BYTES {
             bad("metadata", "must be at most 4096 bytes of JSON");
+        }
+        // PostgreSQL's jsonb cannot hold NUL; refuse it on every backend alike.
+        if text.contains("\\u0000") {
+            bad("metadata", "must not contain NUL characters");
         }
     }
 }
@@ -333,6 +337,14 @@ mod tests {
             Some(1_795_429_800)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn nul_in_metadata_is_refused() {
+        let mut errors = FieldErrors::new();
+        let meta = serde_json::json!({"note": "a\u{0}b"});
+        validate_new_key(None, "alice", &[], None, meta.as_object(), &mut errors);
+        assert!(errors.contains_key("metadata"), "{errors:?}");
     }
 
     #[test]
