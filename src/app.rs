@@ -16,6 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
+use crate::guard::Guarded;
 use crate::metrics::Metrics;
 use crate::proxy::KeygateProxy;
 use crate::store::{CacheSettings, KeyIndex, KeyStore, PgStore, SledStore};
@@ -253,20 +254,26 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         }),
     ));
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
         KeygateProxy {
             gateway: Arc::clone(&gateway),
         },
-        "keygate proxy",
     );
     // Let CONNECT reach request_filter, which refuses it with keygate's own JSON 405
     // (Pingora's built-in refusal is a bare 405).
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.allow_connect_method_proxying = true;
-        app.server_options = Some(options);
-    }
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    proxy.server_options = Some(options);
+    let mut proxy = Service::new(
+        "keygate proxy".to_string(),
+        Guarded::new(
+            proxy,
+            config.server.max_connections,
+            config.server.header_read_timeout,
+            config.server.keepalive_timeout,
+        ),
+    );
     proxy.add_tcp(&config.server.listen.to_string());
     server.add_service(proxy);
 

@@ -63,6 +63,8 @@ struct RawServer {
     shutdown_grace_seconds: i64,
     access_log: String,
     keepalive_timeout_seconds: i64,
+    header_read_timeout_seconds: i64,
+    max_connections: i64,
 }
 
 impl Default for RawServer {
@@ -74,6 +76,8 @@ impl Default for RawServer {
             shutdown_grace_seconds: 5,
             access_log: "stdout".into(),
             keepalive_timeout_seconds: 60,
+            header_read_timeout_seconds: 10,
+            max_connections: 10_000,
         }
     }
 }
@@ -246,6 +250,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub access_log: AccessLog,
     pub keepalive_timeout: Duration,
+    /// Time a client gets to send a whole request header (after any keep-alive idle time).
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,6 +482,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
             1,
             3600,
         )),
+        header_read_timeout: Duration::from_secs(p.ranged(
+            "server.header_read_timeout_seconds",
+            raw.server.header_read_timeout_seconds,
+            1,
+            3600,
+        )),
+        max_connections: p.ranged(
+            "server.max_connections",
+            raw.server.max_connections,
+            1,
+            1_000_000,
+        ) as usize,
     };
 
     let backend = match raw.store.backend.as_str() {

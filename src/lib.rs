@@ -5,6 +5,7 @@
 //! - `app`      assembles store, cache, routes and Pingora services; runs and stops them
 //! - `config`   TOML as written -> validated, typed configuration
 //! - `proxy`    the Pingora `ProxyHttp` hooks; they only delegate
+//! - `guard`    connection cap and header deadline around the proxy service
 //! - `gateway`  the request path, top to bottom: route, credentials, key, scope, usage
 //! - `auth`     credential extraction from headers (pure functions)
 //! - `keys`     key format, generation, hashing, the persisted record
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod guard;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

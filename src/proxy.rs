@@ -52,6 +52,7 @@ impl ProxyHttp for KeygateProxy {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        crate::guard::header_parsed();
         // Pingora keeps idle downstream connections forever unless told otherwise.
         session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
         Ok(())

@@ -258,3 +258,89 @@ async fn unknown_keys_reach_the_store_once_and_junk_never() {
         .expect("request");
     assert_eq!(resp.status(), 200);
 }
+
+/// A client sending its header one byte at a time is cut off by the header deadline, while
+/// other clients are served throughout; past `max_connections`, new connections are closed.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = Upstream::start("u").await;
+    let mut config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
+        upstream.addr
+    ));
+    config.server_extra = "header_read_timeout_seconds = 2\nmax_connections = 8".to_string();
+    let gateway = Gateway::start(&config).await;
+
+    // The slow client: one header byte every 200 ms, never finishing.
+    let port = config.listen;
+    let slow = tokio::spawn(async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let header = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for byte in header.iter().cycle() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            // A closed connection shows as EOF on read (or a failed write).
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+                && n == 0
+            {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+
+    // Meanwhile other clients are served.
+    let c = client();
+    for _ in 0..10 {
+        let resp = c
+            .get(format!("{}/fast", gateway.base))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held = slow.await.expect("slow client");
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_secs(10),
+        "the slow client was cut off after {held:?}, expected about 2 s"
+    );
+    assert!(
+        !upstream.seen().iter().any(|s| s.path_and_query == "/slow"),
+        "the incomplete request never reached the upstream"
+    );
+
+    // Eight idle connections take every slot; the ninth is closed without an answer.
+    let mut held_open = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        stream.write_all(b"GET /h").await.expect("partial header");
+        held_open.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ninth = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let _ = ninth.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), ninth.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "over the cap the connection is closed unanswered: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    drop(held_open);
+}
