@@ -65,6 +65,7 @@ struct RawServer {
     keepalive_timeout_seconds: i64,
     header_read_timeout_seconds: i64,
     max_connections: i64,
+    max_header_bytes: i64,
 }
 
 impl Default for RawServer {
@@ -78,6 +79,7 @@ impl Default for RawServer {
             keepalive_timeout_seconds: 60,
             header_read_timeout_seconds: 10,
             max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
         }
     }
 }
@@ -253,6 +255,9 @@ pub struct ServerConfig {
     /// Time a client gets to send a whole request header (after any keep-alive idle time).
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Largest request line + header block accepted (431 beyond; Pingora itself stops
+    /// reading at 1 MiB).
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -493,6 +498,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
             raw.server.max_connections,
             1,
             1_000_000,
+        ) as usize,
+        max_header_bytes: p.ranged(
+            "server.max_header_bytes",
+            raw.server.max_header_bytes,
+            1024,
+            1024 * 1024,
         ) as usize,
     };
 

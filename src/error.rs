@@ -35,6 +35,8 @@ pub enum GatewayError {
     MalformedRequest,
     #[error("CONNECT tunnels are not served")]
     ConnectNotAllowed,
+    #[error("the request header is too large")]
+    HeaderTooLarge,
     #[error("the request could not be processed")]
     Internal,
 }
@@ -47,6 +49,7 @@ impl GatewayError {
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest => 400,
             GatewayError::ConnectNotAllowed => 405,
+            GatewayError::HeaderTooLarge => 431,
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired => 401,
@@ -75,6 +78,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::MalformedRequest => "bad_request",
             GatewayError::ConnectNotAllowed => "method_not_allowed",
+            GatewayError::HeaderTooLarge => "header_too_large",
             GatewayError::Internal => "internal_error",
         }
     }
@@ -88,7 +92,8 @@ impl GatewayError {
             GatewayError::InvalidPath
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
-            | GatewayError::ConnectNotAllowed => Outcome::BadRequest,
+            | GatewayError::ConnectNotAllowed
+            | GatewayError::HeaderTooLarge => Outcome::BadRequest,
             GatewayError::MissingCredentials => Outcome::MissingCredentials,
             GatewayError::InvalidKey => Outcome::InvalidKey,
             GatewayError::KeyExpired => Outcome::KeyExpired,

@@ -140,6 +140,9 @@ impl Gateway {
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
         }
+        if header_size(req) > self.config.server.max_header_bytes {
+            return Err(GatewayError::HeaderTooLarge);
+        }
         let path = req.uri.path();
         if !is_normalized(path) {
             return Err(GatewayError::InvalidPath);
@@ -275,6 +278,14 @@ impl Gateway {
             .and_then(|i| self.route_metrics.get(i))
             .unwrap_or(&self.no_route_metrics)
     }
+}
+
+/// Bytes of the request line and header block, as received (give or take separators).
+fn header_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    req.headers.iter().fold(line + 12, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
 }
 
 /// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else a

@@ -767,9 +767,9 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
 
     // --- sizes
     rows.push(row(
-        "200 KiB header, no key",
+        "200 KiB header, no key (over max_header_bytes, 64 KiB by default)",
         get(&[h("x-padding", "p".repeat(200 * 1024))]),
-        Refused(401, "missing_credentials"),
+        Refused(431, "header_too_large"),
     ));
     rows.push(row(
         "10 KiB x-api-key starting with kg_",

@@ -344,3 +344,39 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
     );
     drop(held_open);
 }
+
+/// `max_header_bytes` bounds the request line plus headers: 431 `header_too_large` beyond
+/// it, before any key check or forwarding.
+#[tokio::test]
+async fn oversized_headers_are_refused_with_431() {
+    let upstream = Upstream::start("u").await;
+    let mut config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
+        upstream.addr
+    ));
+    config.server_extra = "max_header_bytes = 4096".to_string();
+    let gateway = Gateway::start(&config).await;
+    let c = client();
+    let resp = c
+        .get(format!("{}/x", gateway.base))
+        .header("x-padding", "p".repeat(3 * 1024))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let resp = c
+        .get(format!("{}/x", gateway.base))
+        .header("x-padding", "p".repeat(5 * 1024))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        error_code(resp).await,
+        (431, "header_too_large".to_string())
+    );
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the oversized request never reached the upstream"
+    );
+}
