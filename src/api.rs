@@ -879,6 +879,12 @@ async fn rotate(
             "a revoked key cannot be rotated",
         ));
     }
+    if old.superseded {
+        return Err(ApiError::Conflict(
+            "key_rotated",
+            "this key was already rotated; rotate its successor",
+        ));
+    }
     if old.expires_at.is_some_and(|at| at <= unix_now()) {
         return Err(ApiError::Conflict(
             "key_expired",

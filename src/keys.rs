@@ -189,6 +189,9 @@ pub struct KeyRecord {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub rotated_from: Option<String>,
+    /// Set when a rotation replaced this key: it only lives out its grace period.
+    #[serde(default)]
+    pub superseded: bool,
 }
 
 impl KeyRecord {
@@ -208,6 +211,7 @@ impl KeyRecord {
             rate_limit: None,
             metadata: None,
             rotated_from: None,
+            superseded: false,
         }
     }
 
@@ -217,6 +221,19 @@ impl KeyRecord {
 
     pub fn is_revoked(&self) -> bool {
         self.revoked_at.is_some()
+    }
+
+    /// Marks the key replaced by a rotation, with its expiry brought forward to `cutoff`
+    /// (never later than it was). Returns whether anything changed. Every store applies
+    /// this same rule.
+    pub fn retire(&mut self, cutoff: i64) -> bool {
+        let mut changed = !self.superseded;
+        self.superseded = true;
+        if self.expires_at.is_none_or(|at| at > cutoff) {
+            self.expires_at = Some(cutoff);
+            changed = true;
+        }
+        changed
     }
 }
 

@@ -297,7 +297,7 @@ impl KeyService {
         let view = self.create(new, Some(old.id.clone())).await?;
         let updated = self
             .store()
-            .expire_by(&old.id, unix_now() + grace_seconds)
+            .retire(&old.id, unix_now() + grace_seconds)
             .await?;
         if let Some(hash) = updated.as_ref().and_then(KeyRecord::key_hash) {
             self.index.invalidate(&hash);

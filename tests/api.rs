@@ -1833,3 +1833,38 @@ async fn rotation_by_a_manager_key_cannot_mint_scopes_it_lacks() {
     let record = env.record(&id_of(&strong)).await;
     assert_eq!(record["expires_at"], Value::Null, "{record}");
 }
+
+/// A key already replaced by a rotation cannot be rotated again (its successor can): a
+/// second rotation would otherwise inherit the first one's grace cut-off as its expiry.
+#[tokio::test]
+async fn a_superseded_key_cannot_be_rotated_again() {
+    let env = Env::start(GENEROUS).await;
+    let (record, _) = env.admin_create("alice", &["read"]).await;
+    let id = id_of(&record);
+    let first = env
+        .post(
+            &format!("/keys/{id}/rotate"),
+            Cred::Admin,
+            serde_json::json!({"grace_seconds": 600}),
+        )
+        .await;
+    let first = first.ok(201).clone();
+    let again = env
+        .post(
+            &format!("/keys/{id}/rotate"),
+            Cred::Admin,
+            serde_json::json!({"grace_seconds": 600}),
+        )
+        .await;
+    again.err(409, "key_rotated");
+    // The successor rotates normally, and keeps no expiry (the original had none).
+    let successor = id_of(&first);
+    assert!(first["expires_at"].is_null(), "{first}");
+    env.post(
+        &format!("/keys/{successor}/rotate"),
+        Cred::Admin,
+        serde_json::json!({"grace_seconds": 0}),
+    )
+    .await
+    .ok(201);
+}

@@ -94,7 +94,7 @@ conformance!(
     insert_get_and_find_by_hash_round_trip,
     duplicate_id_or_hash_is_refused,
     revoke_keeps_the_first_time,
-    expire_by_only_moves_expiry_earlier,
+    retire_marks_superseded_and_only_moves_expiry_earlier,
     list_orders_by_id_filters_by_owner_and_pages,
     add_usage_sums_counts_and_keeps_latest_use,
     concurrent_add_usage_loses_nothing,
@@ -223,11 +223,11 @@ async fn revoke_keeps_the_first_time(store: Arc<dyn KeyStore>) {
     let with_nul = format!("{}\0", key.id);
     assert_eq!(store.revoke(&with_nul, 1).await.expect("revoke"), None);
     assert_eq!(store.get(&with_nul).await.expect("get"), None);
-    assert_eq!(store.expire_by(&with_nul, 1).await.expect("expire"), None);
+    assert_eq!(store.retire(&with_nul, 1).await.expect("expire"), None);
     assert_eq!(store.count().await.expect("count"), 2);
 }
 
-async fn expire_by_only_moves_expiry_earlier(store: Arc<dyn KeyStore>) {
+async fn retire_marks_superseded_and_only_moves_expiry_earlier(store: Arc<dyn KeyStore>) {
     let open_ended = record("alice");
     let dated = KeyRecord {
         expires_at: Some(1_000),
@@ -238,28 +238,32 @@ async fn expire_by_only_moves_expiry_earlier(store: Arc<dyn KeyStore>) {
 
     let expiry = |r: Option<KeyRecord>| r.expect("known key").expires_at;
     assert_eq!(
-        expiry(store.expire_by(&open_ended.id, 500).await.expect("e")),
+        expiry(store.retire(&open_ended.id, 500).await.expect("e")),
         Some(500)
     );
     assert_eq!(
-        expiry(store.expire_by(&open_ended.id, 600).await.expect("e")),
+        expiry(store.retire(&open_ended.id, 600).await.expect("e")),
         Some(500),
         "never later"
     );
     assert_eq!(
-        expiry(store.expire_by(&open_ended.id, 400).await.expect("e")),
+        expiry(store.retire(&open_ended.id, 400).await.expect("e")),
         Some(400)
     );
     assert_eq!(
-        expiry(store.expire_by(&open_ended.id, 400).await.expect("e")),
+        expiry(store.retire(&open_ended.id, 400).await.expect("e")),
         Some(400)
     );
     assert_eq!(
-        expiry(store.expire_by(&dated.id, 2_000).await.expect("e")),
+        expiry(store.retire(&dated.id, 2_000).await.expect("e")),
         Some(1_000)
     );
+    // Retiring marks the key superseded, durably, even when its expiry was already earlier.
+    let stored = store.get(&dated.id).await.expect("get").expect("record");
+    assert!(stored.record.superseded);
+    assert_eq!(stored.record.expires_at, Some(1_000));
     assert_eq!(
-        expiry(store.expire_by(&dated.id, 999).await.expect("e")),
+        expiry(store.retire(&dated.id, 999).await.expect("e")),
         Some(999)
     );
 
@@ -272,6 +276,7 @@ async fn expire_by_only_moves_expiry_earlier(store: Arc<dyn KeyStore>) {
         stored.record,
         KeyRecord {
             expires_at: Some(400),
+            superseded: true,
             ..open_ended.clone()
         }
     );
@@ -279,13 +284,13 @@ async fn expire_by_only_moves_expiry_earlier(store: Arc<dyn KeyStore>) {
     // Expiry and revocation are independent.
     store.revoke(&dated.id, 50).await.expect("revoke");
     let both = store
-        .expire_by(&dated.id, 10)
+        .retire(&dated.id, 10)
         .await
         .expect("e")
         .expect("known");
     assert_eq!((both.expires_at, both.revoked_at), (Some(10), Some(50)));
 
-    assert_eq!(store.expire_by("no-such-id", 1).await.expect("e"), None);
+    assert_eq!(store.retire("no-such-id", 1).await.expect("e"), None);
 }
 
 async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) {
@@ -605,7 +610,7 @@ async fn count_counts_key_records(store: Arc<dyn KeyStore>) {
     let first = first.expect("inserted");
     assert!(store.insert(&first).await.is_err());
     store.revoke(&first.id, 1).await.expect("revoke");
-    store.expire_by(&first.id, 1).await.expect("expire");
+    store.retire(&first.id, 1).await.expect("expire");
     store
         .add_usage(&[(
             first.id.clone(),
@@ -946,10 +951,10 @@ mod postgres_only {
         let key = record("alice");
         writer.insert(&key).await.expect("insert");
         cache(&index, &hash_of(&key)).await;
-        writer.expire_by(&key.id, 1_234).await.expect("expire");
+        writer.retire(&key.id, 1_234).await.expect("expire");
         wait_uncached(&index, &hash_of(&key), Duration::from_secs(5))
             .await
-            .expect("expire_by reaches the other instance's cache");
+            .expect("retire reaches the other instance's cache");
         let refilled = index.resolve(&hash_of(&key)).await.expect("resolve");
         assert_eq!(refilled.key.expect("still valid").expires_at, Some(1_234));
 

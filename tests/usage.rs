@@ -192,8 +192,8 @@ impl KeyStore for FlakyStore {
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.revoke(id, at).await
     }
-    async fn expire_by(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
-        self.inner.expire_by(id, at).await
+    async fn retire(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.retire(id, at).await
     }
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
@@ -224,17 +224,7 @@ fn record(id: &str) -> KeyRecord {
     let raw = format.generate().expect("rng");
     KeyRecord {
         id: id.to_string(),
-        name: "default".into(),
-        owner: "alice".into(),
-        preview: format.preview(&raw),
-        hash: KeyHash::of(raw.as_bytes()).to_hex(),
-        scopes: vec![],
-        created_at: 1,
-        expires_at: None,
-        revoked_at: None,
-        rate_limit: None,
-        metadata: None,
-        rotated_from: None,
+        ..KeyRecord::for_key(&format, &raw, "alice", 1)
     }
 }
 

@@ -65,8 +65,9 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError>;
     /// Marks a key revoked at `at`; a key revoked before keeps its first `revoked_at`.
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError>;
-    /// Brings a key's expiry forward to `expires_at` (never later than it already was).
-    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError>;
+    /// Retires a key a rotation replaced: marks it superseded and brings its expiry forward
+    /// to `expires_at` (never later than it already was).
+    async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError>;
     /// Adds usage deltas: counts are summed, `last_used` keeps the latest. Never a
     /// read-modify-write visible to other writers, so concurrent flushes cannot lose counts.
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError>;

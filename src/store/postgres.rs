@@ -379,15 +379,9 @@ impl KeyStore for PgStore {
         .await
     }
 
-    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
-        self.update_record(id, move |record| match record.expires_at {
-            Some(existing) if existing <= expires_at => false,
-            _ => {
-                record.expires_at = Some(expires_at);
-                true
-            }
-        })
-        .await
+    async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, move |record| record.retire(expires_at))
+            .await
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {

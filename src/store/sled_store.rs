@@ -300,18 +300,10 @@ impl KeyStore for SledStore {
         .await
     }
 
-    async fn expire_by(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
+    async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_string();
-        self.write(move |trees| {
-            trees.update_record(&id, |record| match record.expires_at {
-                Some(existing) if existing <= expires_at => false,
-                _ => {
-                    record.expires_at = Some(expires_at);
-                    true
-                }
-            })
-        })
-        .await
+        self.write(move |trees| trees.update_record(&id, |record| record.retire(expires_at)))
+            .await
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
