@@ -74,48 +74,55 @@ impl From<ServiceError> for ApiError {
 }
 
 impl ApiError {
+    /// The `error.code` of the answer (also logged in the access log).
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Auth(e) => e.code(),
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::Validation(_) => "validation_failed",
+            ApiError::Forbidden(_) => "insufficient_scope",
+            ApiError::Conflict(code, _) => code,
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
     fn reply(&self, request_id: &str) -> Reply {
-        let plain = |status, code, message: &str| {
+        let code = self.code();
+        let plain = |status, message: &str| {
             Reply::json(status, error_body(code, message, request_id, None))
         };
         match self {
             ApiError::Auth(e) => Reply::gateway_error(*e, request_id),
-            ApiError::NotFound => plain(404, "not_found", "no such resource"),
-            ApiError::MethodNotAllowed(allow) => plain(
-                405,
-                "method_not_allowed",
-                &format!("this path accepts {allow}"),
-            )
-            .with_header("allow", HeaderValue::from_static(allow)),
-            ApiError::PayloadTooLarge => {
-                plain(413, "payload_too_large", "the request body exceeds 64 KiB")
-            }
-            ApiError::InvalidJson(why) => plain(400, "invalid_json", why),
+            ApiError::NotFound => plain(404, "no such resource"),
+            ApiError::MethodNotAllowed(allow) => plain(405, &format!("this path accepts {allow}"))
+                .with_header("allow", HeaderValue::from_static(allow)),
+            ApiError::PayloadTooLarge => plain(413, "the request body exceeds 64 KiB"),
+            ApiError::InvalidJson(why) => plain(400, why),
             ApiError::Validation(details) => Reply::json(
                 422,
                 error_body(
-                    "validation_failed",
+                    code,
                     "some fields are invalid; see details",
                     request_id,
                     Some(&json!(details)),
                 ),
             ),
-            ApiError::Forbidden(why) => plain(403, "insufficient_scope", why),
-            ApiError::Conflict(code, why) => plain(409, code, why),
+            ApiError::Forbidden(why) => plain(403, why),
+            ApiError::Conflict(_, why) => plain(409, why),
             ApiError::RateLimited(retry_after) => plain(
                 429,
-                "rate_limited",
                 "too many management calls; retry after the time in Retry-After",
             )
             .with_header("retry-after", HeaderValue::from(*retry_after)),
-            ApiError::StoreUnavailable => plain(
-                503,
-                "store_unavailable",
-                "the key store is unavailable; try again shortly",
-            ),
-            ApiError::Internal => {
-                plain(500, "internal_error", "the request could not be processed")
+            ApiError::StoreUnavailable => {
+                plain(503, "the key store is unavailable; try again shortly")
             }
+            ApiError::Internal => plain(500, "the request could not be processed"),
         }
     }
 }
@@ -272,13 +279,9 @@ pub async fn serve(
         if let ApiError::Auth(g) = &e {
             ctx.outcome = g.outcome();
         }
+        ctx.error_code = Some(e.code());
         e.reply(&ctx.request_id)
     });
-    if reply.status >= 400 {
-        ctx.error_code = serde_json::from_slice::<Value>(&reply.body)
-            .ok()
-            .and_then(|v| v["error"]["code"].as_str().map(error_code_label));
-    }
     gateway
         .metrics
         .management_requests
@@ -290,31 +293,6 @@ pub async fn serve(
         session.set_keepalive(None);
     }
     respond::send(session, reply, &ctx.request_id).await
-}
-
-/// Error codes are a closed set: map to their static names for the access log.
-fn error_code_label(code: &str) -> &'static str {
-    const CODES: &[&str] = &[
-        "not_found",
-        "method_not_allowed",
-        "payload_too_large",
-        "invalid_json",
-        "validation_failed",
-        "insufficient_scope",
-        "key_revoked",
-        "rate_limited",
-        "store_unavailable",
-        "internal_error",
-        "missing_credentials",
-        "conflicting_credentials",
-        "invalid_key",
-        "key_expired",
-    ];
-    CODES
-        .iter()
-        .find(|c| **c == code)
-        .copied()
-        .unwrap_or("error")
 }
 
 async fn handle(
