@@ -10,7 +10,6 @@ use common::raw::*;
 use common::*;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -167,19 +166,6 @@ fn admin_auth() -> (&'static str, Vec<u8>) {
 
 // ---------------------------------------------------------------- secrets
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                files_under(&path, out);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-}
-
 /// Finds any of `secrets` (each at least 8 bytes) in `haystack`; returns its index.
 /// Indexed by each secret's first 8 bytes, so that large store files scan quickly.
 fn find_secret(haystack: &[u8], secrets: &[String]) -> Option<usize> {
@@ -202,17 +188,6 @@ fn find_secret(haystack: &[u8], secrets: &[String]) -> Option<usize> {
         }
     }
     None
-}
-
-async fn scrape_metrics(admin: &str) -> String {
-    client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .expect("scrape /metrics")
-        .text()
-        .await
-        .expect("metrics text")
 }
 
 /// Asserts that none of `secrets` (raw keys, the admin token) appears in the access log,

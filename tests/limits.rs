@@ -169,15 +169,9 @@ async fn a_route_default_applies_to_keys_without_their_own_limit() {
 }
 
 async fn store_reads(admin: &str) -> f64 {
-    let text = client()
-        .get(format!("{admin}/metrics"))
-        .send()
+    scrape_metrics(admin)
         .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("keygate_store_reads_total "))
         .and_then(|v| v.parse().ok())
         .expect("keygate_store_reads_total")

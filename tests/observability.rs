@@ -36,17 +36,6 @@ fn value(metrics: &BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("series {series} missing"))
 }
 
-async fn scrape(admin: &str) -> String {
-    client()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// Every metric name the dashboard's queries use.
 fn dashboard_metric_names(dashboard: &str) -> BTreeSet<String> {
     let doc: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
@@ -191,7 +180,7 @@ async fn every_family_is_exported_with_traffic_counted() {
     // Let a usage flush run so its histogram has an observation.
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let text = scrape(&gateway.admin).await;
+    let text = scrape_metrics(&gateway.admin).await;
     let families = family_names(&text);
     for family in contract_families() {
         assert!(families.contains(family), "family {family} missing");
@@ -322,19 +311,6 @@ async fn health_and_readiness() {
     assert_eq!(healthz.status(), 200, "the process is still up");
 }
 
-fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                files_under(&path, out);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -389,7 +365,7 @@ async fn no_secret_in_logs_metrics_or_store() {
         .expect("wrong token");
     assert_eq!(resp.status(), 401);
 
-    let metrics = scrape(&gateway.admin).await;
+    let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop());
 
     let secrets = [
@@ -462,7 +438,7 @@ async fn dashboard_queries_use_only_exported_metrics() {
     let upstream = Upstream::start("u").await;
     let config = GatewayConfig::single_route(&[upstream.addr]);
     let gateway = Gateway::start(&config).await;
-    let exported = family_names(&scrape(&gateway.admin).await);
+    let exported = family_names(&scrape_metrics(&gateway.admin).await);
     for name in &used {
         let family = ["_bucket", "_sum", "_count"]
             .iter()

@@ -494,3 +494,29 @@ impl RefusesAfterFirstCheck {
         );
     }
 }
+
+/// Every file below `dir`, recursively (for "no secret anywhere on disk" checks).
+pub fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files_under(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+}
+
+/// The Prometheus text of a gateway's `/metrics`.
+pub async fn scrape_metrics(admin: &str) -> String {
+    client()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
