@@ -401,16 +401,6 @@ http {{
     Some(Gateway { child })
 }
 
-fn pg_binaries_installed() -> bool {
-    std::fs::read_dir("/usr/lib/postgresql")
-        .map(|versions| {
-            versions
-                .flatten()
-                .any(|v| v.path().join("bin/initdb").exists())
-        })
-        .unwrap_or(false)
-}
-
 fn wrk_available() -> bool {
     std::env::var("LOAD_WRK").is_ok_and(|v| v == "1")
         && Command::new("wrk").arg("--version").output().is_ok()
@@ -642,7 +632,7 @@ fn main() {
     let pg_port = free_port();
     let pg_dir = dir.path().join("pg-gateway");
     std::fs::create_dir_all(&pg_dir).expect("pg gateway dir");
-    let pg_gateway = if wanted("postgres") && pg_binaries_installed() {
+    let pg_gateway = if wanted("postgres") && pg::find_bin_dir().is_some() {
         let url = pg::fresh_database();
         runtime.block_on(async {
             let store = PgStore::connect(&url, 2, Duration::from_secs(5))

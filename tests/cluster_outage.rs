@@ -27,7 +27,7 @@ struct PgServer {
 
 impl PgServer {
     fn start_new() -> PgServer {
-        let bin = find_bin_dir().expect(
+        let bin = pg::find_bin_dir().expect(
             "PostgreSQL server binaries (initdb, pg_ctl) are needed: run .ci/setup (Debian's \
              postgresql package)",
         );
@@ -167,29 +167,6 @@ impl Drop for PgServer {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn find_bin_dir() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = entry.path().join("bin");
-            has_tools(&bin).then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    if let Some((_, bin)) = versions.pop() {
-        return Some(bin);
-    }
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|dir| has_tools(dir))
 }
 
 fn run(command: &mut Command, what: &str) {

@@ -133,7 +133,8 @@ const SETUP_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl) are needed
      to a server where the user may CREATE DATABASE";
 
 /// `/usr/lib/postgresql/<newest>/bin`, else a PATH directory holding both tools.
-fn find_bin_dir() -> Option<PathBuf> {
+/// The newest PostgreSQL server binaries (`initdb`, `pg_ctl`) installed, if any.
+pub fn find_bin_dir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
