@@ -348,9 +348,6 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
-/// Whether this build can speak TLS to upstreams.
-pub const UPSTREAM_TLS_SUPPORTED: bool = true;
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -731,9 +728,8 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                     "a route with auth = \"none\" cannot require scopes",
                 );
             }
-            if route.tls && !UPSTREAM_TLS_SUPPORTED {
-                p.add(at("tls"), "this build has no TLS support for upstreams");
-            }
+            // `tls = true` needs no build check: keygate always builds Pingora with rustls
+            // (Cargo.toml), so a TLS peer never silently connects to nothing.
             let sni = match (&route.sni, route.tls) {
                 (Some(_), false) => {
                     p.add(at("sni"), "only used when tls = true");
