@@ -25,9 +25,6 @@ use crate::store::{CachedKey, StoreError};
 
 /// Largest accepted body.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Bodies up to this size are drained before a 413, so the client reads the answer;
-/// larger ones are answered and the connection closed.
-const DRAIN_LIMIT: usize = 1024 * 1024;
 const MANAGE_SCOPE: &str = "keys:manage";
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -460,17 +457,9 @@ async fn read_json(session: &mut Session) -> Result<Map<String, Value>, ApiError
 }
 
 async fn read_body(session: &mut Session) -> Result<Bytes, ApiError> {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        session
-            .write_continue_response()
-            .await
-            .map_err(|_| ApiError::Internal)?;
-    }
+    crate::body::continue_if_expected(session)
+        .await
+        .map_err(|_| ApiError::Internal)?;
     let mut body = BytesMut::new();
     let mut total = 0usize;
     loop {
@@ -480,7 +469,7 @@ async fn read_body(session: &mut Session) -> Result<Bytes, ApiError> {
             .map_err(|_| ApiError::InvalidJson("the body could not be read".into()))?;
         let Some(chunk) = chunk else { break };
         total += chunk.len();
-        if total > DRAIN_LIMIT {
+        if total > crate::body::DRAIN_LIMIT {
             return Err(ApiError::PayloadTooLarge);
         }
         if total <= MAX_BODY {

@@ -33,6 +33,12 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("the request is malformed")]
     MalformedRequest,
+    #[error("the chunked request body is malformed or ended early")]
+    MalformedBody,
+    #[error("a chunked request body may be at most 64 KiB; send a larger body with Content-Length")]
+    ChunkedBodyTooLarge,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("CONNECT tunnels are not served")]
     ConnectNotAllowed,
     #[error("the request header is too large")]
@@ -47,7 +53,10 @@ impl GatewayError {
             GatewayError::NoRoute => 404,
             GatewayError::InvalidPath
             | GatewayError::ConflictingCredentials
-            | GatewayError::MalformedRequest => 400,
+            | GatewayError::MalformedRequest
+            | GatewayError::MalformedBody => 400,
+            GatewayError::BodyTimeout => 408,
+            GatewayError::ChunkedBodyTooLarge => 413,
             GatewayError::ConnectNotAllowed => 405,
             GatewayError::HeaderTooLarge => 431,
             GatewayError::MissingCredentials
@@ -76,11 +85,25 @@ impl GatewayError {
             GatewayError::NoHealthyUpstream => "no_healthy_upstream",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
-            GatewayError::MalformedRequest => "bad_request",
+            GatewayError::MalformedRequest | GatewayError::MalformedBody => "bad_request",
+            GatewayError::ChunkedBodyTooLarge => "payload_too_large",
+            GatewayError::BodyTimeout => "request_timeout",
             GatewayError::ConnectNotAllowed => "method_not_allowed",
             GatewayError::HeaderTooLarge => "header_too_large",
             GatewayError::Internal => "internal_error",
         }
+    }
+
+    /// Refusals after which the connection cannot carry another request: a CONNECT's
+    /// framing is not a normal request's, and a refused chunked body was not read to its end.
+    pub fn ends_connection(self) -> bool {
+        matches!(
+            self,
+            GatewayError::ConnectNotAllowed
+                | GatewayError::MalformedBody
+                | GatewayError::ChunkedBodyTooLarge
+                | GatewayError::BodyTimeout
+        )
     }
 
     /// The `outcome` label of `keygate_requests_total`. Upstream failures happen after the
@@ -92,6 +115,9 @@ impl GatewayError {
             GatewayError::InvalidPath
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
+            | GatewayError::MalformedBody
+            | GatewayError::ChunkedBodyTooLarge
+            | GatewayError::BodyTimeout
             | GatewayError::ConnectNotAllowed
             | GatewayError::HeaderTooLarge => Outcome::BadRequest,
             GatewayError::MissingCredentials => Outcome::MissingCredentials,

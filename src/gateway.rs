@@ -1,14 +1,16 @@
 //! The request path, top to bottom: route, path check, credentials, key format, cache (or
-//! one store read), expiry, scope, rate limit, usage. Everything the proxy hooks do is decided here.
+//! one store read), expiry, scope, rate limit, a chunked body read whole, usage. Everything the proxy hooks do is decided here.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 use pingora::http::RequestHeader;
+use pingora::proxy::Session;
 
 use crate::api::ManagementLimiters;
 use crate::auth::{self, CredentialSources};
+use crate::body;
 use crate::config::Config;
 use crate::error::{GatewayError, Outcome};
 use crate::keys::{KeyFormat, KeyHash};
@@ -59,6 +61,8 @@ pub struct RequestCtx {
     /// The rate-limit verdict, for the `RateLimit-*` response headers.
     pub rate_limit: Option<Decision>,
     pub error_code: Option<&'static str>,
+    /// The length of a chunked body read whole before forwarding (see `body`).
+    pub buffered_body: Option<usize>,
 }
 
 impl Default for RequestCtx {
@@ -78,6 +82,7 @@ impl Default for RequestCtx {
             peer_attempts: 0,
             rate_limit: None,
             error_code: None,
+            buffered_body: None,
         }
     }
 }
@@ -134,9 +139,10 @@ impl Gateway {
     /// Decides what happens to a request. On `Err`, the caller answers with the error.
     pub async fn admit(
         &self,
-        req: &RequestHeader,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
+        let req = session.req_header();
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
         }
@@ -157,38 +163,50 @@ impl Gateway {
             .ok_or(GatewayError::NoRoute)?;
         ctx.route = Some(Arc::clone(route));
         ctx.route_index = Some(index);
+
         if route.is_public() {
             ctx.outcome = Outcome::Public;
-            return Ok(Admission::Forward);
+        } else {
+            let auth_started = Instant::now();
+            let authenticated = self.authenticate(&req.headers).await;
+            self.metrics
+                .auth_duration
+                .observe(auth_started.elapsed().as_secs_f64());
+            let (key, sources) = authenticated?;
+            if !auth::has_scopes(&key.scopes, &route.config.scopes) {
+                return Err(GatewayError::InsufficientScope);
+            }
+            let limit = match (key.rate_limit, route.config.rate_limit) {
+                (Some(own), _) => Some((own, KEY_OWN_LIMIT)),
+                (None, Some(route_default)) => Some((route_default, index as u32)),
+                (None, None) => None,
+            };
+            if let Some((limit, scope)) = limit {
+                let decision = self.rate_limits.check(
+                    limit.requests,
+                    limit.window_seconds,
+                    key.id_number,
+                    scope,
+                );
+                ctx.rate_limit = Some(decision);
+                if let Decision::Limited { retry_after, .. } = decision {
+                    ctx.key = Some(key);
+                    return Err(GatewayError::RateLimited { retry_after });
+                }
+            }
+            ctx.key = Some(key);
+            ctx.credential_sources = sources;
         }
 
-        let auth_started = Instant::now();
-        let authenticated = self.authenticate(&req.headers).await;
-        self.metrics
-            .auth_duration
-            .observe(auth_started.elapsed().as_secs_f64());
-        let (key, sources) = authenticated?;
-        if !auth::has_scopes(&key.scopes, &route.config.scopes) {
-            return Err(GatewayError::InsufficientScope);
+        // Only an admitted request gets its chunked body read, and only a request whose
+        // body checks out is counted and forwarded.
+        if body::is_chunked(req) {
+            let deadline = self.config.server.header_read_timeout;
+            ctx.buffered_body = Some(body::buffer_chunked(session, deadline).await?);
         }
-        let limit = match (key.rate_limit, route.config.rate_limit) {
-            (Some(own), _) => Some((own, KEY_OWN_LIMIT)),
-            (None, Some(route_default)) => Some((route_default, index as u32)),
-            (None, None) => None,
-        };
-        if let Some((limit, scope)) = limit {
-            let decision =
-                self.rate_limits
-                    .check(limit.requests, limit.window_seconds, key.id_number, scope);
-            ctx.rate_limit = Some(decision);
-            if let Decision::Limited { retry_after, .. } = decision {
-                ctx.key = Some(key);
-                return Err(GatewayError::RateLimited { retry_after });
-            }
+        if let Some(key) = &ctx.key {
+            self.usage.record(key.id_number, &key.id, unix_now());
         }
-        self.usage.record(key.id_number, &key.id, unix_now());
-        ctx.key = Some(key);
-        ctx.credential_sources = sources;
         Ok(Admission::Forward)
     }
 
@@ -255,6 +273,9 @@ impl Gateway {
             req.insert_header("x-keygate-scopes", key.scopes_header.clone())?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(length) = ctx.buffered_body {
+            body::frame_as_buffered(req, length)?;
+        }
         if let Some(route) = &ctx.route
             && let Some(path) = route.upstream_path(req.uri.path())
         {

@@ -8,6 +8,7 @@
 //! - `guard`    connection cap and header deadline around the proxy service
 //! - `gateway`  the request path, top to bottom: route, credentials, key, scope, usage
 //! - `auth`     credential extraction from headers (pure functions)
+//! - `body`     chunked request bodies, read whole before they are forwarded
 //! - `keys`     key format, generation, hashing, the persisted record
 //! - `store`    the `KeyStore` trait, the sled store, the moka-cached key index
 //! - `service`  key lifecycle operations shared by the API and the CLI
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod error;

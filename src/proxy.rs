@@ -55,6 +55,8 @@ impl ProxyHttp for KeygateProxy {
         crate::guard::header_parsed();
         // Pingora keeps idle downstream connections forever unless told otherwise.
         session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
+        // Without this Pingora answers the first of pipelined requests and drops the rest.
+        session.downstream_session.set_pipelining_enabled(true);
         Ok(())
     }
 
@@ -64,15 +66,14 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(&session.req_header().headers);
-        match self.gateway.admit(session.req_header(), ctx).await {
+        match self.gateway.admit(session, ctx).await {
             Ok(Admission::Forward) => Ok(false),
             Ok(Admission::Management) => {
                 api::serve(&self.gateway, session, ctx).await?;
                 Ok(true)
             }
             Err(error) => {
-                if error == GatewayError::ConnectNotAllowed {
-                    // A CONNECT's framing is not a normal request's: end the connection.
+                if error.ends_connection() {
                     session.set_keepalive(None);
                 }
                 ctx.outcome = error.outcome();

@@ -1155,3 +1155,75 @@ async fn tls_upstreams_get_sni_and_a_verified_certificate() {
         "an unverifiable upstream must not be used: {status} {code}"
     );
 }
+
+/// Pipelined requests on one connection are all answered, in order: proxied, management,
+/// refused and chunked-body requests alike. (Pingora answers only the first of pipelined
+/// requests and drops the rest unless pipelining is switched on for the session.)
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    const ADMIN: &str = "pipelining-admin-token-3c1f";
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (record, key) = create_key(&config.path(), "alice", &[], None);
+    let id = record["id"].as_str().expect("id");
+    let _gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+
+    let owner = r#"{"owner": "bob"}"#;
+    let requests: [(String, u16); 6] = [
+        (
+            format!("GET /one HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\n\r\n"),
+            200,
+        ),
+        (
+            format!(
+                "GET /_keygate/keys/{id} HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
+            ),
+            200,
+        ),
+        ("GET /two HTTP/1.1\r\nHost: g\r\n\r\n".to_string(), 401),
+        (
+            format!(
+                "POST /three HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            200,
+        ),
+        (
+            format!(
+                "POST /_keygate/keys HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: {}\r\n\r\n{owner}",
+                owner.len()
+            ),
+            201,
+        ),
+        (
+            format!(
+                "GET /four HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+            ),
+            200,
+        ),
+    ];
+    let statuses = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
+            .await
+            .expect("connect");
+        let all: String = requests.iter().map(|(r, _)| r.as_str()).collect();
+        stream.write_all(all.as_bytes()).await.expect("write");
+        let mut leftover = Vec::new();
+        let mut statuses = Vec::new();
+        for _ in &requests {
+            match read_next_response(&mut stream, &mut leftover).await {
+                Ok(response) => statuses.push(response.status),
+                Err(e) => panic!("after {statuses:?}: {e}"),
+            }
+        }
+        statuses
+    })
+    .await
+    .expect("all answers within 10 s");
+    let expected: Vec<u16> = requests.iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, expected);
+    let seen = upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path_and_query.as_str()).collect();
+    assert_eq!(paths, ["/one", "/three", "/four"]);
+    assert_eq!(seen[1].body, b"hello");
+}

@@ -53,13 +53,21 @@ pub async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), 
 /// Content-Length or chunked encoding, or by the end of the connection. Err when the
 /// connection fails or ends before a whole response arrived.
 pub async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
-    let mut buf = Vec::new();
+    read_next_response(stream, &mut Vec::new()).await
+}
+
+/// As `read_response`, for one of several responses on a connection (pipelining): `buf`
+/// holds bytes already read past the previous response and keeps those past this one.
+pub async fn read_next_response(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<RawResponse, String> {
     let (status, headers, head_end) = loop {
         let head_end = loop {
-            if let Some(pos) = find(&buf, b"\r\n\r\n") {
+            if let Some(pos) = find(buf, b"\r\n\r\n") {
                 break pos + 4;
             }
-            read_more(stream, &mut buf).await?;
+            read_more(stream, buf).await?;
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let mut lines = head.split("\r\n");
@@ -92,7 +100,7 @@ pub async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String
         while rest.len() < len {
             read_more(stream, &mut rest).await?;
         }
-        rest.truncate(len);
+        *buf = rest.split_off(len);
         rest
     } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
         let mut body = Vec::new();
@@ -112,11 +120,13 @@ pub async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String
             body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
             rest.drain(..line_end + 2 + size + 2);
             if size == 0 {
+                *buf = rest;
                 break body;
             }
         }
     } else {
         let _ = stream.read_to_end(&mut rest).await;
+        buf.clear();
         rest
     };
     Ok(RawResponse {
