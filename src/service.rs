@@ -175,10 +175,24 @@ pub fn validate_new_key(
             bad("metadata", "must be at most 4096 bytes of JSON");
         }
         // PostgreSQL's jsonb cannot hold NUL; refuse it on every backend alike.
-        if text.contains("\\u0000") {
+        if map_holds_nul(meta) {
             bad("metadata", "must not contain NUL characters");
         }
     }
+}
+
+/// Whether a NUL character is in any string of `value`, object keys included.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(map) => map_holds_nul(map),
+        _ => false,
+    }
+}
+
+fn map_holds_nul(map: &serde_json::Map<String, serde_json::Value>) -> bool {
+    map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v))
 }
 
 /// Key operations over one store, its cache and the pending usage counters.
@@ -341,10 +355,25 @@ mod tests {
 
     #[test]
     fn nul_in_metadata_is_refused() {
+        for meta in [
+            serde_json::json!({"note": "a\u{0}b"}),
+            serde_json::json!({"a\u{0}": 1}),
+            serde_json::json!({"deep": [1, {"x": ["\u{0}"]}]}),
+        ] {
+            let mut errors = FieldErrors::new();
+            validate_new_key(None, "alice", &[], None, meta.as_object(), &mut errors);
+            assert!(errors.contains_key("metadata"), "{meta}: {errors:?}");
+        }
+    }
+
+    /// The text `\u0000` (a backslash, then `u0000`) is not a NUL character: it used to be
+    /// refused because the check searched the escaped JSON text.
+    #[test]
+    fn escaped_looking_text_in_metadata_is_kept() {
         let mut errors = FieldErrors::new();
-        let meta = serde_json::json!({"note": "a\u{0}b"});
+        let meta = serde_json::json!({"path": "C:\\u0000\\dir", "\\u0000": "key"});
         validate_new_key(None, "alice", &[], None, meta.as_object(), &mut errors);
-        assert!(errors.contains_key("metadata"), "{errors:?}");
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     #[test]

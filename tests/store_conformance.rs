@@ -116,7 +116,8 @@ async fn insert_get_and_find_by_hash_round_trip(store: Arc<dyn KeyStore>) {
         "team": "core",
         "n": 3,
         "big": 9_007_199_254_740_993_u64,
-        "nested": { "list": [1, 2.5, null, true, "x"] }
+        "nested": { "list": [1, 2.5, null, true, "x"] },
+        "escaped-looking \\u0000": "C:\\u0000\\dir"
     })
     .as_object()
     .cloned();
