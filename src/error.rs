@@ -9,8 +9,14 @@ use serde::Serialize;
 pub enum GatewayError {
     #[error("no route matches this request")]
     NoRoute,
-    #[error("the request path contains dot segments or backslashes; send a normalized path")]
+    #[error(
+        "the request path contains dot segments, backslashes or a malformed %-escape; send a normalized path"
+    )]
     InvalidPath,
+    #[error(
+        "the path leads elsewhere once its encoded slashes, repeated slashes or ;parameters are read as an upstream may read them; send it plainly"
+    )]
+    AmbiguousPath,
     #[error("no API key: send it in the `x-api-key`, `key` or `Authorization: Bearer` header")]
     MissingCredentials,
     #[error("the request carries two different API keys")]
@@ -52,6 +58,7 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute => 404,
             GatewayError::InvalidPath
+            | GatewayError::AmbiguousPath
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody => 400,
@@ -74,7 +81,7 @@ impl GatewayError {
     pub fn code(self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no_route",
-            GatewayError::InvalidPath => "invalid_path",
+            GatewayError::InvalidPath | GatewayError::AmbiguousPath => "invalid_path",
             GatewayError::MissingCredentials => "missing_credentials",
             GatewayError::ConflictingCredentials => "conflicting_credentials",
             GatewayError::InvalidKey => "invalid_key",
@@ -113,6 +120,7 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute => Outcome::NoRoute,
             GatewayError::InvalidPath
+            | GatewayError::AmbiguousPath
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::{GatewayError, Outcome};
 use crate::keys::{KeyFormat, KeyHash};
 use crate::metrics::{CacheMetrics, Metrics, RouteMetrics};
+use crate::path;
 use crate::ratelimit::{Decision, KEY_OWN_LIMIT, KeyLimits};
 use crate::service::KeyService;
 use crate::store::{CachedKey, KeyIndex, LookupSource};
@@ -87,6 +88,24 @@ impl Default for RequestCtx {
     }
 }
 
+/// What a path means to keygate. Routes compare by index.
+enum Destination<'a> {
+    Management,
+    Route(usize, &'a Arc<Route>),
+    NoRoute,
+}
+
+impl Destination<'_> {
+    fn same_as(&self, other: &Destination<'_>) -> bool {
+        match (self, other) {
+            (Destination::Management, Destination::Management)
+            | (Destination::NoRoute, Destination::NoRoute) => true,
+            (Destination::Route(a, _), Destination::Route(b, _)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 pub enum Admission {
     /// Forward to the route's upstreams.
     Forward,
@@ -142,6 +161,15 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
+        // Route on the path every upstream reads: `%61` is `a` (see `path`).
+        let decoded = path::decode_unreserved(session.req_header().uri.path())
+            .map_err(|_| GatewayError::InvalidPath)?;
+        if let Some(decoded) = decoded {
+            let req = session.req_header_mut();
+            if let Some(uri) = with_path(&req.uri, &decoded) {
+                req.set_uri(uri);
+            }
+        }
         let req = session.req_header();
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
@@ -150,17 +178,27 @@ impl Gateway {
             return Err(GatewayError::HeaderTooLarge);
         }
         let path = req.uri.path();
-        if !is_normalized(path) {
+        let host = request_host(req);
+        let lenient = path::lenient_reading(path);
+        let as_read = lenient.as_deref().unwrap_or(path);
+        if (!path.starts_with('/') && path != "*")
+            || path.contains('\\')
+            || path::has_dot_segment(as_read)
+        {
             return Err(GatewayError::InvalidPath);
         }
-        if self.is_management_path(path) {
-            ctx.management = true;
-            return Ok(Admission::Management);
+        let destination = self.destination(host, path);
+        if lenient.is_some_and(|read| !self.destination(host, &read).same_as(&destination)) {
+            return Err(GatewayError::AmbiguousPath);
         }
-        let (index, route) = self
-            .router
-            .find(request_host(req), path)
-            .ok_or(GatewayError::NoRoute)?;
+        let (index, route) = match destination {
+            Destination::Management => {
+                ctx.management = true;
+                return Ok(Admission::Management);
+            }
+            Destination::NoRoute => return Err(GatewayError::NoRoute),
+            Destination::Route(index, route) => (index, route),
+        };
         ctx.route = Some(Arc::clone(route));
         ctx.route_index = Some(index);
 
@@ -242,6 +280,17 @@ impl Gateway {
         Ok((key, credential.sources))
     }
 
+    /// Where `path` leads: the management API, a route, or nowhere.
+    fn destination(&self, host: Option<&str>, path: &str) -> Destination<'_> {
+        if self.is_management_path(path) {
+            return Destination::Management;
+        }
+        match self.router.find(host, path) {
+            Some((index, route)) => Destination::Route(index, route),
+            None => Destination::NoRoute,
+        }
+    }
+
     pub fn is_management_path(&self, path: &str) -> bool {
         let base = self.config.management.path.as_str();
         path.strip_prefix(base)
@@ -278,14 +327,9 @@ impl Gateway {
         }
         if let Some(route) = &ctx.route
             && let Some(path) = route.upstream_path(req.uri.path())
+            && let Some(uri) = with_path(&req.uri, &path)
         {
-            let with_query = match req.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            if let Ok(uri) = with_query.parse::<http::Uri>() {
-                req.set_uri(uri);
-            }
+            req.set_uri(uri);
         }
         Ok(())
     }
@@ -319,79 +363,20 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)
 }
 
-/// Refuses paths an upstream might resolve differently from our router: `.`/`..` segments
-/// (also percent-encoded) and backslashes. Otherwise `/public/../admin` could be routed as
-/// public and served as admin.
-pub fn is_normalized(path: &str) -> bool {
-    if !path.starts_with('/') && path != "*" {
-        return false;
-    }
-    let bytes = path.as_bytes();
-    if !bytes.contains(&b'.') && !bytes.contains(&b'%') && !bytes.contains(&b'\\') {
-        return true;
-    }
-    let mut decoded = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let code = path.get(i + 1..i + 3).map(str::to_ascii_lowercase);
-            match code.as_deref() {
-                Some("2e") => {
-                    decoded.push('.');
-                    i += 3;
-                    continue;
-                }
-                Some("2f") | Some("5c") => {
-                    decoded.push('/');
-                    i += 3;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        if b == b'\\' {
-            return false;
-        }
-        decoded.push(char::from(b));
-        i += 1;
-    }
-    !decoded
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
+/// `uri` with its path replaced (query, scheme and authority kept).
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normalized_paths() {
-        for ok in [
-            "/",
-            "/a/b",
-            "/a.b/c",
-            "/file.txt",
-            "/a%20b",
-            "/...",
-            "/a/..b",
-        ] {
-            assert!(is_normalized(ok), "{ok}");
-        }
-        for bad in [
-            "/a/../b",
-            "/..",
-            "/a/.",
-            "/a/%2e%2e/b",
-            "/a/%2E./b",
-            "/a%2f..%2fb",
-            "/a\\b",
-            "/a/%5c../b",
-            "relative",
-        ] {
-            assert!(!is_normalized(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn request_ids_are_kept_when_sane() {

@@ -7,6 +7,7 @@
 //! - `proxy`    the Pingora `ProxyHttp` hooks; they only delegate
 //! - `guard`    connection cap and header deadline around the proxy service
 //! - `gateway`  the request path, top to bottom: route, credentials, key, scope, usage
+//! - `path`     request paths as routed, and as a lenient upstream may read them
 //! - `auth`     credential extraction from headers (pure functions)
 //! - `body`     chunked request bodies, read whole before they are forwarded
 //! - `keys`     key format, generation, hashing, the persisted record
@@ -37,6 +38,7 @@ pub mod guard;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod respond;

@@ -909,6 +909,12 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
         "/resource/../_keygate/keys",
         "/_keygate\\keys",
         "/_keygate/keys\\..\\audit",
+        "//_keygate/keys",
+        "/_keygate%2Fkeys",
+        "/_keygate;x/keys",
+        "/_keygate/keys/..;/audit",
+        "/%5Fkeygate/keys/%2E%2E/audit",
+        "/_keygate/keys/%zz",
     ] {
         rows.push(row(
             format!("path {target}"),
@@ -916,12 +922,7 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
             Refused(400, "invalid_path"),
         ));
     }
-    for target in [
-        "//_keygate/keys",
-        "/_keygate%2Fkeys",
-        "/_KEYGATE/keys",
-        "/_keygatex/keys",
-    ] {
+    for target in ["/_KEYGATE/keys", "/%5FKEYGATE/keys", "/_keygatex/keys"] {
         rows.push(row(
             format!("path {target} is no management path"),
             admin_get(target),
@@ -936,6 +937,11 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
             &[admin_auth()],
             None,
         ),
+        Answered(200),
+    ));
+    rows.push(row(
+        "the management API under a percent-encoded name",
+        admin_get("/%5F%6Beygate/keys?limit=1"),
         Answered(200),
     ));
     rows.push(row(

@@ -819,6 +819,107 @@ async fn dot_segment_paths_are_refused() {
     assert_eq!(admin.count(), 0, "admin upstream saw a dot-segment path");
 }
 
+/// Paths are routed as the upstream will read them: a percent-encoded unreserved character
+/// is that character (so `/%61dmin` is `/admin` and needs the admin scope), and a path
+/// whose encoded slashes, repeated slashes or `;parameters` would put it under another
+/// route for a lenient upstream (Flask and Go decode `%2F`, nginx merges `//`, Java servers
+/// drop `;jsessionid`) is refused. Paths that stay on their route either way pass as sent.
+#[tokio::test]
+async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
+    let admin = Upstream::start("admin").await;
+    let default = Upstream::start("default").await;
+    let public = Upstream::start("public").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "{}{}{}",
+        route("admin", "/admin", &[admin.addr], "scopes = [\"admin\"]"),
+        route("open", "/open", &[public.addr], "auth = \"none\""),
+        route("default", "/", &[default.addr], "")
+    ));
+    config.write();
+    let (_, reader) = create_key(&config.path(), "alice", &["read"], None);
+    let (_, root) = create_key(&config.path(), "alice", &["admin"], None);
+    let _gateway =
+        Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", "paths-admin")]).await;
+    let get = |path: &str, credential: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{credential}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let reader_key = format!("x-api-key: {reader}");
+    let root_key = format!("x-api-key: {root}");
+
+    for (path, status, code) in [
+        ("/%61dmin/users", 403, Some("insufficient_scope")),
+        ("/%61%64%6D%69%6E", 403, Some("insufficient_scope")),
+        ("/admin%2Fusers", 400, Some("invalid_path")),
+        ("/admin%2fusers", 400, Some("invalid_path")),
+        ("/admin%5Cusers", 400, Some("invalid_path")),
+        ("//admin/users", 400, Some("invalid_path")),
+        ("/x/..//admin", 400, Some("invalid_path")),
+        ("/admin;jsessionid=1/users", 400, Some("invalid_path")),
+        ("/open/..;/admin/users", 400, Some("invalid_path")),
+        ("/open/.%2e/admin/users", 400, Some("invalid_path")),
+        ("/open%2F..%2Fadmin", 400, Some("invalid_path")),
+        ("/%zz/users", 400, Some("invalid_path")),
+        ("/%3%30", 400, Some("invalid_path")),
+    ] {
+        let resp = raw_request(config.listen, &get(path, &reader_key)).await;
+        assert_eq!(
+            (resp.status, resp.error_code().as_deref()),
+            (status, code),
+            "{path}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+    }
+    assert_eq!(
+        (admin.count(), default.count(), public.count()),
+        (0, 0, 0),
+        "refused paths reached an upstream"
+    );
+
+    // Allowed: the decoded path goes to the right route, and upstream as decoded.
+    let resp = raw_request(config.listen, &get("/%61dmin/users", &root_key)).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        admin.seen().pop().expect("admin saw it").path_and_query,
+        "/admin/users"
+    );
+    // Escapes of reserved characters stay as sent, and paths that stay on their route
+    // whatever the reading pass unchanged.
+    for path in [
+        "/projects/group%2Fproject?x=%2F",
+        "/files/a%20b%C3%A9",
+        "/x;v=1/y",
+        "/a//b",
+        "/open/docs%2Fintro",
+    ] {
+        let resp = raw_request(config.listen, &get(path, &reader_key)).await;
+        assert_eq!(
+            resp.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&resp.body)
+        );
+        let seen = if path.starts_with("/open") {
+            public.seen()
+        } else {
+            default.seen()
+        };
+        assert_eq!(seen.last().expect("seen").path_and_query, path);
+    }
+    // The management API is found under its encoded name too.
+    let resp = raw_request(
+        config.listen,
+        &get(
+            "/%5Fkeygate/keys?limit=1",
+            "authorization: Bearer paths-admin",
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert!(resp.json().is_some_and(|body| body["data"].is_array()));
+}
+
 /// 14. A key in a header the client's Connection header names still authenticates, and
 /// that header is not forwarded.
 #[tokio::test]

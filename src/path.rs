@@ -1,0 +1,181 @@
+//! Request paths as keygate routes them, and as the most lenient upstream could read them.
+//!
+//! keygate picks a route (and so a scope and whether a key is needed) from the path, but
+//! the upstream decides what the path means. Wherever the two could disagree, a path could
+//! reach a protected resource through a route that protects less: `/%61dmin` (that is
+//! `/admin`), `/admin%2Fx`, `//admin`, `/admin;x` (a path parameter, dropped by Java
+//! servers), `/open/..;/admin`. So keygate routes on the path with percent-encoded
+//! unreserved characters decoded (RFC 3986 6.2.2.2: the same path), and refuses a path
+//! whose lenient reading has a dot segment or belongs to another route.
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The byte a `%XX` escape at `at` stands for.
+fn escaped_byte(path: &[u8], at: usize) -> Option<u8> {
+    if path.get(at) != Some(&b'%') {
+        return None;
+    }
+    let high = hex_value(*path.get(at + 1)?)?;
+    let low = hex_value(*path.get(at + 2)?)?;
+    Some(high << 4 | low)
+}
+
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+/// A `%` not followed by two hex digits: not a URI path (RFC 3986 2.1), and a way to make
+/// a path whose meaning changes with each decoding (`%3%30` decodes to `%30`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedEscape;
+
+/// The path with its percent-encoded unreserved characters decoded (`/%61dmin` ->
+/// `/admin`); None when there are none, which is every path without a `%`.
+pub fn decode_unreserved(path: &str) -> Result<Option<String>, MalformedEscape> {
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') {
+        return Ok(None);
+    }
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            decoded.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let byte = escaped_byte(bytes, i).ok_or(MalformedEscape)?;
+        if is_unreserved(byte) {
+            decoded.push(byte);
+            changed = true;
+        } else {
+            decoded.extend_from_slice(&bytes[i..i + 3]);
+        }
+        i += 3;
+    }
+    // Only ASCII was replaced by ASCII, so the bytes are still the UTF-8 they were.
+    Ok(changed.then(|| String::from_utf8(decoded).ok()).flatten())
+}
+
+/// The path as the most lenient upstream reads it: `%2F`, `%5C` and `%2E` decoded, `\` as
+/// `/`, `;parameters` dropped from every segment, repeated slashes merged. None when it
+/// reads exactly as written, which is every path without `%`, `;`, `\` or `//`.
+pub fn lenient_reading(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let plain = !bytes.iter().any(|b| matches!(b, b'%' | b';' | b'\\')) && !path.contains("//");
+    if plain {
+        return None;
+    }
+    let mut read = Vec::with_capacity(bytes.len());
+    let mut in_parameters = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let (byte, width) = match escaped_byte(bytes, i) {
+            Some(b @ (b'/' | b'\\' | b'.')) => (b, 3),
+            _ => (bytes[i], 1),
+        };
+        i += width;
+        match byte {
+            b'/' | b'\\' => {
+                in_parameters = false;
+                if read.last() != Some(&b'/') {
+                    read.push(b'/');
+                }
+            }
+            b';' => in_parameters = true,
+            _ if in_parameters => {}
+            _ => read.push(byte),
+        }
+    }
+    let read = String::from_utf8_lossy(&read).into_owned();
+    (read != path).then_some(read)
+}
+
+/// Whether any segment is `.` or `..`.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.contains('.')
+        && path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_nothing_else() {
+        let decoded = |path| decode_unreserved(path).expect("well-formed");
+        assert_eq!(decoded("/plain/path"), None);
+        assert_eq!(decoded("/%61dmin/x").as_deref(), Some("/admin/x"));
+        assert_eq!(decoded("/%5Fkeygate").as_deref(), Some("/_keygate"));
+        assert_eq!(decoded("/a%7Eb%2d").as_deref(), Some("/a~b-"));
+        // Reserved characters and non-ASCII stay as they are.
+        assert_eq!(decoded("/a%2Fb%20c%C3%A9"), None);
+        assert_eq!(decoded("/%2561"), None);
+        for broken in ["/%zz", "/%4", "/a%", "/%3%30", "/%%41"] {
+            assert_eq!(decode_unreserved(broken), Err(MalformedEscape), "{broken}");
+        }
+    }
+
+    #[test]
+    fn lenient_readings() {
+        for plain in ["/", "/a/b", "/a.b/c", "/a%20b/c%C3%A9"] {
+            assert_eq!(lenient_reading(plain), None, "{plain}");
+        }
+        for (path, read) in [
+            ("/admin%2Fx", "/admin/x"),
+            ("/admin%2fx", "/admin/x"),
+            ("/admin%5Cx", "/admin/x"),
+            ("/admin\\x", "/admin/x"),
+            ("//admin", "/admin"),
+            ("/a///b//", "/a/b/"),
+            ("/admin;jsessionid=1/x", "/admin/x"),
+            ("/open/..;/admin", "/open/../admin"),
+            ("/open/%2e%2e/admin", "/open/../admin"),
+            ("/open/.%2E/admin", "/open/../admin"),
+            ("/x;a=1;b=2", "/x"),
+        ] {
+            assert_eq!(lenient_reading(path).as_deref(), Some(read), "{path}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_is_idempotent(path in "/[a-zA-Z0-9%/._~;-]{0,40}") {
+            if let Ok(Some(decoded)) = decode_unreserved(&path) {
+                prop_assert_eq!(decode_unreserved(&decoded), Ok(None));
+                prop_assert!(decoded.len() < path.len());
+            }
+        }
+
+        #[test]
+        fn lenient_readings_are_plain(path in "/[a-zA-Z0-9%/\\\\._;25fFcCeE-]{0,40}") {
+            if let Some(read) = lenient_reading(&path) {
+                prop_assert!(!read.contains("//"), "{}", read);
+                prop_assert!(!read.contains(';') && !read.contains('\\'), "{}", read);
+                let lowered = read.to_ascii_lowercase();
+                prop_assert!(
+                    !lowered.contains("%2f") && !lowered.contains("%5c") && !lowered.contains("%2e"),
+                    "{} -> {}", path, read
+                );
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(path in any::<String>()) {
+            let _ = decode_unreserved(&path);
+            let _ = lenient_reading(&path);
+            let _ = has_dot_segment(&path);
+        }
+    }
+}
