@@ -186,19 +186,25 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'
 }
 
-/// The request's host without port, from the URI authority or the Host header.
+/// The request's host without port and without the trailing dot of a fully qualified
+/// name (`api.example.` is `api.example` to every upstream), from the URI authority or the
+/// Host header.
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
     if let Some(host) = req.uri.host() {
-        return Some(host);
+        return Some(without_root_dot(host));
     }
     let raw = req.headers.get(http::header::HOST)?.to_str().ok()?;
     if let Some(bracketed) = raw.strip_prefix('[') {
         return bracketed.split(']').next();
     }
-    Some(match raw.rsplit_once(':') {
+    Some(without_root_dot(match raw.rsplit_once(':') {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => raw,
-    })
+    }))
+}
+
+fn without_root_dot(host: &str) -> &str {
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -253,6 +259,29 @@ upstreams = ["127.0.0.1:4"]
             name(Some("SPECIAL.example"), "/api").as_deref(),
             Some("api-host")
         );
+    }
+
+    #[test]
+    fn hosts_lose_port_brackets_and_root_dot() {
+        let host_of = |authority: &str, header: &str| {
+            let mut req = pingora::http::RequestHeader::build("GET", authority.as_bytes(), None)
+                .expect("req");
+            if !header.is_empty() {
+                req.insert_header("host", header).expect("host");
+            }
+            request_host(&req).map(str::to_string)
+        };
+        assert_eq!(
+            host_of("/", "api.example:8080").as_deref(),
+            Some("api.example")
+        );
+        assert_eq!(host_of("/", "api.example.").as_deref(), Some("api.example"));
+        assert_eq!(
+            host_of("/", "api.example.:443").as_deref(),
+            Some("api.example")
+        );
+        assert_eq!(host_of("/", "[::1]:80").as_deref(), Some("::1"));
+        assert_eq!(host_of("/", "").as_deref(), None);
     }
 
     #[test]
