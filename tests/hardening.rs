@@ -2312,6 +2312,25 @@ async fn refused_connect_is_retried_on_the_other_upstream() {
     }
     assert_eq!(statuses, vec![200; 10], "b could have served every request");
     assert_eq!(b.count(), 10);
+
+    // A chunked body that keygate has read is sent again, whole, on the retry.
+    for i in 0..4 {
+        let chunks = format!("3\r\nab{i}\r\n4\r\ncdef\r\n0\r\n\r\n");
+        let request = format!(
+            "POST /chunked/{i} HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunks}"
+        );
+        let answer = exchange(config.listen, request.as_bytes(), false).await;
+        assert!(
+            matches!(&answer, Answer::Response(r) if r.status == 200),
+            "{}",
+            answer.describe()
+        );
+        let seen = b.seen().pop().expect("b saw it");
+        assert_eq!(
+            (seen.path_and_query, seen.body),
+            (format!("/chunked/{i}"), format!("ab{i}cdef").into_bytes())
+        );
+    }
 }
 
 // ---------------------------------------------------------------- 5. concurrent creates
