@@ -16,7 +16,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
-use crate::guard::Guarded;
+use crate::guard::{ConnectionCap, HeaderDeadline};
 use crate::metrics::Metrics;
 use crate::proxy::KeygateProxy;
 use crate::store::{CacheSettings, KeyIndex, KeyStore, PgStore, SledStore};
@@ -267,11 +267,13 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     proxy.server_options = Some(options);
     let mut proxy = Service::new(
         "keygate proxy".to_string(),
-        Guarded::new(
-            proxy,
+        ConnectionCap::new(
+            HeaderDeadline::new(
+                proxy,
+                config.server.header_read_timeout,
+                config.server.keepalive_timeout,
+            ),
             config.server.max_connections,
-            config.server.header_read_timeout,
-            config.server.keepalive_timeout,
         ),
     );
     proxy.add_tcp(&config.server.listen.to_string());

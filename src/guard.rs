@@ -2,6 +2,10 @@
 //! deadline for each request's header. Pingora's downstream read timeout applies per read,
 //! so a client trickling one header byte at a time would otherwise hold its connection (and
 //! a task) indefinitely.
+//!
+//! Two wrappers, because Pingora serves every request of a keep-alive connection inside
+//! one `ServerApp::process_new` call: the cap wraps that (a connection), the deadline wraps
+//! `HttpServerApp::process_new_http` (one request).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -9,13 +13,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashSet;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::ShutdownWatch;
 use tokio::sync::{Semaphore, oneshot};
 
 tokio::task_local! {
-    /// Set while a connection's request is processed; taken once its header is parsed.
+    /// Set while a request is processed; taken once its header is parsed.
     static HEADER_PARSED: RefCell<Option<oneshot::Sender<()>>>;
 }
 
@@ -29,51 +35,81 @@ pub fn header_parsed() {
     });
 }
 
-pub struct Guarded<A> {
+/// At most `max_connections` connections at once; over the cap a new connection is closed
+/// at once rather than queued (queued sockets still cost memory).
+pub struct ConnectionCap<A> {
     inner: Arc<A>,
     permits: Arc<Semaphore>,
+}
+
+impl<A> ConnectionCap<A> {
+    pub fn new(inner: A, max_connections: usize) -> Self {
+        ConnectionCap {
+            inner: Arc::new(inner),
+            permits: Arc::new(Semaphore::new(max_connections)),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        self.inner.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// Each request's header must be complete within `header_timeout` of the moment keygate
+/// starts waiting for it; on a reused keep-alive connection the client may first stay idle
+/// for `keepalive_timeout`.
+pub struct HeaderDeadline<A> {
+    inner: Arc<A>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
-    /// Connections waiting between two requests: the next header may first wait out the
-    /// keep-alive idle time.
+    /// Connections between two requests (by stream id): their next header may first wait
+    /// out the keep-alive idle time.
     idle: DashSet<i32>,
 }
 
-impl<A> Guarded<A> {
-    pub fn new(
-        inner: A,
-        max_connections: usize,
-        header_timeout: Duration,
-        keepalive_timeout: Duration,
-    ) -> Self {
-        Guarded {
+impl<A> HeaderDeadline<A> {
+    pub fn new(inner: A, header_timeout: Duration, keepalive_timeout: Duration) -> Self {
+        HeaderDeadline {
             inner: Arc::new(inner),
-            permits: Arc::new(Semaphore::new(max_connections)),
             header_timeout,
             keepalive_timeout,
             idle: DashSet::new(),
         }
     }
 
-    fn finished(&self, connection: i32, stream: Option<Stream>) -> Option<Stream> {
-        if stream.is_some() {
+    fn finished(
+        &self,
+        connection: Option<i32>,
+        reused: Option<ReusedHttpStream>,
+    ) -> Option<ReusedHttpStream> {
+        if let (Some(connection), Some(_)) = (connection, &reused) {
             self.idle.insert(connection);
         }
-        stream
+        reused
     }
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
-    async fn process_new(
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for HeaderDeadline<A> {
+    async fn process_new_http(
         self: &Arc<Self>,
-        session: Stream,
+        session: ServerSession,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let connection = session.id();
-        let reused = self.idle.remove(&connection).is_some();
-        // Over the cap: close at once rather than queue (queued sockets still cost memory).
-        let _permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+    ) -> Option<ReusedHttpStream> {
+        let connection = session.stream().map(|stream| stream.id());
+        let reused = connection.is_some_and(|id| self.idle.remove(&id).is_some());
         let deadline = if reused {
             self.keepalive_timeout + self.header_timeout
         } else {
@@ -82,21 +118,29 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let (signal, parsed) = oneshot::channel();
         let work = HEADER_PARSED.scope(
             RefCell::new(Some(signal)),
-            self.inner.process_new(session, shutdown),
+            self.inner.process_new_http(session, shutdown),
         );
         tokio::pin!(work);
         tokio::select! {
             biased;
-            stream = &mut work => return self.finished(connection, stream),
+            reused = &mut work => return self.finished(connection, reused),
             _ = parsed => {}
             // Dropping the request closes the connection.
             _ = tokio::time::sleep(deadline) => return None,
         }
-        let stream = work.await;
-        self.finished(connection, stream)
+        let reused = work.await;
+        self.finished(connection, reused)
     }
 
-    async fn cleanup(&self) {
-        self.inner.cleanup().await;
+    fn h2_options(&self) -> Option<H2Options> {
+        self.inner.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.inner.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.inner.http_cleanup().await;
     }
 }

@@ -339,6 +339,65 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
     drop(held_open);
 }
 
+/// The header deadline holds for every request on a keep-alive connection, not only the
+/// first: a second request whose header comes a byte at a time is cut off within
+/// `keepalive_timeout_seconds` + `header_read_timeout_seconds` (the idle wait allowed before
+/// a reused connection's next request, plus the header time).
+#[tokio::test]
+async fn slow_headers_on_a_reused_connection_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = Upstream::start("u").await;
+    let mut config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
+        upstream.addr
+    ));
+    config.server_extra = "header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = 2".into();
+    let _gateway = Gateway::start(&config).await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", config.listen))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let first = common::raw::read_next_response(&mut stream, &mut Vec::new())
+        .await
+        .expect("first response");
+    assert_eq!(first.status, 200);
+
+    let started = std::time::Instant::now();
+    let header = b"GET /second HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    for byte in header.iter().cycle() {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+            && n == 0
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+    }
+    let held = started.elapsed();
+    assert!(
+        held < Duration::from_secs(6),
+        "the second, trickled header held the connection for {held:?}; expected at most about 3 s"
+    );
+    assert!(
+        !upstream
+            .seen()
+            .iter()
+            .any(|s| s.path_and_query == "/second"),
+        "the incomplete request never reached the upstream"
+    );
+}
+
 /// `max_header_bytes` bounds the request line plus headers: 431 `header_too_large` beyond
 /// it, before any key check or forwarding.
 #[tokio::test]
