@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method};
@@ -325,7 +326,7 @@ async fn handle(
             if method != Method::POST {
                 return Err(ApiError::MethodNotAllowed("POST"));
             }
-            let body = read_json(session).await?;
+            let body = read_json(gateway, session).await?;
             return signup(gateway, session, body).await;
         }
         _ => {}
@@ -365,7 +366,7 @@ async fn handle(
 
     match op_out {
         Op::Create => {
-            let body = read_json(session).await?;
+            let body = read_json(gateway, session).await?;
             create(gateway, &caller, body, client).await
         }
         Op::List => list(gateway, &caller, &query).await,
@@ -378,11 +379,11 @@ async fn handle(
             revoke(gateway, &caller, &key.record.id, "revoke", client).await
         }
         Op::RevokeByValue => {
-            let body = read_json(session).await?;
+            let body = read_json(gateway, session).await?;
             revoke_by_value(gateway, &caller, can_manage, body, client).await
         }
         Op::Rotate => {
-            let body = read_json(session).await?;
+            let body = read_json(gateway, session).await?;
             let key = owned_key(gateway, &caller, &id).await?;
             rotate(gateway, &caller, key.record, body, client).await
         }
@@ -440,8 +441,11 @@ fn parse_query(query: Option<&str>) -> HashMap<String, String> {
 }
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works).
-async fn read_json(session: &mut Session) -> Result<Map<String, Value>, ApiError> {
-    let body = read_body(session).await?;
+async fn read_json(
+    gateway: &Gateway,
+    session: &mut Session,
+) -> Result<Map<String, Value>, ApiError> {
+    let body = read_body(session, gateway.config.server.keepalive_timeout).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -456,18 +460,23 @@ async fn read_json(session: &mut Session) -> Result<Map<String, Value>, ApiError
     }
 }
 
-async fn read_body(session: &mut Session) -> Result<Bytes, ApiError> {
-    crate::body::continue_if_expected(session)
+async fn read_body(session: &mut Session, keepalive: Duration) -> Result<Bytes, ApiError> {
+    let continued = crate::body::continue_if_expected(session)
         .await
         .map_err(|_| ApiError::Internal)?;
     let mut body = BytesMut::new();
     let mut total = 0usize;
     loop {
-        let chunk = session
-            .read_request_body()
-            .await
-            .map_err(|_| ApiError::InvalidJson("the body could not be read".into()))?;
-        let Some(chunk) = chunk else { break };
+        let chunk = match session.read_request_body().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                // Where a broken body ends is unknown: what follows must not be read as
+                // the next request.
+                session.set_keepalive(None);
+                return Err(ApiError::InvalidJson("the body could not be read".into()));
+            }
+        };
         total += chunk.len();
         if total > crate::body::DRAIN_LIMIT {
             return Err(ApiError::PayloadTooLarge);
@@ -478,6 +487,9 @@ async fn read_body(session: &mut Session) -> Result<Bytes, ApiError> {
     }
     if total > MAX_BODY {
         return Err(ApiError::PayloadTooLarge);
+    }
+    if continued {
+        crate::body::keep_alive_after_continue(session, keepalive);
     }
     Ok(body.freeze())
 }

@@ -24,15 +24,39 @@ pub const CHUNKED_BODY_LIMIT: usize = 64 * 1024;
 /// (and the client may only see the close).
 pub const DRAIN_LIMIT: usize = 1024 * 1024;
 
-/// Whether the request carries a chunked body. Pingora has already refused every
-/// `Transfer-Encoding` whose final coding is not `chunked`, so its presence is enough.
-pub fn is_chunked(req: &pingora::http::RequestHeader) -> bool {
-    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+/// How a request's body is framed, as far as forwarding it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body, or one with a `Content-Length`: streamed through.
+    Plain,
+    /// `Transfer-Encoding: chunked`: read whole first.
+    Chunked,
+}
+
+/// The request's framing. Only a lone `chunked` coding is accepted: keygate forwards a
+/// body it has read with a `Content-Length`, which would present `gzip, chunked` bytes to
+/// the upstream as a plain body. (Pingora has already refused any other final coding.)
+pub fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayError> {
+    let mut codings = req.headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(Framing::Plain),
+        (Some(coding), None)
+            if coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked") =>
+        {
+            Ok(Framing::Chunked)
+        }
+        _ => Err(GatewayError::UnsupportedTransferCoding),
+    }
 }
 
 /// Answers `Expect: 100-continue` so that the client sends the body keygate is about to
-/// read (Pingora's body reader does not).
-pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<()> {
+/// read (Pingora's body reader does not). Returns whether it did: Pingora then marks the
+/// connection not reusable (a response went out before the body was read), which the
+/// caller undoes with `keep_alive_after_continue` once the body has been read whole.
+pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<bool> {
     let expects_continue = session
         .req_header()
         .headers
@@ -41,7 +65,12 @@ pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<()> 
     if expects_continue {
         session.write_continue_response().await?;
     }
-    Ok(())
+    Ok(expects_continue)
+}
+
+/// Makes the connection reusable again after a `100 Continue` and a body read to its end.
+pub fn keep_alive_after_continue(session: &mut Session, keepalive: Duration) {
+    session.set_keepalive(Some(keepalive.as_secs()));
 }
 
 /// Reads a chunked body whole, within `deadline`, into Pingora's retry buffer, from where
@@ -49,18 +78,23 @@ pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<()> 
 pub async fn buffer_chunked(
     session: &mut Session,
     deadline: Duration,
+    keepalive: Duration,
 ) -> Result<usize, GatewayError> {
     session.as_mut().enable_retry_buffering();
-    match tokio::time::timeout(deadline, read_to_limit(session)).await {
-        Ok(read) => read,
-        Err(_) => Err(GatewayError::BodyTimeout),
+    let continued = continue_if_expected(session)
+        .await
+        .map_err(|_| GatewayError::MalformedBody)?;
+    let length = match tokio::time::timeout(deadline, read_to_limit(session)).await {
+        Ok(read) => read?,
+        Err(_) => return Err(GatewayError::BodyTimeout),
+    };
+    if continued {
+        keep_alive_after_continue(session, keepalive);
     }
+    Ok(length)
 }
 
 async fn read_to_limit(session: &mut Session) -> Result<usize, GatewayError> {
-    continue_if_expected(session)
-        .await
-        .map_err(|_| GatewayError::MalformedBody)?;
     let mut total = 0usize;
     loop {
         match session.read_request_body().await {

@@ -672,8 +672,20 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 p.add(at("path_prefix"), "must start with '/'");
             } else if route.path_prefix.split('/').any(|s| s == "." || s == "..") {
                 p.add(at("path_prefix"), "must not contain . or .. segments");
+            } else if !route.path_prefix.bytes().all(is_plain_path_byte)
+                || route.path_prefix.contains("//")
+            {
+                // Requests are routed on their decoded, unambiguous path (see `path`): a
+                // prefix with escapes, `;` or `//` would never match one.
+                p.add(
+                    at("path_prefix"),
+                    "must be a plain path: letters, digits, / and -._~!$&'()*+,=:@ (no %-escapes, ';' or '//')",
+                );
             }
-            let host = route.host.map(|h| h.to_ascii_lowercase());
+            // Hosts are matched without case and without a fully qualified name's root dot.
+            let host = route
+                .host
+                .map(|h| h.strip_suffix('.').unwrap_or(&h).to_ascii_lowercase());
             if let Some(h) = &host
                 && (h.is_empty() || h.contains('/') || h.contains(' '))
             {
@@ -864,6 +876,11 @@ fn load_ca_file(path: &str) -> Result<Vec<Vec<u8>>, String> {
 }
 
 /// Scope grammar of the contract: `[a-z0-9:._-]{1,64}`.
+/// RFC 3986 path characters other than `%` (escapes) and `;` (parameters).
+fn is_plain_path_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&byte)
+}
+
 pub fn valid_scope(scope: &str) -> bool {
     !scope.is_empty()
         && scope.len() <= 64
@@ -1022,6 +1039,28 @@ sni = "example.com"
                 "{extra}"
             );
         }
+    }
+
+    #[test]
+    fn path_prefixes_must_be_plain_and_hosts_lose_their_root_dot() {
+        let route = |extra: &str| {
+            format!("[[routes]]\nname = \"a\"\nupstreams = [\"127.0.0.1:1\"]\n{extra}\n")
+        };
+        for prefix in ["/%61dmin", "/a;b", "/a//b", "/a b", "/a\\\\b"] {
+            assert!(
+                has(
+                    &problems(&route(&format!("path_prefix = \"{prefix}\""))),
+                    "routes[0].path_prefix"
+                ),
+                "{prefix}"
+            );
+        }
+        for prefix in ["/", "/api/v1", "/a-b_c.d~e", "/users/@me", "/x:y"] {
+            let text = route(&format!("path_prefix = \"{prefix}\""));
+            assert!(Config::parse(&text).is_ok(), "{prefix}");
+        }
+        let config = Config::parse(&route("host = \"API.Example.\"")).expect("valid");
+        assert_eq!(config.routes[0].host.as_deref(), Some("api.example"));
     }
 
     #[test]

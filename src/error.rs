@@ -17,6 +17,10 @@ pub enum GatewayError {
         "the path leads elsewhere once its encoded slashes, repeated slashes or ;parameters are read as an upstream may read them; send it plainly"
     )]
     AmbiguousPath,
+    #[error("the request target must be a path (or an http or https URL)")]
+    InvalidTarget,
+    #[error("an HTTP/1.1 request needs a Host header")]
+    MissingHost,
     #[error("no API key: send it in the `x-api-key`, `key` or `Authorization: Bearer` header")]
     MissingCredentials,
     #[error("the request carries two different API keys")]
@@ -45,6 +49,8 @@ pub enum GatewayError {
     ChunkedBodyTooLarge,
     #[error("the request body did not arrive in time")]
     BodyTimeout,
+    #[error("only the chunked transfer coding is accepted")]
+    UnsupportedTransferCoding,
     #[error("CONNECT tunnels are not served")]
     ConnectNotAllowed,
     #[error("the request header is too large")]
@@ -59,6 +65,9 @@ impl GatewayError {
             GatewayError::NoRoute => 404,
             GatewayError::InvalidPath
             | GatewayError::AmbiguousPath
+            | GatewayError::InvalidTarget
+            | GatewayError::MissingHost
+            | GatewayError::UnsupportedTransferCoding
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody => 400,
@@ -92,7 +101,11 @@ impl GatewayError {
             GatewayError::NoHealthyUpstream => "no_healthy_upstream",
             GatewayError::UpstreamUnavailable => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
-            GatewayError::MalformedRequest | GatewayError::MalformedBody => "bad_request",
+            GatewayError::MalformedRequest
+            | GatewayError::MalformedBody
+            | GatewayError::InvalidTarget
+            | GatewayError::MissingHost
+            | GatewayError::UnsupportedTransferCoding => "bad_request",
             GatewayError::ChunkedBodyTooLarge => "payload_too_large",
             GatewayError::BodyTimeout => "request_timeout",
             GatewayError::ConnectNotAllowed => "method_not_allowed",
@@ -110,6 +123,7 @@ impl GatewayError {
                 | GatewayError::MalformedBody
                 | GatewayError::ChunkedBodyTooLarge
                 | GatewayError::BodyTimeout
+                | GatewayError::UnsupportedTransferCoding
         )
     }
 
@@ -121,6 +135,9 @@ impl GatewayError {
             GatewayError::NoRoute => Outcome::NoRoute,
             GatewayError::InvalidPath
             | GatewayError::AmbiguousPath
+            | GatewayError::InvalidTarget
+            | GatewayError::MissingHost
+            | GatewayError::UnsupportedTransferCoding
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody

@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
 use pingora::http::RequestHeader;
+use pingora::http::authority::{RawTargetAuthority, raw_target_authority};
 use pingora::proxy::Session;
 
 use crate::api::ManagementLimiters;
@@ -161,15 +162,6 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
-        // Route on the path every upstream reads: `%61` is `a` (see `path`).
-        let decoded = path::decode_unreserved(session.req_header().uri.path())
-            .map_err(|_| GatewayError::InvalidPath)?;
-        if let Some(decoded) = decoded {
-            let req = session.req_header_mut();
-            if let Some(uri) = with_path(&req.uri, &decoded) {
-                req.set_uri(uri);
-            }
-        }
         let req = session.req_header();
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
@@ -177,14 +169,16 @@ impl Gateway {
         if header_size(req) > self.config.server.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge);
         }
+        normalize_target(session.req_header_mut())?;
+        let req = session.req_header();
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+            return Err(GatewayError::MissingHost);
+        }
         let path = req.uri.path();
         let host = request_host(req);
         let lenient = path::lenient_reading(path);
         let as_read = lenient.as_deref().unwrap_or(path);
-        if (!path.starts_with('/') && path != "*")
-            || path.contains('\\')
-            || path::has_dot_segment(as_read)
-        {
+        if path.contains('\\') || path::has_dot_segment(as_read) {
             return Err(GatewayError::InvalidPath);
         }
         let destination = self.destination(host, path);
@@ -238,9 +232,14 @@ impl Gateway {
 
         // Only an admitted request gets its chunked body read, and only a request whose
         // body checks out is counted and forwarded.
-        if body::is_chunked(req) {
-            let deadline = self.config.server.header_read_timeout;
-            ctx.buffered_body = Some(body::buffer_chunked(session, deadline).await?);
+        if body::framing(req)? == body::Framing::Chunked {
+            let server = &self.config.server;
+            let read = body::buffer_chunked(
+                session,
+                server.header_read_timeout,
+                server.keepalive_timeout,
+            );
+            ctx.buffered_body = Some(read.await?);
         }
         if let Some(key) = &ctx.key {
             self.usage.record(key.id_number, &key.id, unix_now());
@@ -327,9 +326,9 @@ impl Gateway {
         }
         if let Some(route) = &ctx.route
             && let Some(path) = route.upstream_path(req.uri.path())
-            && let Some(uri) = with_path(&req.uri, &path)
         {
-            req.set_uri(uri);
+            let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+            req.set_raw_path(format!("{path}{query}").as_bytes())?;
         }
         Ok(())
     }
@@ -363,15 +362,54 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)
 }
 
-/// `uri` with its path replaced (query, scheme and authority kept).
-fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
-    let target = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_string(),
+/// Puts the request target in origin-form with its unreserved escapes decoded, which is
+/// how it is routed and forwarded (see `path`). An absolute-form target (`GET
+/// http://host/p`) becomes `/p`, with `Host` taken from the URL when the client sent none
+/// (Pingora has already refused a different one). Any other form is refused: Pingora
+/// would route it as `/` but forward it as sent, for the upstream to read as it likes.
+fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
+    let target = req.raw_path();
+    let (origin, authority) = if target.first() == Some(&b'/') || target == b"*" {
+        (target, None)
+    } else {
+        match raw_target_authority(target) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https") => {
+                (path_and_query, Some(authority))
+            }
+            _ => return Err(GatewayError::InvalidTarget),
+        }
     };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(target.parse().ok()?);
-    http::Uri::from_parts(parts).ok()
+    let (path, query) = origin.split_at(
+        origin
+            .iter()
+            .position(|b| *b == b'?')
+            .unwrap_or(origin.len()),
+    );
+    let decoded = path::decode_unreserved(path).map_err(|_| GatewayError::InvalidPath)?;
+    if authority.is_none() && decoded.is_none() {
+        return Ok(());
+    }
+    let path = decoded.as_deref().unwrap_or(path);
+    let mut rewritten = Vec::with_capacity(path.len() + query.len() + 1);
+    if !path.starts_with(b"/") && path != b"*" {
+        rewritten.push(b'/');
+    }
+    rewritten.extend_from_slice(path);
+    rewritten.extend_from_slice(query);
+    let authority = authority.map(<[u8]>::to_vec);
+    if let Some(authority) = authority
+        && !req.headers.contains_key(http::header::HOST)
+    {
+        let host = HeaderValue::from_bytes(&authority).map_err(|_| GatewayError::InvalidTarget)?;
+        req.insert_header(http::header::HOST, host)
+            .map_err(|_| GatewayError::InvalidTarget)?;
+    }
+    req.set_raw_path(&rewritten)
+        .map_err(|_| GatewayError::InvalidPath)
 }
 
 #[cfg(test)]

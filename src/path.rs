@@ -37,32 +37,31 @@ fn is_unreserved(byte: u8) -> bool {
 pub struct MalformedEscape;
 
 /// The path with its percent-encoded unreserved characters decoded (`/%61dmin` ->
-/// `/admin`); None when there are none, which is every path without a `%`.
-pub fn decode_unreserved(path: &str) -> Result<Option<String>, MalformedEscape> {
-    let bytes = path.as_bytes();
-    if !bytes.contains(&b'%') {
+/// `/admin`); None when there are none, which is every path without a `%`. Bytes, not
+/// text: a target need not be UTF-8, and its other bytes pass through untouched.
+pub fn decode_unreserved(path: &[u8]) -> Result<Option<Vec<u8>>, MalformedEscape> {
+    if !path.contains(&b'%') {
         return Ok(None);
     }
-    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut decoded = Vec::with_capacity(path.len());
     let mut changed = false;
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'%' {
-            decoded.push(bytes[i]);
+    while i < path.len() {
+        if path[i] != b'%' {
+            decoded.push(path[i]);
             i += 1;
             continue;
         }
-        let byte = escaped_byte(bytes, i).ok_or(MalformedEscape)?;
+        let byte = escaped_byte(path, i).ok_or(MalformedEscape)?;
         if is_unreserved(byte) {
             decoded.push(byte);
             changed = true;
         } else {
-            decoded.extend_from_slice(&bytes[i..i + 3]);
+            decoded.extend_from_slice(&path[i..i + 3]);
         }
         i += 3;
     }
-    // Only ASCII was replaced by ASCII, so the bytes are still the UTF-8 they were.
-    Ok(changed.then(|| String::from_utf8(decoded).ok()).flatten())
+    Ok(changed.then_some(decoded))
 }
 
 /// The path as the most lenient upstream reads it: `%2F`, `%5C` and `%2E` decoded, `\` as
@@ -114,7 +113,11 @@ mod tests {
 
     #[test]
     fn unreserved_escapes_are_decoded_and_nothing_else() {
-        let decoded = |path| decode_unreserved(path).expect("well-formed");
+        let decoded = |path: &str| {
+            decode_unreserved(path.as_bytes())
+                .expect("well-formed")
+                .map(|d| String::from_utf8(d).expect("utf-8"))
+        };
         assert_eq!(decoded("/plain/path"), None);
         assert_eq!(decoded("/%61dmin/x").as_deref(), Some("/admin/x"));
         assert_eq!(decoded("/%5Fkeygate").as_deref(), Some("/_keygate"));
@@ -123,8 +126,14 @@ mod tests {
         assert_eq!(decoded("/a%2Fb%20c%C3%A9"), None);
         assert_eq!(decoded("/%2561"), None);
         for broken in ["/%zz", "/%4", "/a%", "/%3%30", "/%%41"] {
-            assert_eq!(decode_unreserved(broken), Err(MalformedEscape), "{broken}");
+            assert_eq!(
+                decode_unreserved(broken.as_bytes()),
+                Err(MalformedEscape),
+                "{broken}"
+            );
         }
+        // Bytes that are not UTF-8 pass through.
+        assert_eq!(decode_unreserved(b"/\xff%61"), Ok(Some(b"/\xffa".to_vec())));
     }
 
     #[test]
@@ -152,7 +161,7 @@ mod tests {
     proptest! {
         #[test]
         fn decoding_is_idempotent(path in "/[a-zA-Z0-9%/._~;-]{0,40}") {
-            if let Ok(Some(decoded)) = decode_unreserved(&path) {
+            if let Ok(Some(decoded)) = decode_unreserved(path.as_bytes()) {
                 prop_assert_eq!(decode_unreserved(&decoded), Ok(None));
                 prop_assert!(decoded.len() < path.len());
             }
@@ -173,7 +182,7 @@ mod tests {
 
         #[test]
         fn arbitrary_text_never_panics(path in any::<String>()) {
-            let _ = decode_unreserved(&path);
+            let _ = decode_unreserved(path.as_bytes());
             let _ = lenient_reading(&path);
             let _ = has_dot_segment(&path);
         }

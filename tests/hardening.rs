@@ -1309,6 +1309,26 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
         .into_bytes(),
         Forwarded,
     ));
+    for (name, codings) in [
+        ("gzip, chunked", "Transfer-Encoding: gzip, chunked\r\n"),
+        (
+            "chunked, chunked",
+            "Transfer-Encoding: chunked, chunked\r\n",
+        ),
+        (
+            "two Transfer-Encoding headers",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ),
+    ] {
+        rows.push(row(
+            format!("{name} on a proxied route, valid key"),
+            format!(
+                "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n{codings}Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+            Refused(400, "bad_request"),
+        ));
+    }
     rows.push(row(
         "bad chunk size on a proxied route, valid key",
         format!(
@@ -1444,6 +1464,122 @@ async fn hostile_requests_table() {
 }
 
 // ---------------------------------------------------------------- found bugs, one each
+
+/// Request targets that are not a path: Pingora routes them as `/` but forwards them as
+/// sent (`GET foo:/admin` reaches a Go upstream as `/admin`), so they are refused; an
+/// absolute-form URL is forwarded in origin-form, routed by its own host even without a
+/// Host header (Pingora would add that Host only on the way out, after routing); an
+/// HTTP/1.1 request without Host is refused. (Found by review.)
+#[tokio::test]
+async fn request_targets_are_paths_and_hosts_are_known_before_routing() {
+    let inner = Upstream::start("inner").await;
+    let open = Upstream::start("open").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"inner\"\npath_prefix = \"/\"\nhost = \"internal.example\"\nupstreams = [\"{}\"]\nscopes = [\"inner\"]\n\
+         [[routes]]\nname = \"open\"\npath_prefix = \"/\"\nauth = \"none\"\nupstreams = [\"{}\"]\n",
+        inner.addr, open.addr
+    ));
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &["inner"], None);
+    let _gateway = Gateway::start(&config).await;
+    for (target, host, status, code) in [
+        ("foo:/admin", "Host: open.example\r\n", 400, "bad_request"),
+        (
+            "example.com:80",
+            "Host: open.example\r\n",
+            400,
+            "bad_request",
+        ),
+        ("ftp://open.example/x", "", 400, "bad_request"),
+        ("/x", "", 400, "bad_request"),
+        (
+            "http://internal.example/secret",
+            "",
+            401,
+            "missing_credentials",
+        ),
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
+        let answer = exchange(config.listen, request.as_bytes(), false).await;
+        let Answer::Response(response) = &answer else {
+            panic!("{target}: {}", answer.describe());
+        };
+        assert_eq!(
+            (response.status, response.error_code().as_deref()),
+            (status, Some(code)),
+            "{target}: {}",
+            answer.describe()
+        );
+    }
+    assert_eq!((inner.count(), open.count()), (0, 0));
+
+    let request = format!(
+        "GET http://internal.example/secret?q=1 HTTP/1.1\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = exchange(config.listen, request.as_bytes(), false).await;
+    assert!(
+        matches!(&answer, Answer::Response(r) if r.status == 200),
+        "{}",
+        answer.describe()
+    );
+    let seen = inner.seen().pop().expect("inner saw it");
+    assert_eq!(seen.path_and_query, "/secret?q=1");
+    assert_eq!(seen.header("host").as_deref(), Some("internal.example"));
+    // HTTP/1.0 needs no Host; it goes to the route without one.
+    let answer = exchange(config.listen, b"GET /old HTTP/1.0\r\n\r\n", false).await;
+    assert!(
+        matches!(&answer, Answer::Response(r) if r.status == 200),
+        "{}",
+        answer.describe()
+    );
+    assert_eq!(
+        open.seen().pop().expect("open saw it").path_and_query,
+        "/old"
+    );
+}
+
+/// The connection's next request is only read where the last one is known to have ended:
+/// after a management body that turned out malformed the connection closes (what follows
+/// could be anything), while after `Expect: 100-continue` and a chunked body read whole,
+/// pipelined requests are still answered. (Found by review.)
+#[tokio::test]
+async fn connections_continue_only_past_bodies_read_to_their_end() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let _gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
+
+    let broken = format!(
+        "POST /_keygate/keys HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {ADMIN}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n\
+         GET /smuggled HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\n\r\n"
+    );
+    let (responses, closed) = pipelined(config.listen, broken.as_bytes(), 2).await;
+    assert_eq!(responses.len(), 1, "one answer, then the close");
+    assert!(closed);
+    assert_eq!(responses[0].status, 400);
+    assert_eq!(responses[0].header("connection"), Some("close"));
+    assert!(
+        !upstream
+            .seen()
+            .iter()
+            .any(|s| s.path_and_query == "/smuggled")
+    );
+
+    for (name, target) in [("proxied", "/upload"), ("management", "/_keygate/keys")] {
+        let body = r#"{"owner": "carol"}"#;
+        let first = format!(
+            "POST {target} HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\nAuthorization: Bearer {ADMIN}\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        let follow_up = format!("GET /after HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\n\r\n");
+        let (responses, _) =
+            pipelined(config.listen, format!("{first}{follow_up}").as_bytes(), 2).await;
+        let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
+        let expected = if name == "proxied" { 200 } else { 201 };
+        assert_eq!(statuses, [expected, 200], "{name}");
+    }
+}
 
 /// What `key_id` has been counted for, as the management API reports it.
 async fn usage_count(base: &str, key_id: &str) -> u64 {

@@ -1310,24 +1310,9 @@ async fn pipelined_requests_are_all_answered_in_order() {
             200,
         ),
     ];
-    let statuses = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
-            .await
-            .expect("connect");
-        let all: String = requests.iter().map(|(r, _)| r.as_str()).collect();
-        stream.write_all(all.as_bytes()).await.expect("write");
-        let mut leftover = Vec::new();
-        let mut statuses = Vec::new();
-        for _ in &requests {
-            match read_next_response(&mut stream, &mut leftover).await {
-                Ok(response) => statuses.push(response.status),
-                Err(e) => panic!("after {statuses:?}: {e}"),
-            }
-        }
-        statuses
-    })
-    .await
-    .expect("all answers within 10 s");
+    let all: String = requests.iter().map(|(r, _)| r.as_str()).collect();
+    let (responses, _) = pipelined(config.listen, all.as_bytes(), requests.len()).await;
+    let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
     let expected: Vec<u16> = requests.iter().map(|(_, status)| *status).collect();
     assert_eq!(statuses, expected);
     let seen = upstream.seen();

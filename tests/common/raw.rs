@@ -1,7 +1,9 @@
 //! Raw HTTP/1.1 over TCP, for requests a real client would normalize or refuse to send.
 #![allow(dead_code)]
 
-use tokio::io::AsyncReadExt;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A response read off a raw TCP connection.
@@ -134,4 +136,25 @@ pub async fn read_next_response(
         headers,
         body,
     })
+}
+
+/// Sends `bytes` on one connection and reads up to `count` responses; stops early at EOF.
+pub async fn pipelined(port: u16, bytes: &[u8], count: usize) -> (Vec<RawResponse>, bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        stream.write_all(bytes).await.expect("write");
+        let mut leftover = Vec::new();
+        let mut responses = Vec::new();
+        for _ in 0..count {
+            match read_next_response(&mut stream, &mut leftover).await {
+                Ok(response) => responses.push(response),
+                Err(_) => return (responses, true),
+            }
+        }
+        (responses, false)
+    })
+    .await
+    .expect("answers within 10 s")
 }
