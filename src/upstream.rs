@@ -187,12 +187,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// The request's host without port and without the trailing dot of a fully qualified
-/// name (`api.example.` is `api.example` to every upstream), from the URI authority or the
-/// Host header.
+/// name (`api.example.` is `api.example` to every upstream), from the Host header (which
+/// `gateway` fills in from an absolute-form URL that came without one).
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
-    if let Some(host) = req.uri.host() {
-        return Some(without_root_dot(host));
-    }
     let raw = req.headers.get(http::header::HOST)?.to_str().ok()?;
     if let Some(bracketed) = raw.strip_prefix('[') {
         return bracketed.split(']').next();
