@@ -14,7 +14,7 @@
 //! Environment: LOAD_SECONDS (default 5), LOAD_CONNECTIONS (default 32),
 //! LOAD_ROWS (comma-separated row names to run; default all), LOAD_WRK=1 to drive the
 //! single-header rows with wrk instead (when wrk is installed), LOAD_SCALE=1 for the scale
-//! check instead (1 million keys: start-up, RSS, durable creates).
+//! check instead (1 million keys, or LOAD_SCALE_KEYS: start-up, RSS, durable creates).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -459,7 +459,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// `LOAD_SCALE=1`: a gateway on a sled store of 1 million keys: time from start to a
 /// healthy admin endpoint, RSS, one look-up; then durable creates through the API.
 fn scale_check() {
-    const KEYS: usize = 1_000_000;
+    let keys: usize = env_or("LOAD_SCALE_KEYS", 1_000_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -472,9 +472,9 @@ fn scale_check() {
         let store = SledStore::open(&dir.path().join("store")).expect("store");
         let started = Instant::now();
         let mut batch = Vec::with_capacity(10_000);
-        for i in 0..KEYS {
+        for i in 0..keys {
             let key = format.generate().expect("rng");
-            if i == KEYS / 2 {
+            if i == keys / 2 {
                 sample = key.clone();
             }
             batch.push(KeyRecord::for_key(
@@ -490,7 +490,7 @@ fn scale_check() {
         }
         runtime.block_on(store.import(&batch)).expect("import");
         println!(
-            "imported {KEYS} keys in {:.1} s",
+            "imported {keys} keys in {:.1} s",
             started.elapsed().as_secs_f64()
         );
     }
@@ -525,7 +525,7 @@ fn scale_check() {
         read_response(&mut stream, &mut buf).await
     });
     println!(
-        "1M keys: start-up to listening {:.0} ms, RSS {} MiB; a look-up of a stored key: {:?}",
+        "{keys} keys: start-up to listening {:.0} ms, RSS {} MiB; a look-up of a stored key: {:?}",
         startup.as_secs_f64() * 1000.0,
         rss_at_start / 1024,
         status

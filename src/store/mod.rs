@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{KeyHash, KeyRecord, Usage};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is locked by another process (is a gateway running on it?): {0}")]
     Locked(String),

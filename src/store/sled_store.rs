@@ -11,13 +11,57 @@ use crate::keys::{KeyHash, KeyRecord, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
-/// The embedded store. Reads go straight to sled (lock-free). Writes run one at a time on a
-/// blocking thread, each followed by a flush before it is acknowledged: sled 0.34 can
-/// deadlock when transactions run concurrently with flushes (sled issues #1308, #1241), and
-/// a stuck sled call must never occupy a proxy worker thread.
+/// The embedded store. Reads go straight to sled (lock-free). Writes run one at a time on
+/// one writer thread: sled 0.34 can deadlock when transactions run concurrently with flushes
+/// (sled issues #1308, #1241), and a stuck sled call must never occupy a proxy worker
+/// thread. A write is acknowledged only after a flush that covers it; writes that queue up
+/// while one is running share the next flush (group commit), so concurrent creates do not
+/// each pay a whole flush.
 pub struct SledStore {
     trees: Arc<Trees>,
-    writer: Arc<tokio::sync::Mutex<()>>,
+    jobs: Option<std::sync::mpsc::Sender<WriteJob>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SledStore {
+    /// Lets the writer finish what is queued and release the database, so that the
+    /// directory can be opened again as soon as the store is gone.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Told whether the flush covering its write succeeded; sends the caller its answer.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A write: runs against the trees, then waits for the flush.
+type WriteJob = Box<dyn FnOnce(&Trees) -> Completion + Send>;
+
+/// Writes applied before one flush, at most.
+const MAX_GROUP: usize = 256;
+
+/// The writer thread: takes a write, then every write already queued behind it (up to
+/// `MAX_GROUP`), applies them in order, flushes once and answers them all.
+fn run_writer(trees: Arc<Trees>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+    let apply = |job: WriteJob| {
+        // A panicking write drops its completion: that caller gets an error, others go on.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&trees))).ok()
+    };
+    while let Ok(first) = jobs.recv() {
+        let mut completions: Vec<Completion> = apply(first).into_iter().collect();
+        for _ in 1..MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => completions.extend(apply(job)),
+                Err(_) => break,
+            }
+        }
+        let flushed = trees.db.flush().map(drop).map_err(StoreError::from);
+        for complete in completions {
+            complete(flushed.clone());
+        }
+    }
 }
 
 struct Trees {
@@ -111,36 +155,45 @@ impl SledStore {
             })?;
         let usage = db.open_tree("usage")?;
         usage.set_merge_operator(merge_usage);
+        let trees = Arc::new(Trees {
+            keys: db.open_tree("keys")?,
+            hashes: db.open_tree("hashes")?,
+            owners: db.open_tree("owners")?,
+            audit: db.open_tree("audit")?,
+            meta: db.open_tree("meta")?,
+            usage,
+            db,
+        });
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let writer_trees = Arc::clone(&trees);
+        let writer = std::thread::Builder::new()
+            .name("keygate-sled-writer".into())
+            .spawn(move || run_writer(writer_trees, queue))
+            .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?;
         Ok(SledStore {
-            trees: Arc::new(Trees {
-                keys: db.open_tree("keys")?,
-                hashes: db.open_tree("hashes")?,
-                owners: db.open_tree("owners")?,
-                audit: db.open_tree("audit")?,
-                meta: db.open_tree("meta")?,
-                usage,
-                db,
-            }),
-            writer: Arc::new(tokio::sync::Mutex::new(())),
+            trees,
+            jobs: Some(jobs),
+            writer: Some(writer),
         })
     }
 
-    /// Runs `op` and then a flush on a blocking thread, holding the writer lock for both (the
-    /// guard moves into the thread, so a cancelled caller cannot release it early).
+    /// Runs `op` on the writer thread and answers once a flush covers it. A cancelled
+    /// caller does not cancel the write (it is queued), only the wait for its answer.
     async fn write<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let guard = Arc::clone(&self.writer).lock_owned().await;
-        let trees = Arc::clone(&self.trees);
-        tokio::task::spawn_blocking(move || {
-            let _one_writer = guard;
-            let out = op(&trees)?;
-            trees.db.flush()?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| StoreError::Io(format!("the store writer stopped: {e}")))?
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: WriteJob = Box::new(move |trees| {
+            let out = op(trees);
+            Box::new(move |flushed| {
+                let _ = answer.send(flushed.and(out));
+            })
+        });
+        let stopped = || StoreError::Io("the store writer stopped".into());
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        jobs.send(job).map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
     }
 
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
