@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method};
@@ -326,7 +325,7 @@ async fn handle(
             if method != Method::POST {
                 return Err(ApiError::MethodNotAllowed("POST"));
             }
-            let body = read_json(gateway, session).await?;
+            let body = read_json(session).await?;
             return signup(gateway, session, body).await;
         }
         _ => {}
@@ -366,7 +365,7 @@ async fn handle(
 
     match op_out {
         Op::Create => {
-            let body = read_json(gateway, session).await?;
+            let body = read_json(session).await?;
             create(gateway, &caller, body, client).await
         }
         Op::List => list(gateway, &caller, &query).await,
@@ -379,11 +378,11 @@ async fn handle(
             revoke(gateway, &caller, &key.record.id, "revoke", client).await
         }
         Op::RevokeByValue => {
-            let body = read_json(gateway, session).await?;
+            let body = read_json(session).await?;
             revoke_by_value(gateway, &caller, can_manage, body, client).await
         }
         Op::Rotate => {
-            let body = read_json(gateway, session).await?;
+            let body = read_json(session).await?;
             let key = owned_key(gateway, &caller, &id).await?;
             rotate(gateway, &caller, key.record, body, client).await
         }
@@ -441,11 +440,8 @@ fn parse_query(query: Option<&str>) -> HashMap<String, String> {
 }
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works).
-async fn read_json(
-    gateway: &Gateway,
-    session: &mut Session,
-) -> Result<Map<String, Value>, ApiError> {
-    let body = read_body(session, gateway.config.server.keepalive_timeout).await?;
+async fn read_json(session: &mut Session) -> Result<Map<String, Value>, ApiError> {
+    let body = read_body(session).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -460,7 +456,7 @@ async fn read_json(
     }
 }
 
-async fn read_body(session: &mut Session, keepalive: Duration) -> Result<Bytes, ApiError> {
+async fn read_body(session: &mut Session) -> Result<Bytes, ApiError> {
     let continued = crate::body::continue_if_expected(session)
         .await
         .map_err(|_| ApiError::Internal)?;
@@ -488,9 +484,7 @@ async fn read_body(session: &mut Session, keepalive: Duration) -> Result<Bytes, 
     if total > MAX_BODY {
         return Err(ApiError::PayloadTooLarge);
     }
-    if continued {
-        crate::body::keep_alive_after_continue(session, keepalive);
-    }
+    crate::body::keep_alive_after_continue(session, continued);
     Ok(body.freeze())
 }
 

@@ -53,24 +53,33 @@ pub fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayErr
 }
 
 /// Answers `Expect: 100-continue` so that the client sends the body keygate is about to
-/// read (Pingora's body reader does not). Returns whether it did: Pingora then marks the
-/// connection not reusable (a response went out before the body was read), which the
-/// caller undoes with `keep_alive_after_continue` once the body has been read whole.
-pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<bool> {
+/// read (Pingora's body reader does not). Pingora then marks the connection not reusable (a
+/// response went out before the body was read); what it was before is returned, for
+/// `keep_alive_after_continue` to restore once the body has been read whole.
+pub async fn continue_if_expected(session: &mut Session) -> pingora::Result<Option<KeepAlive>> {
     let expects_continue = session
         .req_header()
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        session.write_continue_response().await?;
+    if !expects_continue {
+        return Ok(None);
     }
-    Ok(expects_continue)
+    let before = KeepAlive(session.get_keepalive());
+    session.write_continue_response().await?;
+    Ok(Some(before))
 }
 
-/// Makes the connection reusable again after a `100 Continue` and a body read to its end.
-pub fn keep_alive_after_continue(session: &mut Session, keepalive: Duration) {
-    session.set_keepalive(Some(keepalive.as_secs()));
+/// A connection's keep-alive setting before a `100 Continue`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepAlive(Option<u64>);
+
+/// Puts back the keep-alive setting a `100 Continue` took away, once the body is read to
+/// its end.
+pub fn keep_alive_after_continue(session: &mut Session, before: Option<KeepAlive>) {
+    if let Some(KeepAlive(setting)) = before {
+        session.set_keepalive(setting);
+    }
 }
 
 /// Reads a chunked body whole, within `deadline`, into Pingora's retry buffer, from where
@@ -78,7 +87,6 @@ pub fn keep_alive_after_continue(session: &mut Session, keepalive: Duration) {
 pub async fn buffer_chunked(
     session: &mut Session,
     deadline: Duration,
-    keepalive: Duration,
 ) -> Result<usize, GatewayError> {
     session.as_mut().enable_retry_buffering();
     let continued = continue_if_expected(session)
@@ -88,9 +96,7 @@ pub async fn buffer_chunked(
         Ok(read) => read?,
         Err(_) => return Err(GatewayError::BodyTimeout),
     };
-    if continued {
-        keep_alive_after_continue(session, keepalive);
-    }
+    keep_alive_after_continue(session, continued);
     Ok(length)
 }
 

@@ -687,9 +687,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 .host
                 .map(|h| h.strip_suffix('.').unwrap_or(&h).to_ascii_lowercase());
             if let Some(h) = &host
-                && (h.is_empty() || h.contains('/') || h.contains(' '))
+                && !crate::upstream::is_host_name(h)
             {
-                p.add(at("host"), "must be a host name such as api.example.com");
+                p.add(
+                    at("host"),
+                    "must be a host name such as api.example.com (no port; requests match on the host alone)",
+                );
             }
             if !matchers.insert((route.path_prefix.clone(), host.clone())) {
                 p.add(
@@ -1058,6 +1061,15 @@ sni = "example.com"
         for prefix in ["/", "/api/v1", "/a-b_c.d~e", "/users/@me", "/x:y"] {
             let text = route(&format!("path_prefix = \"{prefix}\""));
             assert!(Config::parse(&text).is_ok(), "{prefix}");
+        }
+        for host in ["api.example:8080", "[::1]", "a..b", "", "a b", "a/b"] {
+            assert!(
+                has(
+                    &problems(&route(&format!("host = \"{host}\""))),
+                    "routes[0].host"
+                ),
+                "{host}"
+            );
         }
         let config = Config::parse(&route("host = \"API.Example.\"")).expect("valid");
         assert_eq!(config.routes[0].host.as_deref(), Some("api.example"));

@@ -21,6 +21,8 @@ pub enum GatewayError {
     InvalidTarget,
     #[error("an HTTP/1.1 request needs a Host header")]
     MissingHost,
+    #[error("the Host header must be a host name or IP address, with an optional port")]
+    InvalidHost,
     #[error("no API key: send it in the `x-api-key`, `key` or `Authorization: Bearer` header")]
     MissingCredentials,
     #[error("the request carries two different API keys")]
@@ -67,6 +69,7 @@ impl GatewayError {
             | GatewayError::AmbiguousPath
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
+            | GatewayError::InvalidHost
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
@@ -105,6 +108,7 @@ impl GatewayError {
             | GatewayError::MalformedBody
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
+            | GatewayError::InvalidHost
             | GatewayError::UnsupportedTransferCoding => "bad_request",
             GatewayError::ChunkedBodyTooLarge => "payload_too_large",
             GatewayError::BodyTimeout => "request_timeout",
@@ -137,6 +141,7 @@ impl GatewayError {
             | GatewayError::AmbiguousPath
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
+            | GatewayError::InvalidHost
             | GatewayError::UnsupportedTransferCoding
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest

@@ -175,14 +175,24 @@ impl Gateway {
             return Err(GatewayError::MissingHost);
         }
         let path = req.uri.path();
-        let host = request_host(req);
-        let lenient = path::lenient_reading(path);
+        let host = request_host(req).map_err(|_| GatewayError::InvalidHost)?;
+        let lenient = path::lenient_reading(path).map_err(|_| GatewayError::InvalidPath)?;
         let as_read = lenient.as_deref().unwrap_or(path);
-        if path.contains('\\') || path::has_dot_segment(as_read) {
+        // `//x/...` is a URL with host `x` to some upstream parsers.
+        if path.contains('\\') || path.starts_with("//") || path::has_dot_segment(as_read) {
             return Err(GatewayError::InvalidPath);
         }
-        let destination = self.destination(host, path);
-        if lenient.is_some_and(|read| !self.destination(host, &read).same_as(&destination)) {
+        let destination = self.destination(host, path, false);
+        let elsewhere = |read: &str, ignore_case| {
+            !self
+                .destination(host, read, ignore_case)
+                .same_as(&destination)
+        };
+        if lenient
+            .as_deref()
+            .is_some_and(|read| elsewhere(read, false))
+            || elsewhere(as_read, true)
+        {
             return Err(GatewayError::AmbiguousPath);
         }
         let (index, route) = match destination {
@@ -233,13 +243,8 @@ impl Gateway {
         // Only an admitted request gets its chunked body read, and only a request whose
         // body checks out is counted and forwarded.
         if body::framing(req)? == body::Framing::Chunked {
-            let server = &self.config.server;
-            let read = body::buffer_chunked(
-                session,
-                server.header_read_timeout,
-                server.keepalive_timeout,
-            );
-            ctx.buffered_body = Some(read.await?);
+            let deadline = self.config.server.header_read_timeout;
+            ctx.buffered_body = Some(body::buffer_chunked(session, deadline).await?);
         }
         if let Some(key) = &ctx.key {
             self.usage.record(key.id_number, &key.id, unix_now());
@@ -279,21 +284,35 @@ impl Gateway {
         Ok((key, credential.sources))
     }
 
-    /// Where `path` leads: the management API, a route, or nowhere.
-    fn destination(&self, host: Option<&str>, path: &str) -> Destination<'_> {
-        if self.is_management_path(path) {
+    /// Where `path` leads: the management API, a route, or nowhere; with `ignore_case`,
+    /// where it leads for an upstream that compares paths regardless of case.
+    fn destination(&self, host: Option<&str>, path: &str, ignore_case: bool) -> Destination<'_> {
+        if self.is_management_path(path, ignore_case) {
             return Destination::Management;
         }
-        match self.router.find(host, path) {
+        let found = if ignore_case {
+            self.router.find_ignoring_case(host, path)
+        } else {
+            self.router.find(host, path)
+        };
+        match found {
             Some((index, route)) => Destination::Route(index, route),
             None => Destination::NoRoute,
         }
     }
 
-    pub fn is_management_path(&self, path: &str) -> bool {
-        let base = self.config.management.path.as_str();
-        path.strip_prefix(base)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    fn is_management_path(&self, path: &str, ignore_case: bool) -> bool {
+        let base = self.config.management.path.as_bytes();
+        let Some(head) = path.as_bytes().get(..base.len()) else {
+            return false;
+        };
+        let rest = &path.as_bytes()[base.len()..];
+        let same = if ignore_case {
+            head.eq_ignore_ascii_case(base)
+        } else {
+            head == base
+        };
+        same && (rest.is_empty() || rest.starts_with(b"/"))
     }
 
     /// Rewrites the request for the upstream: the key never travels past keygate, spoofed
@@ -324,11 +343,18 @@ impl Gateway {
         if let Some(length) = ctx.buffered_body {
             body::frame_as_buffered(req, length)?;
         }
-        if let Some(route) = &ctx.route
-            && let Some(path) = route.upstream_path(req.uri.path())
-        {
-            let query = req.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-            req.set_raw_path(format!("{path}{query}").as_bytes())?;
+        if let Some(route) = &ctx.route {
+            let target = req.raw_path();
+            let (path, query) = target.split_at(
+                target
+                    .iter()
+                    .position(|b| *b == b'?')
+                    .unwrap_or(target.len()),
+            );
+            if let Some(mut rewritten) = route.upstream_path(path) {
+                rewritten.extend_from_slice(query);
+                req.set_raw_path(&rewritten)?;
+            }
         }
         Ok(())
     }

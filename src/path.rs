@@ -27,6 +27,15 @@ fn escaped_byte(path: &[u8], at: usize) -> Option<u8> {
     Some(high << 4 | low)
 }
 
+/// The byte a `%25XX` at `at` stands for once decoded twice, when that matters to
+/// routing: an unreserved character or a separator.
+fn double_escaped_byte(path: &[u8], at: usize) -> Option<u8> {
+    let high = hex_value(*path.get(at + 3)?)?;
+    let low = hex_value(*path.get(at + 4)?)?;
+    let byte = high << 4 | low;
+    (is_unreserved(byte) || byte == b'/' || byte == b'\\').then_some(byte)
+}
+
 fn is_unreserved(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
 }
@@ -64,10 +73,32 @@ pub fn decode_unreserved(path: &[u8]) -> Result<Option<Vec<u8>>, MalformedEscape
     Ok(changed.then_some(decoded))
 }
 
-/// The path as the most lenient upstream reads it: `%2F`, `%5C` and `%2E` decoded, `\` as
-/// `/`, `;parameters` dropped from every segment, repeated slashes merged. None when it
-/// reads exactly as written, which is every path without `%`, `;`, `\` or `//`.
-pub fn lenient_reading(path: &str) -> Option<String> {
+/// A path encoded more times over than any upstream decodes (`%2525252e`): refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooDeep;
+
+/// Readings after the first that may still change the path (so at most four decodings).
+const MAX_REREADS: usize = 3;
+
+/// The path as the most lenient upstream reads it: `%2F`, `%5C` and `%2E` decoded (and
+/// escapes of escapes of separators and unreserved characters, `%252e`, read again until
+/// nothing changes), `\` as `/`, `;parameters` dropped from every segment, repeated
+/// slashes merged. None when it reads exactly as written, which is every path without
+/// `%`, `;`, `\` or `//`.
+pub fn lenient_reading(path: &str) -> Result<Option<String>, TooDeep> {
+    let Some(mut read) = read_once(path) else {
+        return Ok(None);
+    };
+    for _ in 0..MAX_REREADS {
+        match read_once(&read) {
+            Some(again) => read = again,
+            None => return Ok(Some(read)),
+        }
+    }
+    Err(TooDeep)
+}
+
+fn read_once(path: &str) -> Option<String> {
     let bytes = path.as_bytes();
     let plain = !bytes.iter().any(|b| matches!(b, b'%' | b';' | b'\\')) && !path.contains("//");
     if plain {
@@ -79,6 +110,11 @@ pub fn lenient_reading(path: &str) -> Option<String> {
     while i < bytes.len() {
         let (byte, width) = match escaped_byte(bytes, i) {
             Some(b @ (b'/' | b'\\' | b'.')) => (b, 3),
+            // `%252e`: an escape escaped, which an upstream that decodes twice reads as `.`.
+            Some(b'%') => match double_escaped_byte(bytes, i) {
+                Some(b) => (b, 5),
+                None => (b'%', 3),
+            },
             _ => (bytes[i], 1),
         };
         i += width;
@@ -139,7 +175,7 @@ mod tests {
     #[test]
     fn lenient_readings() {
         for plain in ["/", "/a/b", "/a.b/c", "/a%20b/c%C3%A9"] {
-            assert_eq!(lenient_reading(plain), None, "{plain}");
+            assert_eq!(lenient_reading(plain), Ok(None), "{plain}");
         }
         for (path, read) in [
             ("/admin%2Fx", "/admin/x"),
@@ -153,9 +189,23 @@ mod tests {
             ("/open/%2e%2e/admin", "/open/../admin"),
             ("/open/.%2E/admin", "/open/../admin"),
             ("/x;a=1;b=2", "/x"),
+            ("/open/%252e%252E/admin", "/open/../admin"),
+            ("/%2561dmin", "/admin"),
+            ("/a%252Fb", "/a/b"),
+            ("/a%2520b", "/a%20b"),
+            ("/open/%25252e%25252e/admin", "/open/../admin"),
         ] {
-            assert_eq!(lenient_reading(path).as_deref(), Some(read), "{path}");
+            assert_eq!(lenient_reading(path), Ok(Some(read.to_string())), "{path}");
         }
+    }
+
+    #[test]
+    fn escapes_of_escapes_are_read_to_a_limit() {
+        assert_eq!(
+            lenient_reading("/a/%2525252e%2525252e/b"),
+            Ok(Some("/a/../b".to_string()))
+        );
+        assert_eq!(lenient_reading("/a/%252525252e"), Err(TooDeep));
     }
 
     proptest! {
@@ -169,7 +219,8 @@ mod tests {
 
         #[test]
         fn lenient_readings_are_plain(path in "/[a-zA-Z0-9%/\\\\._;25fFcCeE-]{0,40}") {
-            if let Some(read) = lenient_reading(&path) {
+            if let Ok(Some(read)) = lenient_reading(&path) {
+                prop_assert_eq!(lenient_reading(&read), Ok(None));
                 prop_assert!(!read.contains("//"), "{}", read);
                 prop_assert!(!read.contains(';') && !read.contains('\\'), "{}", read);
                 let lowered = read.to_ascii_lowercase();

@@ -53,8 +53,12 @@ impl ProxyHttp for KeygateProxy {
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         crate::guard::header_parsed();
-        // Pingora keeps idle downstream connections forever unless told otherwise.
-        session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
+        // Pingora keeps idle downstream connections forever unless told otherwise. Where it
+        // has already decided to close (HTTP/1.0, `Connection: close`, both
+        // `Transfer-Encoding` and `Content-Length`: a smuggling attempt), that stands.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
+        }
         // Without this Pingora answers the first of pipelined requests and drops the rest.
         session.downstream_session.set_pipelining_enabled(true);
         Ok(())

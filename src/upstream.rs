@@ -72,18 +72,20 @@ impl Route {
     }
 
     /// Path after `strip_prefix`, or None when the path is forwarded unchanged.
-    pub fn upstream_path(&self, path: &str) -> Option<String> {
+    /// The path the upstream gets on a `strip_prefix` route (bytes: a target need not be
+    /// UTF-8); None when the route forwards paths as they are.
+    pub fn upstream_path(&self, path: &[u8]) -> Option<Vec<u8>> {
         if !self.config.strip_prefix || self.config.path_prefix == "/" {
             return None;
         }
-        let rest = path
-            .strip_prefix(self.config.path_prefix.trim_end_matches('/'))
-            .unwrap_or(path);
-        Some(if rest.starts_with('/') {
-            rest.to_string()
-        } else {
-            format!("/{rest}")
-        })
+        let prefix = self.config.path_prefix.trim_end_matches('/').as_bytes();
+        let rest = path.strip_prefix(prefix).unwrap_or(path);
+        let mut stripped = Vec::with_capacity(rest.len() + 1);
+        if !rest.starts_with(b"/") {
+            stripped.push(b'/');
+        }
+        stripped.extend_from_slice(rest);
+        Some(stripped)
     }
 }
 
@@ -168,40 +170,101 @@ impl Router {
 
     /// The matching route and its index in `routes()`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &Arc<Route>)> {
+        self.find_by(host, path, <[u8]>::starts_with)
+    }
+
+    /// As `find`, with prefixes compared regardless of ASCII case: the route a
+    /// case-insensitive upstream (IIS, some Spring set-ups) would see the path under.
+    pub fn find_ignoring_case(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<(usize, &Arc<Route>)> {
+        self.find_by(host, path, |path, prefix| {
+            path.get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        })
+    }
+
+    fn find_by(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        starts_with: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> Option<(usize, &Arc<Route>)> {
         self.routes.iter().enumerate().find(|(_, route)| {
             let host_ok = match (&route.config.host, host) {
                 (None, _) => true,
                 (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
                 (Some(_), None) => false,
             };
-            host_ok && prefix_matches(&route.config.path_prefix, path)
+            host_ok && prefix_matches(&route.config.path_prefix, path, &starts_with)
         })
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    if !path.starts_with(prefix) {
+fn prefix_matches(prefix: &str, path: &str, starts_with: impl Fn(&[u8], &[u8]) -> bool) -> bool {
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    if !starts_with(path, prefix) {
         return false;
     }
-    prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'
+    prefix.ends_with(b"/") || path.len() == prefix.len() || path[prefix.len()] == b'/'
 }
 
-/// The request's host without port and without the trailing dot of a fully qualified
-/// name (`api.example.` is `api.example` to every upstream), from the Host header (which
-/// `gateway` fills in from an absolute-form URL that came without one).
-pub fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
-    let raw = req.headers.get(http::header::HOST)?.to_str().ok()?;
-    if let Some(bracketed) = raw.strip_prefix('[') {
-        return bracketed.split(']').next();
+/// A Host header that is not a plain host name or IP literal (with an optional port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidHost;
+
+/// The request's host from its Host header (which `gateway` fills in from an absolute-form
+/// URL that came without one): without port, brackets or a fully qualified name's root dot
+/// (`api.example.` is `api.example` to every upstream). Anything but a plain name, an IPv4
+/// address or a bracketed IPv6 address is refused: `[public.example]junk` must not be
+/// routed as `public.example` while the upstream reads something else.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Result<Option<&str>, InvalidHost> {
+    let Some(value) = req.headers.get(http::header::HOST) else {
+        return Ok(None);
+    };
+    let raw = value.to_str().map_err(|_| InvalidHost)?;
+    let (host, port) = match raw.strip_prefix('[') {
+        Some(bracketed) => {
+            let (literal, after) = bracketed.split_once(']').ok_or(InvalidHost)?;
+            literal
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| InvalidHost)?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or(InvalidHost)?),
+            };
+            (literal, port)
+        }
+        None => match raw.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (raw, None),
+        },
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(InvalidHost);
     }
-    Some(without_root_dot(match raw.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => raw,
-    }))
+    if raw.starts_with('[') {
+        return Ok(Some(host));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if !is_host_name(name) {
+        return Err(InvalidHost);
+    }
+    Ok(Some(name))
 }
 
-fn without_root_dot(host: &str) -> &str {
-    host.strip_suffix('.').unwrap_or(host)
+/// Dot-separated labels of letters, digits, `-` and `_` (an IPv4 address is such a name).
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -260,25 +323,68 @@ upstreams = ["127.0.0.1:4"]
 
     #[test]
     fn hosts_lose_port_brackets_and_root_dot() {
-        let host_of = |authority: &str, header: &str| {
-            let mut req = pingora::http::RequestHeader::build("GET", authority.as_bytes(), None)
-                .expect("req");
+        let host_of = |header: &str| {
+            let mut req = pingora::http::RequestHeader::build("GET", b"/", None).expect("req");
             if !header.is_empty() {
                 req.insert_header("host", header).expect("host");
             }
-            request_host(&req).map(str::to_string)
+            request_host(&req).map(|h| h.map(str::to_string))
         };
-        assert_eq!(
-            host_of("/", "api.example:8080").as_deref(),
-            Some("api.example")
+        for (header, host) in [
+            ("api.example:8080", "api.example"),
+            ("api.example.", "api.example"),
+            ("api.example.:443", "api.example"),
+            ("API.example", "API.example"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[::1]:80", "::1"),
+            ("[::1]", "::1"),
+        ] {
+            assert_eq!(host_of(header), Ok(Some(host.to_string())), "{header}");
+        }
+        assert_eq!(host_of(""), Ok(None));
+        for bad in [
+            "[public.example]",
+            "[public.example]junk",
+            "[::1]junk",
+            "api.example:",
+            "api.example:80x",
+            "a..b",
+            ".",
+            "api example",
+            "api.example:80:81",
+            "user@api.example",
+        ] {
+            assert_eq!(host_of(bad), Err(InvalidHost), "{bad}");
+        }
+    }
+
+    #[test]
+    fn case_insensitive_matching_finds_the_route_a_lenient_upstream_would() {
+        let r = router(
+            "[[routes]]\nname = \"root\"\nupstreams = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstreams = [\"127.0.0.1:2\"]\n",
         );
-        assert_eq!(host_of("/", "api.example.").as_deref(), Some("api.example"));
-        assert_eq!(
-            host_of("/", "api.example.:443").as_deref(),
-            Some("api.example")
+        let exact = |path| r.find(None, path).map(|(_, x)| x.name().to_string());
+        let folded = |path| {
+            r.find_ignoring_case(None, path)
+                .map(|(_, x)| x.name().to_string())
+        };
+        assert_eq!(exact("/ADMIN/x").as_deref(), Some("root"));
+        assert_eq!(folded("/ADMIN/x").as_deref(), Some("admin"));
+        assert_eq!(folded("/Adminx").as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn strip_prefix_works_on_bytes() {
+        let r = router(
+            "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nstrip_prefix = true\nupstreams = [\"127.0.0.1:1\"]\n",
         );
-        assert_eq!(host_of("/", "[::1]:80").as_deref(), Some("::1"));
-        assert_eq!(host_of("/", "").as_deref(), None);
+        let route = &r.routes()[0];
+        assert_eq!(
+            route.upstream_path(b"/api/caf\xe9"),
+            Some(b"/caf\xe9".to_vec())
+        );
+        assert_eq!(route.upstream_path(b"/api"), Some(b"/".to_vec()));
     }
 
     #[test]

@@ -922,13 +922,18 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
             Refused(400, "invalid_path"),
         ));
     }
-    for target in ["/_KEYGATE/keys", "/%5FKEYGATE/keys", "/_keygatex/keys"] {
+    for target in ["/_KEYGATE/keys", "/%5FKEYGATE/keys", "/_Keygate/keys"] {
         rows.push(row(
-            format!("path {target} is no management path"),
+            format!("path {target} (the management path in other case)"),
             admin_get(target),
-            Refused(401, "missing_credentials"),
+            Refused(400, "invalid_path"),
         ));
     }
+    rows.push(row(
+        "path /_keygatex/keys is no management path",
+        admin_get("/_keygatex/keys"),
+        Refused(401, "missing_credentials"),
+    ));
     rows.push(row(
         "absolute-form target naming the management API",
         request(
@@ -1498,6 +1503,15 @@ async fn request_targets_are_paths_and_hosts_are_known_before_routing() {
             401,
             "missing_credentials",
         ),
+        ("/x", "Host: [internal.example]\r\n", 400, "bad_request"),
+        ("/x", "Host: [internal.example]junk\r\n", 400, "bad_request"),
+        ("/x", "Host: internal.example:80x\r\n", 400, "bad_request"),
+        (
+            "/x",
+            "Host: internal.example.\r\n",
+            401,
+            "missing_credentials",
+        ),
     ] {
         let request = format!("GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
         let answer = exchange(config.listen, request.as_bytes(), false).await;
@@ -1565,6 +1579,28 @@ async fn connections_continue_only_past_bodies_read_to_their_end() {
             .iter()
             .any(|s| s.path_and_query == "/smuggled")
     );
+
+    // Both Transfer-Encoding and Content-Length: Pingora decides to close after this
+    // request (a front proxy might frame it by Content-Length), and keygate keeps that.
+    let smuggling = format!(
+        "POST /upload HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+         GET /smuggled HTTP/1.1\r\nHost: g\r\nx-api-key: {key}\r\n\r\n"
+    );
+    let (responses, closed) = pipelined(config.listen, smuggling.as_bytes(), 2).await;
+    assert_eq!(responses.len(), 1, "one answer, then the close");
+    assert!(closed);
+    assert_eq!(responses[0].header("connection"), Some("close"));
+    assert!(
+        !upstream
+            .seen()
+            .iter()
+            .any(|s| s.path_and_query == "/smuggled")
+    );
+    // HTTP/1.0 without keep-alive closes too.
+    let old = "GET /old HTTP/1.0\r\nx-api-key: KEY\r\n\r\nGET /older HTTP/1.0\r\n\r\n"
+        .replace("KEY", &key);
+    let (responses, closed) = pipelined(config.listen, old.as_bytes(), 2).await;
+    assert_eq!((responses.len(), closed), (1, true));
 
     for (name, target) in [("proxied", "/upload"), ("management", "/_keygate/keys")] {
         let body = r#"{"owner": "carol"}"#;

@@ -869,6 +869,13 @@ async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
         ("/open%2F..%2Fadmin", 400, Some("invalid_path")),
         ("/%zz/users", 400, Some("invalid_path")),
         ("/%3%30", 400, Some("invalid_path")),
+        // Some URL parsers read `//host/path` as a URL with that host.
+        ("//evil.example/admin", 400, Some("invalid_path")),
+        // An upstream that decodes twice reads `..`; one that ignores case reads `/admin`.
+        ("/open/%252e%252e/admin", 400, Some("invalid_path")),
+        ("/%2561dmin/users", 400, Some("invalid_path")),
+        ("/ADMIN/users", 400, Some("invalid_path")),
+        ("/Admin%2Fusers", 400, Some("invalid_path")),
     ] {
         let resp = raw_request(config.listen, &get(path, &reader_key)).await;
         assert_eq!(
