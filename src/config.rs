@@ -694,10 +694,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                     "must be a host name such as api.example.com (no port; requests match on the host alone)",
                 );
             }
-            if !matchers.insert((route.path_prefix.clone(), host.clone())) {
+            // Prefixes differing only in case would make every request to either one
+            // ambiguous (see `path`).
+            if !matchers.insert((route.path_prefix.to_ascii_lowercase(), host.clone())) {
                 p.add(
                     at("path_prefix"),
-                    "another route already has this path_prefix and host",
+                    "another route already has this path_prefix (ignoring case) and host",
                 );
             }
             if route.upstreams.is_empty() {
@@ -1080,6 +1082,9 @@ sni = "example.com"
         let text =
             format!("{MINIMAL}\n[[routes]]\nname = \"b\"\nupstreams = [\"127.0.0.1:3001\"]\n");
         assert!(has(&problems(&text), "routes[1].path_prefix"));
+        let text = "[[routes]]\nname = \"a\"\npath_prefix = \"/api\"\nupstreams = [\"127.0.0.1:1\"]\n\
+                    [[routes]]\nname = \"b\"\npath_prefix = \"/API\"\nupstreams = [\"127.0.0.1:2\"]\n";
+        assert!(has(&problems(text), "routes[1].path_prefix"));
     }
 
     proptest::proptest! {

@@ -39,6 +39,9 @@ pub struct Gateway {
     pub rate_limits: KeyLimits,
     /// The admin token's bytes; None = no admin access.
     pub admin_token: Option<Vec<u8>>,
+    /// Whether a route prefix or the management path has an upper-case letter (then every
+    /// path is also compared regardless of case; otherwise only paths with one).
+    case_matters: bool,
     route_metrics: Vec<RouteMetrics>,
     no_route_metrics: RouteMetrics,
     management_metrics: RouteMetrics,
@@ -145,6 +148,12 @@ impl Gateway {
             management_metrics: RouteMetrics::new(&metrics, MANAGEMENT_LABEL),
             cache_metrics: CacheMetrics::new(&metrics),
             rate_limits: KeyLimits::default(),
+            case_matters: router.has_uppercase_prefixes()
+                || config
+                    .management
+                    .path
+                    .bytes()
+                    .any(|b| b.is_ascii_uppercase()),
             route_metrics,
             format,
             config,
@@ -175,11 +184,17 @@ impl Gateway {
             return Err(GatewayError::MissingHost);
         }
         let path = req.uri.path();
-        let host = request_host(req).map_err(|_| GatewayError::InvalidHost)?;
+        // Without host-bound routes the Host header decides nothing here.
+        let host = if self.router.has_host_routes() {
+            request_host(req).map_err(|_| GatewayError::InvalidHost)?
+        } else {
+            None
+        };
         let lenient = path::lenient_reading(path).map_err(|_| GatewayError::InvalidPath)?;
         let as_read = lenient.as_deref().unwrap_or(path);
         // `//x/...` is a URL with host `x` to some upstream parsers.
-        if path.contains('\\') || path.starts_with("//") || path::has_dot_segment(as_read) {
+        if path.contains('\\') || path::leads_with_authority(path) || path::has_dot_segment(as_read)
+        {
             return Err(GatewayError::InvalidPath);
         }
         let destination = self.destination(host, path, false);
@@ -188,10 +203,14 @@ impl Gateway {
                 .destination(host, read, ignore_case)
                 .same_as(&destination)
         };
-        if lenient
-            .as_deref()
-            .is_some_and(|read| elsewhere(read, false))
-            || elsewhere(as_read, true)
+        // Where no route takes the path as sent, nothing is forwarded: 404 whatever the
+        // other readings say.
+        let compare_case = self.case_matters || path.bytes().any(|b| b.is_ascii_uppercase());
+        if !matches!(destination, Destination::NoRoute)
+            && (lenient
+                .as_deref()
+                .is_some_and(|read| elsewhere(read, false))
+                || (compare_case && elsewhere(as_read, true)))
         {
             return Err(GatewayError::AmbiguousPath);
         }
@@ -203,6 +222,14 @@ impl Gateway {
             Destination::NoRoute => return Err(GatewayError::NoRoute),
             Destination::Route(index, route) => (index, route),
         };
+        // On a strip_prefix route the upstream sees only the rest: it must not look like
+        // an authority either (`/api//evil.example/x`).
+        if route
+            .stripped_rest(path)
+            .is_some_and(path::leads_with_authority)
+        {
+            return Err(GatewayError::InvalidPath);
+        }
         ctx.route = Some(Arc::clone(route));
         ctx.route_index = Some(index);
 

@@ -130,8 +130,25 @@ fn read_once(path: &str) -> Option<String> {
             _ => read.push(byte),
         }
     }
-    let read = String::from_utf8_lossy(&read).into_owned();
+    // Cuts fall on ASCII bytes and decoded bytes are ASCII, so the UTF-8 stays whole.
+    let read = String::from_utf8(read)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     (read != path).then_some(read)
+}
+
+/// Whether the path starts with what some URL parsers take for an authority: `//`, or
+/// a `/` followed by a backslash or an encoded (or twice encoded) slash or backslash.
+pub fn leads_with_authority(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let head = rest.as_bytes();
+    if matches!(head.first(), Some(b'/' | b'\\')) {
+        return true;
+    }
+    let lower = |n: usize| head.get(..n).map(<[u8]>::to_ascii_lowercase);
+    matches!(lower(3).as_deref(), Some(b"%2f" | b"%5c"))
+        || matches!(lower(5).as_deref(), Some(b"%252f" | b"%255c"))
 }
 
 /// Whether any segment is `.` or `..`.
@@ -196,6 +213,23 @@ mod tests {
             ("/open/%25252e%25252e/admin", "/open/../admin"),
         ] {
             assert_eq!(lenient_reading(path), Ok(Some(read.to_string())), "{path}");
+        }
+    }
+
+    #[test]
+    fn authority_looking_starts() {
+        for path in [
+            "//evil/x",
+            "/\\evil",
+            "/%2Fevil",
+            "/%5cevil",
+            "/%252Fevil",
+            "//",
+        ] {
+            assert!(leads_with_authority(path), "{path}");
+        }
+        for path in ["/", "/x//y", "/%20", "/x%2F", "", "x//"] {
+            assert!(!leads_with_authority(path), "{path}");
         }
     }
 

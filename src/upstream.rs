@@ -72,6 +72,15 @@ impl Route {
     }
 
     /// Path after `strip_prefix`, or None when the path is forwarded unchanged.
+    /// What a `strip_prefix` route forwards of `path` (before a `/` is put in front of an
+    /// empty or relative rest); None when the route forwards paths whole.
+    pub fn stripped_rest<'p>(&self, path: &'p str) -> Option<&'p str> {
+        if !self.config.strip_prefix || self.config.path_prefix == "/" {
+            return None;
+        }
+        path.strip_prefix(self.config.path_prefix.trim_end_matches('/'))
+    }
+
     /// The path the upstream gets on a `strip_prefix` route (bytes: a target need not be
     /// UTF-8); None when the route forwards paths as they are.
     pub fn upstream_path(&self, path: &[u8]) -> Option<Vec<u8>> {
@@ -149,6 +158,8 @@ pub fn build_route(config: RouteConfig) -> std::io::Result<Route> {
 pub struct Router {
     /// Sorted by prefix length, longest first; host-bound routes first among equals.
     routes: Vec<Arc<Route>>,
+    host_bound: bool,
+    uppercase_prefixes: bool,
 }
 
 impl Router {
@@ -161,7 +172,23 @@ impl Router {
                 .cmp(&a.config.path_prefix.len())
                 .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
         });
-        Router { routes }
+        Router {
+            host_bound: routes.iter().any(|r| r.config.host.is_some()),
+            uppercase_prefixes: routes
+                .iter()
+                .any(|r| r.config.path_prefix.bytes().any(|b| b.is_ascii_uppercase())),
+            routes,
+        }
+    }
+
+    /// Whether any route is bound to a host (else the Host header does not matter).
+    pub fn has_host_routes(&self) -> bool {
+        self.host_bound
+    }
+
+    /// Whether any route prefix has an upper-case letter.
+    pub fn has_uppercase_prefixes(&self) -> bool {
+        self.uppercase_prefixes
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -225,6 +252,10 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Result<Option<&str>, 
         return Ok(None);
     };
     let raw = value.to_str().map_err(|_| InvalidHost)?;
+    // An empty Host is allowed for a target without an authority (RFC 9112 3.2).
+    if raw.is_empty() {
+        return Ok(None);
+    }
     let (host, port) = match raw.strip_prefix('[') {
         Some(bracketed) => {
             let (literal, after) = bracketed.split_once(']').ok_or(InvalidHost)?;
@@ -242,7 +273,8 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Result<Option<&str>, 
             None => (raw, None),
         },
     };
-    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    // RFC 3986 allows an empty port (`example.com:`).
+    if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit())) {
         return Err(InvalidHost);
     }
     if raw.starts_with('[') {
@@ -338,15 +370,18 @@ upstreams = ["127.0.0.1:4"]
             ("10.0.0.1:80", "10.0.0.1"),
             ("[::1]:80", "::1"),
             ("[::1]", "::1"),
+            ("api.example:", "api.example"),
         ] {
             assert_eq!(host_of(header), Ok(Some(host.to_string())), "{header}");
         }
         assert_eq!(host_of(""), Ok(None));
+        let mut empty = pingora::http::RequestHeader::build("GET", b"/", None).expect("req");
+        empty.insert_header("host", "").expect("host");
+        assert_eq!(request_host(&empty), Ok(None));
         for bad in [
             "[public.example]",
             "[public.example]junk",
             "[::1]junk",
-            "api.example:",
             "api.example:80x",
             "a..b",
             ".",

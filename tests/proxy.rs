@@ -510,7 +510,9 @@ async fn unmatched_paths_get_no_route() {
     let _gateway = Gateway::start(&config).await;
     let client = client();
 
-    for path in ["/other", "/apix", "/"] {
+    // `/API` would be `/api` to a case-insensitive upstream, but no route takes it as sent,
+    // so nothing is forwarded: 404 as for any unrouted path.
+    for path in ["/other", "/apix", "/", "/API/x"] {
         let resp = client
             .get(format!("{}{path}", config.base_url()))
             .send()
@@ -724,6 +726,24 @@ async fn strip_prefix_rewrites_the_upstream_path() {
         let seen = upstream.seen().pop().expect("seen");
         assert_eq!(seen.path_and_query, expected, "{sent}");
     }
+    // What is left after the prefix must not look like a URL's authority to the upstream.
+    for sent in [
+        "/svc//evil.example/x",
+        "/svc/%2Fevil.example/x",
+        "/svc/%5cevil",
+    ] {
+        let resp = raw_request(
+            config.listen,
+            &format!("GET {sent} HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(
+            (resp.status, resp.error_code().as_deref()),
+            (400, Some("invalid_path")),
+            "{sent}"
+        );
+    }
+    assert_eq!(upstream.count(), 2);
 }
 
 /// 12. A route with `host` takes that host's requests; the other route takes the rest.
@@ -871,6 +891,7 @@ async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
         ("/%3%30", 400, Some("invalid_path")),
         // Some URL parsers read `//host/path` as a URL with that host.
         ("//evil.example/admin", 400, Some("invalid_path")),
+        ("/%2Fevil.example/admin", 400, Some("invalid_path")),
         // An upstream that decodes twice reads `..`; one that ignores case reads `/admin`.
         ("/open/%252e%252e/admin", 400, Some("invalid_path")),
         ("/%2561dmin/users", 400, Some("invalid_path")),

@@ -57,7 +57,11 @@ fn run_writer(trees: Arc<Trees>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
-        let flushed = trees.db.flush().map(drop).map_err(StoreError::from);
+        let flushed =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| trees.db.flush())) {
+                Ok(flushed) => flushed.map(drop).map_err(StoreError::from),
+                Err(_) => Err(StoreError::Io("the store flush failed unexpectedly".into())),
+            };
         for complete in completions {
             complete(flushed.clone());
         }
@@ -193,7 +197,10 @@ impl SledStore {
         let stopped = || StoreError::Io("the store writer stopped".into());
         let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
         jobs.send(job).map_err(|_| stopped())?;
-        answered.await.map_err(|_| stopped())?
+        // A dropped answer means the write panicked (the writer goes on with the others).
+        answered
+            .await
+            .map_err(|_| StoreError::Io("the store write failed unexpectedly".into()))?
     }
 
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
@@ -403,6 +410,9 @@ impl KeyStore for SledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        if self.writer.as_ref().is_none_or(|w| w.is_finished()) {
+            return Err(StoreError::Io("the store writer stopped".into()));
+        }
         self.trees.meta.get(KEY_COUNT)?;
         Ok(())
     }
