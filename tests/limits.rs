@@ -253,6 +253,35 @@ async fn unknown_keys_reach_the_store_once_and_junk_never() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Sends a request header for `path` one byte every 200 ms, never finishing it, until the
+/// gateway closes the connection (or 15 s pass); returns how long that took.
+async fn trickle_header(stream: &mut tokio::net::TcpStream, path: &str) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let started = std::time::Instant::now();
+    let header = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nX-Padding: {}",
+        "a".repeat(60)
+    );
+    for byte in header.bytes().cycle() {
+        if stream.write_all(&[byte]).await.is_err() {
+            break;
+        }
+        // A closed connection shows as EOF on read (or a failed write).
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
+            && n == 0
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
 /// A client sending its header one byte at a time is cut off by the header deadline, while
 /// other clients are served throughout; past `max_connections`, new connections are closed.
 #[tokio::test]
@@ -273,25 +302,7 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
-        let started = std::time::Instant::now();
-        let header = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-        for byte in header.iter().cycle() {
-            if stream.write_all(&[*byte]).await.is_err() {
-                break;
-            }
-            // A closed connection shows as EOF on read (or a failed write).
-            let mut buf = [0u8; 64];
-            if let Ok(Ok(n)) =
-                tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
-                && n == 0
-            {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(15) {
-                break;
-            }
-        }
-        started.elapsed()
+        trickle_header(&mut stream, "/slow").await
     });
 
     // Meanwhile other clients are served.
@@ -345,7 +356,7 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
 /// a reused connection's next request, plus the header time).
 #[tokio::test]
 async fn slow_headers_on_a_reused_connection_are_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     let upstream = Upstream::start("u").await;
     let mut config = GatewayConfig::with_routes(&format!(
@@ -367,24 +378,7 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
         .expect("first response");
     assert_eq!(first.status, 200);
 
-    let started = std::time::Instant::now();
-    let header = b"GET /second HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    for byte in header.iter().cycle() {
-        if stream.write_all(&[*byte]).await.is_err() {
-            break;
-        }
-        let mut buf = [0u8; 64];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await
-            && n == 0
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            break;
-        }
-    }
-    let held = started.elapsed();
+    let held = trickle_header(&mut stream, "/second").await;
     assert!(
         held < Duration::from_secs(6),
         "the second, trickled header held the connection for {held:?}; expected at most about 3 s"
