@@ -1,5 +1,6 @@
-//! The request path, top to bottom: route, path check, credentials, key format, cache (or
-//! one store read), expiry, scope, rate limit, a chunked body read whole, usage. Everything the proxy hooks do is decided here.
+//! The request path, top to bottom: request target and path checks, route, credentials,
+//! key format, cache (or one store read), expiry, scope, rate limit, a chunked body read
+//! whole, usage. Everything the proxy hooks do is decided here.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -370,18 +371,12 @@ impl Gateway {
         if let Some(length) = ctx.buffered_body {
             body::frame_as_buffered(req, length)?;
         }
-        if let Some(route) = &ctx.route {
-            let target = req.raw_path();
-            let (path, query) = target.split_at(
-                target
-                    .iter()
-                    .position(|b| *b == b'?')
-                    .unwrap_or(target.len()),
-            );
-            if let Some(mut rewritten) = route.upstream_path(path) {
-                rewritten.extend_from_slice(query);
-                req.set_raw_path(&rewritten)?;
-            }
+        if let Some(target) = ctx
+            .route
+            .as_ref()
+            .and_then(|route| route.upstream_target(req.raw_path()))
+        {
+            req.set_raw_path(&target)?;
         }
         Ok(())
     }
@@ -436,12 +431,7 @@ fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
             _ => return Err(GatewayError::InvalidTarget),
         }
     };
-    let (path, query) = origin.split_at(
-        origin
-            .iter()
-            .position(|b| *b == b'?')
-            .unwrap_or(origin.len()),
-    );
+    let (path, query) = path::split_query(origin);
     let decoded = path::decode_unreserved(path).map_err(|_| GatewayError::InvalidPath)?;
     if authority.is_none() && decoded.is_none() {
         return Ok(());

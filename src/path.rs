@@ -40,6 +40,15 @@ fn is_unreserved(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
 }
 
+/// A request target split into its path and its query (with the `?`; empty when none).
+pub fn split_query(target: &[u8]) -> (&[u8], &[u8]) {
+    let at = target
+        .iter()
+        .position(|b| *b == b'?')
+        .unwrap_or(target.len());
+    target.split_at(at)
+}
+
 /// A `%` not followed by two hex digits: not a URI path (RFC 3986 2.1), and a way to make
 /// a path whose meaning changes with each decoding (`%3%30` decodes to `%30`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,25 +75,27 @@ impl Route {
     /// What a `strip_prefix` route forwards of `path` (before a `/` is put in front of an
     /// empty or relative rest); None when the route forwards paths whole.
     pub fn stripped_rest<'p>(&self, path: &'p str) -> Option<&'p str> {
-        if !self.config.strip_prefix || self.config.path_prefix == "/" {
-            return None;
-        }
-        path.strip_prefix(self.config.path_prefix.trim_end_matches('/'))
+        path.strip_prefix(self.stripped_prefix()?)
     }
 
-    /// The path the upstream gets on a `strip_prefix` route (bytes: a target need not be
-    /// UTF-8); None when the route forwards paths as they are.
-    pub fn upstream_path(&self, path: &[u8]) -> Option<Vec<u8>> {
-        if !self.config.strip_prefix || self.config.path_prefix == "/" {
-            return None;
-        }
-        let prefix = self.config.path_prefix.trim_end_matches('/').as_bytes();
+    /// The prefix a `strip_prefix` route removes; None when it forwards paths whole.
+    fn stripped_prefix(&self) -> Option<&str> {
+        (self.config.strip_prefix && self.config.path_prefix != "/")
+            .then(|| self.config.path_prefix.trim_end_matches('/'))
+    }
+
+    /// The request target the upstream gets on a `strip_prefix` route, query kept (bytes:
+    /// a target need not be UTF-8); None when the route forwards targets as they are.
+    pub fn upstream_target(&self, target: &[u8]) -> Option<Vec<u8>> {
+        let prefix = self.stripped_prefix()?.as_bytes();
+        let (path, query) = crate::path::split_query(target);
         let rest = path.strip_prefix(prefix).unwrap_or(path);
-        let mut stripped = Vec::with_capacity(rest.len() + 1);
+        let mut stripped = Vec::with_capacity(rest.len() + query.len() + 1);
         if !rest.starts_with(b"/") {
             stripped.push(b'/');
         }
         stripped.extend_from_slice(rest);
+        stripped.extend_from_slice(query);
         Some(stripped)
     }
 }
@@ -416,10 +418,11 @@ upstreams = ["127.0.0.1:4"]
         );
         let route = &r.routes()[0];
         assert_eq!(
-            route.upstream_path(b"/api/caf\xe9"),
-            Some(b"/caf\xe9".to_vec())
+            route.upstream_target(b"/api/caf\xe9?q=\xff"),
+            Some(b"/caf\xe9?q=\xff".to_vec())
         );
-        assert_eq!(route.upstream_path(b"/api"), Some(b"/".to_vec()));
+        assert_eq!(route.upstream_target(b"/api"), Some(b"/".to_vec()));
+        assert_eq!(route.upstream_target(b"/api?x"), Some(b"/?x".to_vec()));
     }
 
     #[test]
