@@ -206,7 +206,8 @@ impl Gateway {
         };
         // Where no route takes the path as sent, nothing is forwarded: 404 whatever the
         // other readings say.
-        let compare_case = self.case_matters || path.bytes().any(|b| b.is_ascii_uppercase());
+        // The lenient reading can make letters of escapes (`%2541` reads as `A`).
+        let compare_case = self.case_matters || as_read.bytes().any(|b| b.is_ascii_uppercase());
         if !matches!(destination, Destination::NoRoute)
             && (lenient
                 .as_deref()

@@ -155,9 +155,16 @@ pub fn leads_with_authority(path: &str) -> bool {
     if matches!(head.first(), Some(b'/' | b'\\')) {
         return true;
     }
-    let lower = |n: usize| head.get(..n).map(<[u8]>::to_ascii_lowercase);
-    matches!(lower(3).as_deref(), Some(b"%2f" | b"%5c"))
-        || matches!(lower(5).as_deref(), Some(b"%252f" | b"%255c"))
+    // `%2f`, or an escape of it (`%252f`, `%25252f`, ...).
+    let Some(mut escaped) = head.strip_prefix(b"%") else {
+        return false;
+    };
+    while let Some(inner) = escaped.strip_prefix(b"25") {
+        escaped = inner;
+    }
+    escaped
+        .get(..2)
+        .is_some_and(|code| code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c"))
 }
 
 /// Whether any segment is `.` or `..`.
@@ -233,11 +240,12 @@ mod tests {
             "/%2Fevil",
             "/%5cevil",
             "/%252Fevil",
+            "/%25252fevil",
             "//",
         ] {
             assert!(leads_with_authority(path), "{path}");
         }
-        for path in ["/", "/x//y", "/%20", "/x%2F", "", "x//"] {
+        for path in ["/", "/x//y", "/%20", "/x%2F", "", "x//", "/%25", "/%2520"] {
             assert!(!leads_with_authority(path), "{path}");
         }
     }

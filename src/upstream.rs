@@ -71,7 +71,6 @@ impl Route {
             .collect()
     }
 
-    /// Path after `strip_prefix`, or None when the path is forwarded unchanged.
     /// What a `strip_prefix` route forwards of `path` (before a `/` is put in front of an
     /// empty or relative rest); None when the route forwards paths whole.
     pub fn stripped_rest<'p>(&self, path: &'p str) -> Option<&'p str> {

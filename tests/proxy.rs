@@ -895,6 +895,7 @@ async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
         // An upstream that decodes twice reads `..`; one that ignores case reads `/admin`.
         ("/open/%252e%252e/admin", 400, Some("invalid_path")),
         ("/%2561dmin/users", 400, Some("invalid_path")),
+        ("/%2541dmin/users", 400, Some("invalid_path")),
         ("/ADMIN/users", 400, Some("invalid_path")),
         ("/Admin%2Fusers", 400, Some("invalid_path")),
     ] {
