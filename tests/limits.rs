@@ -289,10 +289,7 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let upstream = Upstream::start("u").await;
-    let mut config = GatewayConfig::with_routes(&format!(
-        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
-        upstream.addr
-    ));
+    let mut config = GatewayConfig::public_route(upstream.addr);
     config.server_extra = "header_read_timeout_seconds = 2\nmax_connections = 8".to_string();
     let gateway = Gateway::start(&config).await;
 
@@ -359,10 +356,7 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
     use tokio::io::AsyncWriteExt;
 
     let upstream = Upstream::start("u").await;
-    let mut config = GatewayConfig::with_routes(&format!(
-        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
-        upstream.addr
-    ));
+    let mut config = GatewayConfig::public_route(upstream.addr);
     config.server_extra = "header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = 2".into();
     let _gateway = Gateway::start(&config).await;
 
@@ -397,10 +391,7 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
 #[tokio::test]
 async fn oversized_headers_are_refused_with_431() {
     let upstream = Upstream::start("u").await;
-    let mut config = GatewayConfig::with_routes(&format!(
-        "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nauth = \"none\"\n",
-        upstream.addr
-    ));
+    let mut config = GatewayConfig::public_route(upstream.addr);
     config.server_extra = "max_header_bytes = 4096".to_string();
     let gateway = Gateway::start(&config).await;
     let c = client();

@@ -204,6 +204,13 @@ impl GatewayConfig {
         ))
     }
 
+    /// One route "open" at "/" to `upstream`, no key needed.
+    pub fn public_route(upstream: SocketAddr) -> Self {
+        Self::with_routes(&format!(
+            "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{upstream}\"]\nauth = \"none\"\n"
+        ))
+    }
+
     pub fn with_routes(routes_toml: &str) -> Self {
         GatewayConfig {
             dir: tempfile::tempdir().expect("temp dir"),
