@@ -1617,20 +1617,6 @@ async fn connections_continue_only_past_bodies_read_to_their_end() {
     }
 }
 
-/// What `key_id` has been counted for, as the management API reports it.
-async fn usage_count(base: &str, key_id: &str) -> u64 {
-    let record: serde_json::Value = client()
-        .get(format!("{base}/_keygate/keys/{key_id}"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("GET key")
-        .json()
-        .await
-        .expect("key record");
-    record["usage_count"].as_u64().expect("usage_count")
-}
-
 fn chunked_post(target: &str, key: &str, extra_headers: &str, chunks: &str) -> Vec<u8> {
     format!(
         "POST {target} HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {key}\r\nTransfer-Encoding: chunked\r\n{extra_headers}Connection: close\r\n\r\n{chunks}"
@@ -1748,7 +1734,10 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
         .map(|s| s.path_and_query.clone())
         .collect();
     assert!(seen.is_empty(), "the upstream received {seen:?}");
-    assert_eq!(usage_count(&gateway.base, &key_id).await, 0);
+    assert_eq!(
+        key_record(&gateway.base, ADMIN, &key_id).await["usage_count"],
+        0
+    );
 
     // Forwarded: the body arrives whole, framed by Content-Length, without the chunked
     // coding, its extensions, its trailer or the Expect that keygate answered itself.
@@ -1817,7 +1806,10 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.seen().pop().expect("seen").body, large);
 
-    assert_eq!(usage_count(&gateway.base, &key_id).await, 4);
+    assert_eq!(
+        key_record(&gateway.base, ADMIN, &key_id).await["usage_count"],
+        4
+    );
 }
 
 /// Contract sections 3 and 7: logs record paths without their query string, because a key

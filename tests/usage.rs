@@ -44,17 +44,6 @@ async fn hammer(base: &str, key: &str, total: usize, connections: usize) -> Vec<
     all
 }
 
-async fn usage_via_api(base: &str, id: &str) -> serde_json::Value {
-    let resp = client()
-        .get(format!("{base}/_keygate/keys/{id}"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("get record");
-    assert_eq!(resp.status(), 200);
-    resp.json().await.expect("record JSON")
-}
-
 fn usage_via_cli(config: &GatewayConfig, id: &str) -> u64 {
     let out = keygate(&[
         "keys",
@@ -87,7 +76,7 @@ async fn counts_are_exact_and_visible_at_once() {
     let n = 3000;
     let started = std::time::SystemTime::now();
     hammer(&gateway.base, &key, n, 8).await;
-    let record = usage_via_api(&gateway.base, &id).await;
+    let record = key_record(&gateway.base, ADMIN, &id).await;
     assert_eq!(record["usage_count"], n as u64);
     let last_used = record["last_used"].as_str().expect("last_used set");
     let last_used =

@@ -421,6 +421,18 @@ pub fn client() -> reqwest::Client {
 }
 
 /// The `error.code` of a keygate JSON error response.
+/// `GET <management>/keys/{id}` as the admin: the key's record (usage included).
+pub async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::Value {
+    let resp = client()
+        .get(format!("{base}/_keygate/keys/{id}"))
+        .bearer_auth(admin_token)
+        .send()
+        .await
+        .expect("get record");
+    assert_eq!(resp.status(), 200);
+    resp.json().await.expect("record JSON")
+}
+
 pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let status = resp.status().as_u16();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
