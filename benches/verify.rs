@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
-use keygate::auth;
+use keygate::http::credentials as auth;
+use keygate::keys::lifecycle::{Actor, Audit, Lifecycle, NewKey};
 use keygate::keys::{KeyFormat, KeyHash, KeyRecord};
-use keygate::service::{KeyService, NewKey};
-use keygate::store::{CacheSettings, KeyIndex, KeyStore, SledStore};
+use keygate::store::{CacheSettings, KeyCache, KeyStore, SledStore};
 use keygate::usage::UsageRecorder;
 
 const MILLION: usize = 1_000_000;
@@ -45,7 +45,7 @@ fn hot_path(c: &mut Criterion) {
     let key = format.generate().expect("rng");
     let record = KeyRecord::for_key(&format, &key, "alice", 0);
     rt.block_on(store.insert(&record)).expect("insert");
-    let index = KeyIndex::new(Arc::clone(&store), settings());
+    let index = KeyCache::new(Arc::clone(&store), settings());
     let hash = KeyHash::of(key.as_bytes());
     rt.block_on(index.resolve(&hash)).expect("warm the cache");
     let usage = UsageRecorder::new();
@@ -160,7 +160,7 @@ fn store_lookups(c: &mut Criterion) {
             // A fresh index each time: the look-up always misses the cache.
             || {
                 i = (i + 1) % hashes.len();
-                (KeyIndex::new(Arc::clone(&store), settings()), hashes[i])
+                (KeyCache::new(Arc::clone(&store), settings()), hashes[i])
             },
             |(index, hash)| {
                 let resolved = rt.block_on(index.resolve(&hash)).expect("lookup");
@@ -190,8 +190,8 @@ fn generation_and_create(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(&dir.path().join("s")).expect("open"));
-    let service = KeyService::new(
-        Arc::new(KeyIndex::new(store, settings())),
+    let keys = Lifecycle::new(
+        Arc::new(KeyCache::new(store, settings())),
         Arc::new(UsageRecorder::new()),
         format,
     );
@@ -199,20 +199,21 @@ fn generation_and_create(c: &mut Criterion) {
     group.sample_size(50);
     group.bench_function("create_durable", |b| {
         b.iter(|| {
-            let view = rt
-                .block_on(service.create(
-                    NewKey {
-                        name: "bench".into(),
-                        owner: "alice".into(),
-                        scopes: vec!["read".into()],
-                        expires_at: None,
-                        rate_limit: None,
-                        metadata: None,
-                    },
-                    None,
-                ))
-                .expect("create");
-            black_box(view)
+            let audit = Audit {
+                actor: &Actor::Cli,
+                action: "create",
+                client: None,
+            };
+            let new = NewKey {
+                name: Some("bench".into()),
+                owner: "alice".into(),
+                scopes: vec!["read".into()],
+                expires_at: None,
+                rate_limit: None,
+                metadata: None,
+            };
+            let created = rt.block_on(keys.create(new, audit)).expect("create");
+            black_box(created)
         })
     });
     group.finish();

@@ -13,60 +13,25 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service;
 
-use crate::admin::AdminApp;
 use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
-use crate::guard::{ConnectionCap, HeaderDeadline};
+use crate::management::Management;
 use crate::metrics::Metrics;
-use crate::proxy::KeygateProxy;
-use crate::store::{CacheSettings, KeyIndex, KeyStore, PgStore, SledStore};
-use crate::upstream::{Router, build_route};
+use crate::routing::{Router, build_route};
+use crate::server::conn_limits::{ConnectionCap, HeaderDeadline};
+use crate::server::ops::OpsApp;
+use crate::server::proxy::KeygateProxy;
+use crate::state::Shared;
+use crate::store::{self, KeyCache, KeyStore};
 use crate::usage::UsageRecorder;
 
-/// The PostgreSQL connection string, from the environment variable the config names (never
-/// from the file: it may hold a password).
-pub fn database_url(url_env: &str) -> anyhow::Result<String> {
-    std::env::var(url_env)
-        .ok()
-        .filter(|url| !url.is_empty())
-        .with_context(|| {
-            format!("store.url_env names {url_env}, but that environment variable is not set")
-        })
-}
-
-/// Opens the store the configuration names.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn KeyStore>> {
-    match &config.store.backend {
-        StoreBackend::Sled { path } => {
-            let store = SledStore::open(path)
-                .with_context(|| format!("cannot open the sled store at {}", path.display()))?;
-            Ok(Arc::new(store))
-        }
-        StoreBackend::Postgres {
-            url_env,
-            pool_size,
-            connect_timeout,
-        } => {
-            let url = database_url(url_env)?;
-            let store = PgStore::connect(&url, *pool_size, *connect_timeout)
-                .await
-                .context("cannot open the postgres store")?;
-            Ok(Arc::new(store))
-        }
-    }
-}
-
-pub fn key_index(config: &Config, store: Arc<dyn KeyStore>) -> Arc<KeyIndex> {
-    Arc::new(KeyIndex::new(
-        store,
-        CacheSettings {
-            capacity: config.store.cache_capacity,
-            ttl: config.store.cache_ttl,
-            negative_capacity: config.store.negative_cache_capacity,
-            negative_ttl: config.store.negative_cache_ttl,
-        },
-    ))
-}
+/// Pooled keep-alive connections to upstreams, per proxy thread.
+const UPSTREAM_KEEPALIVE_POOL: usize = 256;
+/// How often recovered rate-limit state is dropped.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
+/// Pingora's own wait for services to stop once the grace period is over; keygate's final
+/// usage flush runs after it.
+const SERVICE_STOP_TIMEOUT_SECONDS: u64 = 1;
 
 /// SIGTERM and SIGINT both stop gracefully (Pingora treats SIGINT as a fast shutdown);
 /// either way `main` then writes the pending usage counts.
@@ -120,35 +85,32 @@ impl BackgroundService for UsageFlusher {
 /// reconnects, so a missed notification cannot keep a revoked key alive).
 struct InvalidationListener {
     url: String,
-    index: Arc<KeyIndex>,
+    cache: Arc<KeyCache>,
 }
 
 #[async_trait]
 impl BackgroundService for InvalidationListener {
     async fn start(&self, shutdown: ShutdownWatch) {
-        crate::store::postgres::run_invalidation_listener(
-            self.url.clone(),
-            Arc::clone(&self.index),
-            shutdown,
-        )
-        .await;
+        store::invalidation::run_listener(self.url.clone(), Arc::clone(&self.cache), shutdown)
+            .await;
     }
 }
 
 /// Drops the state of rate limits that have fully recovered, bounding their memory.
 struct Housekeeping {
-    gateway: Arc<Gateway>,
+    shared: Arc<Shared>,
+    management: Arc<Management>,
 }
 
 #[async_trait]
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut ticker = tokio::time::interval(Duration::from_secs(60));
+        let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    self.gateway.rate_limits.forget_idle();
-                    self.gateway.management_limiters.forget_idle();
+                    self.shared.rate_limits.forget_idle();
+                    self.management.forget_idle_limits();
                 }
                 _ = shutdown.changed() => return,
             }
@@ -164,7 +126,7 @@ fn check_port_free(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()>
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
-pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path).map_err(|errors| {
         anyhow::anyhow!("invalid configuration {}:\n{errors}", config_path.display())
     })?);
@@ -172,121 +134,13 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     check_port_free("server.listen", config.server.listen)?;
     check_port_free("server.admin_listen", config.server.admin_listen)?;
 
-    let store = {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start a runtime")?;
-        runtime.block_on(open_store(&config))?
-    };
-    let index = key_index(&config, Arc::clone(&store));
-    let usage = Arc::new(UsageRecorder::new());
-    let metrics = Arc::new(Metrics::new());
-    let admin_token = config
-        .management
-        .admin_token_env
-        .as_deref()
-        .and_then(|name| std::env::var(name).ok())
-        .filter(|token| !token.is_empty())
-        .map(String::into_bytes);
-    if admin_token.is_none() {
-        tracing::info!("no admin token set: the management API accepts keys:manage keys only");
-    }
-
-    let routes = config
-        .routes
-        .iter()
-        .cloned()
-        .map(build_route)
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot build the upstream pools")?;
-    let router = Router::new(routes);
-
-    let mut server_conf = ServerConf {
-        threads: config.server.threads,
-        grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    server_conf.upstream_keepalive_pool_size = 256;
-    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    let (shared, store) = build_state(Arc::clone(&config))?;
+    let management = Arc::new(Management::new(Arc::clone(&shared), admin_token(&config)));
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
-
-    let gateway = Arc::new(Gateway::new(
-        Arc::clone(&config),
-        router,
-        Arc::clone(&index),
-        Arc::clone(&usage),
-        Arc::clone(&metrics),
-        admin_token,
-    ));
-
-    for route in gateway.router.routes() {
-        let checks = GenBackgroundService::new(
-            format!("health checks of route {}", route.name()),
-            Arc::clone(&route.balancer),
-        );
-        server.add_service(checks);
-    }
-    server.add_service(GenBackgroundService::new(
-        "usage flusher".to_string(),
-        Arc::new(UsageFlusher {
-            usage: Arc::clone(&usage),
-            store: Arc::clone(&store),
-            metrics: Arc::clone(&metrics),
-            interval: config.store.usage_flush_interval,
-        }),
-    ));
-
-    if let StoreBackend::Postgres { url_env, .. } = &config.store.backend {
-        server.add_service(GenBackgroundService::new(
-            "cache invalidation listener".to_string(),
-            Arc::new(InvalidationListener {
-                url: database_url(url_env)?,
-                index: Arc::clone(&index),
-            }),
-        ));
-    }
-    server.add_service(GenBackgroundService::new(
-        "housekeeping".to_string(),
-        Arc::new(Housekeeping {
-            gateway: Arc::clone(&gateway),
-        }),
-    ));
-
-    let mut proxy = pingora::proxy::http_proxy(
-        &server.configuration,
-        KeygateProxy {
-            gateway: Arc::clone(&gateway),
-        },
-    );
-    // Let CONNECT reach request_filter, which refuses it with keygate's own JSON 405
-    // (Pingora's built-in refusal is a bare 405).
-    let mut options = pingora::apps::HttpServerOptions::default();
-    options.allow_connect_method_proxying = true;
-    proxy.server_options = Some(options);
-    let mut proxy = Service::new(
-        "keygate proxy".to_string(),
-        ConnectionCap::new(
-            HeaderDeadline::new(
-                proxy,
-                config.server.header_read_timeout,
-                config.server.keepalive_timeout,
-            ),
-            config.server.max_connections,
-        ),
-    );
-    proxy.add_tcp(&config.server.listen.to_string());
-    server.add_service(proxy);
-
-    let mut admin = Service::new(
-        "keygate admin".to_string(),
-        AdminApp {
-            gateway: Arc::clone(&gateway),
-        },
-    );
-    admin.add_tcp(&config.server.admin_listen.to_string());
-    server.add_service(admin);
+    add_background_services(&mut server, &shared, &store, &management)?;
+    server.add_service(proxy_service(&server, &shared, management));
+    server.add_service(ops_service(&shared));
 
     tracing::info!(
         listen = %config.server.listen,
@@ -298,9 +152,145 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         shutdown_signal: Box::new(StopSignals),
     });
 
-    final_flush(&usage, store.as_ref(), &metrics)?;
+    final_flush(&shared.usage, store.as_ref(), &shared.metrics)?;
     tracing::info!("keygate stopped");
     Ok(())
+}
+
+/// The store (opened on a runtime of its own: Pingora's do not exist yet), the cache in
+/// front of it, the routes and everything else the services share.
+///
+/// deadpool spawns the first PostgreSQL connection's driver on that throw-away runtime; it
+/// dies with it, and the pool replaces the closed connection on first use
+/// (`RecyclingMethod::Fast` checks `is_closed`).
+fn build_state(config: Arc<Config>) -> anyhow::Result<(Arc<Shared>, Arc<dyn KeyStore>)> {
+    let store = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?
+        .block_on(store::open(&config.store))?;
+    let cache = store::cache_for(&config.store, Arc::clone(&store));
+    let routes = config
+        .routes
+        .iter()
+        .cloned()
+        .map(build_route)
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot build the upstream pools")?;
+    let shared = Shared::new(
+        config,
+        Router::new(routes),
+        cache,
+        Arc::new(UsageRecorder::new()),
+        Arc::new(Metrics::new()),
+    );
+    Ok((Arc::new(shared), store))
+}
+
+/// The admin token from the environment variable the config names; None = no admin.
+fn admin_token(config: &Config) -> Option<Vec<u8>> {
+    let token = config
+        .management
+        .admin_token_env
+        .as_deref()
+        .and_then(|name| std::env::var(name).ok())
+        .filter(|token| !token.is_empty())
+        .map(String::into_bytes);
+    if token.is_none() {
+        tracing::info!("no admin token set: the management API accepts keys:manage keys only");
+    }
+    token
+}
+
+fn server_conf(config: &Config) -> ServerConf {
+    ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(SERVICE_STOP_TIMEOUT_SECONDS),
+        upstream_keepalive_pool_size: UPSTREAM_KEEPALIVE_POOL,
+        ..ServerConf::default()
+    }
+}
+
+/// Health checks of every route, the usage flusher, the invalidation listener (on
+/// PostgreSQL) and housekeeping.
+fn add_background_services(
+    server: &mut Server,
+    shared: &Arc<Shared>,
+    store: &Arc<dyn KeyStore>,
+    management: &Arc<Management>,
+) -> anyhow::Result<()> {
+    for route in shared.router.routes() {
+        let name = format!("health checks of route {}", route.name());
+        server.add_service(GenBackgroundService::new(name, Arc::clone(&route.balancer)));
+    }
+    let flusher = UsageFlusher {
+        usage: Arc::clone(&shared.usage),
+        store: Arc::clone(store),
+        metrics: Arc::clone(&shared.metrics),
+        interval: shared.config.store.usage_flush_interval,
+    };
+    server.add_service(GenBackgroundService::new(
+        "usage flusher".to_string(),
+        Arc::new(flusher),
+    ));
+    if let StoreBackend::Postgres { url_env, .. } = &shared.config.store.backend {
+        let listener = InvalidationListener {
+            url: store::database_url(url_env)?,
+            cache: Arc::clone(&shared.cache),
+        };
+        server.add_service(GenBackgroundService::new(
+            "cache invalidation listener".to_string(),
+            Arc::new(listener),
+        ));
+    }
+    let housekeeping = Housekeeping {
+        shared: Arc::clone(shared),
+        management: Arc::clone(management),
+    };
+    server.add_service(GenBackgroundService::new(
+        "housekeeping".to_string(),
+        Arc::new(housekeeping),
+    ));
+    Ok(())
+}
+
+/// The proxy on `listen`, inside the connection cap and the per-request header deadline.
+fn proxy_service(
+    server: &Server,
+    shared: &Arc<Shared>,
+    management: Arc<Management>,
+) -> impl pingora::services::Service + 'static {
+    let hooks = KeygateProxy {
+        gateway: Arc::new(Gateway::new(Arc::clone(shared))),
+        management,
+    };
+    let mut proxy = pingora::proxy::http_proxy(&server.configuration, hooks);
+    // Let CONNECT reach request_filter, which refuses it with keygate's own JSON 405
+    // (Pingora's built-in refusal is a bare 405).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    proxy.server_options = Some(options);
+    let server_config = &shared.config.server;
+    let deadline = HeaderDeadline::new(
+        proxy,
+        server_config.header_read_timeout,
+        server_config.keepalive_timeout,
+    );
+    let capped = ConnectionCap::new(deadline, server_config.max_connections);
+    let mut service = Service::new("keygate proxy".to_string(), capped);
+    service.add_tcp(&server_config.listen.to_string());
+    service
+}
+
+/// `/metrics`, `/healthz` and `/readyz` on `admin_listen`.
+fn ops_service(shared: &Arc<Shared>) -> impl pingora::services::Service + 'static {
+    let ops = OpsApp {
+        shared: Arc::clone(shared),
+    };
+    let mut service = Service::new("keygate ops".to_string(), ops);
+    service.add_tcp(&shared.config.server.admin_listen.to_string());
+    service
 }
 
 /// After the server stops: every pending count is written before the process exits.

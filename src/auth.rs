@@ -1,259 +1,69 @@
-//! Credential extraction: which header carries an API key, pure functions over the request
-//! headers. Works on raw bytes, so non-UTF-8 values are judged, never unwrapped.
+//! Deciding who a request's key belongs to: the credential found in its headers, the key
+//! format checked without hashing, then the cache (or one store read) and the expiry. Both
+//! the request path and the management API authenticate keys here.
+
+use std::sync::Arc;
 
 use http::HeaderMap;
+use prometheus::IntCounter;
 
-use crate::keys::KeyFormat;
+use crate::clock::unix_now;
+use crate::error::GatewayError;
+use crate::http::credentials::{self, CredentialSources};
+use crate::keys::{KeyFormat, KeyHash};
+use crate::metrics::{CacheMetrics, Metrics};
+use crate::store::{CachedKey, KeyCache, LookupSource};
 
-/// The headers a key may arrive in. A bit set, so that one key sent twice is one credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CredentialSources(u8);
-
-impl CredentialSources {
-    pub const KEY: Self = CredentialSources(1);
-    pub const X_API_KEY: Self = CredentialSources(2);
-    pub const AUTHORIZATION: Self = CredentialSources(4);
-
-    pub fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0 && other.0 != 0
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    fn insert(&mut self, other: Self) {
-        self.0 |= other.0;
-    }
-
-    /// Header names to strip before forwarding, so the key never travels past keygate.
-    pub fn header_names(self) -> impl Iterator<Item = &'static str> {
-        [
-            (Self::KEY, "key"),
-            (Self::X_API_KEY, "x-api-key"),
-            (Self::AUTHORIZATION, "authorization"),
-        ]
-        .into_iter()
-        .filter(move |(source, _)| self.contains(*source))
-        .map(|(_, name)| name)
-    }
+pub(crate) struct Authenticator {
+    format: KeyFormat,
+    cache: Arc<KeyCache>,
+    cache_metrics: CacheMetrics,
+    store_reads: IntCounter,
 }
 
-/// The API key found in a request, borrowed from its headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Credential<'a> {
-    pub value: &'a [u8],
-    pub sources: CredentialSources,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ExtractError {
-    #[error("the request carries two different API keys")]
-    Conflicting,
-}
-
-/// Finds the request's API key. Only values starting with `<prefix>_` count: any other
-/// value (a backend's own Bearer token, say) is not ours and is left alone. Several headers,
-/// or repeated ones, carrying the same key are one credential; different keys conflict.
-pub fn extract<'a>(
-    headers: &'a HeaderMap,
-    format: &KeyFormat,
-) -> Result<Option<Credential<'a>>, ExtractError> {
-    let mut found: Option<Credential<'a>> = None;
-    let candidates = headers
-        .get_all("key")
-        .iter()
-        .map(|v| (CredentialSources::KEY, Some(v.as_bytes())))
-        .chain(
-            headers
-                .get_all("x-api-key")
-                .iter()
-                .map(|v| (CredentialSources::X_API_KEY, Some(v.as_bytes()))),
-        )
-        .chain(
-            headers
-                .get_all(http::header::AUTHORIZATION)
-                .iter()
-                .map(|v| (CredentialSources::AUTHORIZATION, bearer_token(v.as_bytes()))),
-        );
-    for (source, value) in candidates {
-        let Some(value) = value.map(trim_ows) else {
-            continue;
-        };
-        if !format.is_candidate(value) {
-            continue;
-        }
-        match &mut found {
-            None => {
-                found = Some(Credential {
-                    value,
-                    sources: source,
-                })
-            }
-            Some(existing) if existing.value == value => existing.sources.insert(source),
-            Some(_) => return Err(ExtractError::Conflicting),
-        }
-    }
-    Ok(found)
-}
-
-/// The token of `Bearer <token>` (scheme case-insensitive), or None for other schemes.
-pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let value = trim_ows(value);
-    let scheme = value.get(..6)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
-        return None;
-    }
-    let rest = &value[6..];
-    match rest.first() {
-        Some(b' ') | Some(b'\t') => {
-            let token = trim_ows(rest);
-            (!token.is_empty()).then_some(token)
-        }
-        _ => None,
-    }
-}
-
-fn trim_ows(value: &[u8]) -> &[u8] {
-    let start = value
-        .iter()
-        .position(|b| *b != b' ' && *b != b'\t')
-        .unwrap_or(value.len());
-    let end = value
-        .iter()
-        .rposition(|b| *b != b' ' && *b != b'\t')
-        .map_or(start, |i| i + 1);
-    &value[start..end]
-}
-
-/// Whether `held` grants every scope in `required`.
-pub fn has_scopes(held: &[String], required: &[String]) -> bool {
-    required.iter().all(|scope| held.iter().any(|h| h == scope))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-    use proptest::prelude::*;
-
-    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
-                HeaderValue::from_bytes(value).expect("value"),
-            );
-        }
-        map
-    }
-
-    fn format() -> KeyFormat {
-        KeyFormat::new("kg")
-    }
-
-    #[test]
-    fn each_header_is_read() {
-        let f = format();
-        for (name, value, source) in [
-            ("key", "kg_abc", CredentialSources::KEY),
-            ("x-api-key", "kg_abc", CredentialSources::X_API_KEY),
-            (
-                "authorization",
-                "Bearer kg_abc",
-                CredentialSources::AUTHORIZATION,
-            ),
-            (
-                "authorization",
-                "bEaReR   kg_abc ",
-                CredentialSources::AUTHORIZATION,
-            ),
-        ] {
-            let map = headers(&[(name, value.as_bytes())]);
-            let cred = extract(&map, &f).expect("ok").expect("found");
-            assert_eq!(cred.value, b"kg_abc");
-            assert_eq!(cred.sources, source);
+impl Authenticator {
+    pub(crate) fn new(format: KeyFormat, cache: Arc<KeyCache>, metrics: &Metrics) -> Self {
+        Authenticator {
+            format,
+            cache,
+            cache_metrics: CacheMetrics::new(metrics),
+            store_reads: metrics.store_reads.clone(),
         }
     }
 
-    #[test]
-    fn foreign_values_are_not_credentials() {
-        let f = format();
-        for (name, value) in [
-            ("authorization", "Bearer eyJhbGciOi"),
-            ("authorization", "Basic a2dfYWJj"),
-            ("authorization", "Bearer"),
-            ("authorization", "Bearerkg_abc"),
-            ("x-api-key", "sk_live_123"),
-            ("key", ""),
-        ] {
-            let map = headers(&[(name, value.as_bytes())]);
-            assert_eq!(extract(&map, &f), Ok(None), "{name}: {value}");
-        }
+    pub(crate) fn format(&self) -> &KeyFormat {
+        &self.format
     }
 
-    #[test]
-    fn same_key_twice_is_one_credential_and_different_keys_conflict() {
-        let f = format();
-        let map = headers(&[("key", b"kg_abc"), ("x-api-key", b"kg_abc")]);
-        let cred = extract(&map, &f).expect("ok").expect("found");
-        assert!(cred.sources.contains(CredentialSources::KEY));
-        assert!(cred.sources.contains(CredentialSources::X_API_KEY));
-        assert!(!cred.sources.contains(CredentialSources::AUTHORIZATION));
-
-        let map = headers(&[("key", b"kg_abc"), ("authorization", b"Bearer kg_abd")]);
-        assert_eq!(extract(&map, &f), Err(ExtractError::Conflicting));
-        let map = headers(&[("x-api-key", b"kg_abc"), ("x-api-key", b"kg_xyz")]);
-        assert_eq!(extract(&map, &f), Err(ExtractError::Conflicting));
-    }
-
-    #[test]
-    fn a_prefixed_key_next_to_a_foreign_token_is_no_conflict() {
-        let f = format();
-        let map = headers(&[("x-api-key", b"kg_abc"), ("authorization", b"Bearer other")]);
-        let cred = extract(&map, &f).expect("ok").expect("found");
-        assert_eq!(cred.sources, CredentialSources::X_API_KEY);
-    }
-
-    #[test]
-    fn non_utf8_values_are_handled_as_bytes() {
-        let f = format();
-        let map = headers(&[("x-api-key", b"kg_\xff\xfe")]);
-        let cred = extract(&map, &f).expect("ok").expect("found");
-        assert_eq!(cred.value, b"kg_\xff\xfe");
-        assert!(f.check(cred.value).is_err());
-    }
-
-    #[test]
-    fn scope_check() {
-        let held = vec!["read".to_string(), "write".to_string()];
-        assert!(has_scopes(&held, &[]));
-        assert!(has_scopes(&held, &["read".to_string()]));
-        assert!(!has_scopes(&held, &["admin".to_string()]));
-    }
-
-    proptest! {
-        #[test]
-        fn extract_never_panics(values in proptest::collection::vec((0usize..3, proptest::collection::vec(any::<u8>(), 0..70)), 0..5)) {
-            let names = ["key", "x-api-key", "authorization"];
-            let mut map = HeaderMap::new();
-            for (i, bytes) in &values {
-                if let Ok(v) = HeaderValue::from_bytes(bytes) {
-                    map.append(names[*i], v);
-                }
-            }
-            let f = format();
-            if let Ok(Some(cred)) = extract(&map, &f) {
-                prop_assert!(cred.value.starts_with(b"kg_"));
-                prop_assert!(!cred.sources.is_empty());
+    /// Finds and checks the request's key: present, well-formed, known, not revoked, not
+    /// expired. Only a key missing from the cache costs a store read.
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(Arc<CachedKey>, CredentialSources), GatewayError> {
+        let credential = credentials::extract(headers, &self.format)
+            .map_err(|_| GatewayError::ConflictingCredentials)?
+            .ok_or(GatewayError::MissingCredentials)?;
+        self.format
+            .check(credential.value)
+            .map_err(|_| GatewayError::InvalidKey)?;
+        let hash = KeyHash::of(credential.value);
+        let resolved = self.cache.resolve(&hash).await.map_err(|e| {
+            tracing::warn!(error = %e, "key store read failed");
+            GatewayError::StoreUnavailable
+        })?;
+        match resolved.source {
+            LookupSource::Hit => self.cache_metrics.hit.inc(),
+            LookupSource::NegativeHit => self.cache_metrics.negative_hit.inc(),
+            LookupSource::Miss => {
+                self.cache_metrics.miss.inc();
+                self.store_reads.inc();
             }
         }
-
-        #[test]
-        fn bearer_token_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
-            if let Some(token) = bearer_token(&bytes) {
-                prop_assert!(!token.is_empty());
-            }
+        let key = resolved.key.ok_or(GatewayError::InvalidKey)?;
+        if key.is_expired(unix_now()) {
+            return Err(GatewayError::KeyExpired);
         }
+        Ok((key, credential.sources))
     }
 }

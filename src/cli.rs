@@ -1,5 +1,5 @@
 //! The `keygate` command line: `serve`, `check`, and the offline `keys` commands, which
-//! work on the store directly through the same `KeyService` the management API uses.
+//! work on the store directly through the same `keys::lifecycle` the management API uses.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,14 +8,14 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use crate::app::{key_index, open_store};
+use crate::clock::unix_now;
 use crate::config::Config;
-use crate::gateway::unix_now;
 use crate::keys::KeyFormat;
-use crate::service::{
-    Actor, DEFAULT_NAME, FieldErrors, KeyService, KeyView, MAX_TTL_SECONDS, NewKey,
-    validate_new_key,
+use crate::keys::lifecycle::{
+    Actor, Audit, FieldErrors, Lifecycle, LifecycleError, NewKey, add_error, expiry_after,
 };
+use crate::management::views::{KeyView, RevokeResult};
+use crate::store;
 use crate::usage::UsageRecorder;
 
 const DEFAULT_CONFIG: &str = "config/keygate.toml";
@@ -108,16 +108,18 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn offline_service(config_path: &Path) -> anyhow::Result<KeyService> {
+/// The lifecycle over the configured store, for a command that runs without a gateway.
+async fn offline_keys(config_path: &Path) -> anyhow::Result<Lifecycle> {
     let config = Config::load(config_path).map_err(|errors| {
         anyhow::anyhow!("invalid configuration {}:\n{errors}", config_path.display())
     })?;
-    let store = open_store(&config).await?;
-    let index = key_index(&config, store);
-    Ok(KeyService::new(
-        index,
+    let store = store::open(&config.store).await?;
+    let cache = store::cache_for(&config.store, store);
+    let format = KeyFormat::new(&config.keys.prefix);
+    Ok(Lifecycle::new(
+        cache,
         Arc::new(UsageRecorder::new()),
-        KeyFormat::new(&config.keys.prefix),
+        format,
     ))
 }
 
@@ -134,6 +136,26 @@ fn describe(errors: &FieldErrors) -> String {
         .join("\n")
 }
 
+/// Field errors as the CLI reports them; anything else as it is.
+fn cli_error(e: LifecycleError) -> anyhow::Error {
+    match e {
+        LifecycleError::Invalid(errors) => {
+            anyhow::anyhow!("invalid key settings:\n{}", describe(&errors))
+        }
+        e => e.into(),
+    }
+}
+
+const CLI_ACTOR: &Actor = &Actor::Cli;
+
+fn cli_audit(action: &str) -> Audit<'_> {
+    Audit {
+        actor: CLI_ACTOR,
+        action,
+        client: None,
+    }
+}
+
 fn keys(command: KeysCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -147,76 +169,66 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 name,
                 scopes,
                 ttl_seconds,
-            } => {
-                let mut errors = FieldErrors::new();
-                validate_new_key(name.as_deref(), &owner, &scopes, None, None, &mut errors);
-                if let Some(ttl) = ttl_seconds
-                    && !(1..=MAX_TTL_SECONDS).contains(&ttl)
-                {
-                    errors
-                        .entry("ttl_seconds".into())
-                        .or_default()
-                        .push(format!("must be between 1 and {MAX_TTL_SECONDS}"));
-                }
-                if !errors.is_empty() {
-                    bail!("invalid key settings:\n{}", describe(&errors));
-                }
-                let service = offline_service(&config).await?;
-                let mut scopes = scopes;
-                scopes.sort();
-                scopes.dedup();
-                let view = service
-                    .create(
-                        NewKey {
-                            name: name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
-                            owner,
-                            scopes,
-                            expires_at: ttl_seconds.map(|ttl| unix_now() + ttl),
-                            rate_limit: None,
-                            metadata: None,
-                        },
-                        None,
-                    )
-                    .await?;
-                service
-                    .audit(&Actor::Cli, "create", Some(&view.id), None)
-                    .await?;
-                print_json(&view)
-            }
-            KeysCommand::List { config, owner } => {
-                let service = offline_service(&config).await?;
-                let mut all = Vec::new();
-                let mut cursor: Option<String> = None;
-                loop {
-                    let page = service
-                        .list(owner.as_deref(), cursor.as_deref(), 1000)
-                        .await?;
-                    all.extend(
-                        page.items
-                            .into_iter()
-                            .map(|k| KeyView::new(k.record, k.usage)),
-                    );
-                    match page.next_cursor {
-                        Some(next) => cursor = Some(next),
-                        None => break,
-                    }
-                }
-                print_json(&all)
-            }
-            KeysCommand::Revoke { config, id } => {
-                let service = offline_service(&config).await?;
-                let Some(record) = service.revoke(&id).await? else {
-                    bail!("no key with id {id}");
-                };
-                service
-                    .audit(&Actor::Cli, "revoke", Some(&id), None)
-                    .await?;
-                print_json(&serde_json::json!({
-                    "id": record.id,
-                    "revoked": true,
-                    "revoked_at": record.revoked_at.map(crate::service::rfc3339),
-                }))
-            }
+            } => create(&config, owner, name, scopes, ttl_seconds).await,
+            KeysCommand::List { config, owner } => list(&config, owner.as_deref()).await,
+            KeysCommand::Revoke { config, id } => revoke(&config, &id).await,
         }
     })
+}
+
+async fn create(
+    config: &Path,
+    owner: String,
+    name: Option<String>,
+    scopes: Vec<String>,
+    ttl_seconds: Option<i64>,
+) -> anyhow::Result<()> {
+    let mut errors = FieldErrors::new();
+    let expires_at = ttl_seconds.and_then(|ttl| {
+        expiry_after(ttl, unix_now())
+            .map_err(|reason| add_error(&mut errors, "ttl_seconds", reason))
+            .ok()
+    });
+    let new = NewKey {
+        name,
+        owner,
+        scopes,
+        expires_at,
+        rate_limit: None,
+        metadata: None,
+    };
+    // Checked before the store is opened: a typo is reported without touching it.
+    new.check(&mut errors);
+    if !errors.is_empty() {
+        bail!("invalid key settings:\n{}", describe(&errors));
+    }
+    let keys = offline_keys(config).await?;
+    let created = keys
+        .create(new, cli_audit("create"))
+        .await
+        .map_err(cli_error)?;
+    print_json(&KeyView::created(created))
+}
+
+async fn list(config: &Path, owner: Option<&str>) -> anyhow::Result<()> {
+    let keys = offline_keys(config).await?;
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = keys.list(owner, cursor.as_deref(), 1000).await?;
+        all.extend(page.items.into_iter().map(KeyView::from));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    print_json(&all)
+}
+
+async fn revoke(config: &Path, id: &str) -> anyhow::Result<()> {
+    let keys = offline_keys(config).await?;
+    let Some(record) = keys.revoke(id, cli_audit("revoke")).await? else {
+        bail!("no key with id {id}");
+    };
+    print_json(&RevokeResult::from(record))
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::keys::RateLimit;
+use crate::keys::scope::valid_scope;
 
 /// One configuration problem: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -687,7 +688,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 .host
                 .map(|h| h.strip_suffix('.').unwrap_or(&h).to_ascii_lowercase());
             if let Some(h) = &host
-                && !crate::upstream::is_host_name(h)
+                && !crate::http::host::is_host_name(h)
             {
                 p.add(
                     at("host"),
@@ -884,14 +885,6 @@ fn load_ca_file(path: &str) -> Result<Vec<Vec<u8>>, String> {
 /// RFC 3986 path characters other than `%` (escapes) and `;` (parameters).
 fn is_plain_path_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&byte)
-}
-
-pub fn valid_scope(scope: &str) -> bool {
-    !scope.is_empty()
-        && scope.len() <= 64
-        && scope
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b":._-".contains(&b))
 }
 
 #[cfg(test)]

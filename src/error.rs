@@ -4,6 +4,35 @@
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::metrics::Outcome;
+
+/// Every `error.code` keygate answers with, spelled once.
+pub(crate) mod code {
+    pub(crate) const BAD_REQUEST: &str = "bad_request";
+    pub(crate) const CONFLICTING_CREDENTIALS: &str = "conflicting_credentials";
+    pub(crate) const HEADER_TOO_LARGE: &str = "header_too_large";
+    pub(crate) const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
+    pub(crate) const INTERNAL_ERROR: &str = "internal_error";
+    pub(crate) const INVALID_JSON: &str = "invalid_json";
+    pub(crate) const INVALID_KEY: &str = "invalid_key";
+    pub(crate) const INVALID_PATH: &str = "invalid_path";
+    pub(crate) const KEY_EXPIRED: &str = "key_expired";
+    pub(crate) const KEY_REVOKED: &str = "key_revoked";
+    pub(crate) const KEY_ROTATED: &str = "key_rotated";
+    pub(crate) const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    pub(crate) const MISSING_CREDENTIALS: &str = "missing_credentials";
+    pub(crate) const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
+    pub(crate) const NO_ROUTE: &str = "no_route";
+    pub(crate) const NOT_FOUND: &str = "not_found";
+    pub(crate) const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub(crate) const RATE_LIMITED: &str = "rate_limited";
+    pub(crate) const REQUEST_TIMEOUT: &str = "request_timeout";
+    pub(crate) const STORE_UNAVAILABLE: &str = "store_unavailable";
+    pub(crate) const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
+    pub(crate) const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
+    pub(crate) const VALIDATION_FAILED: &str = "validation_failed";
+}
+
 /// Why the gateway answered a request itself instead of forwarding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -92,29 +121,29 @@ impl GatewayError {
 
     pub fn code(self) -> &'static str {
         match self {
-            GatewayError::NoRoute => "no_route",
-            GatewayError::InvalidPath | GatewayError::AmbiguousPath => "invalid_path",
-            GatewayError::MissingCredentials => "missing_credentials",
-            GatewayError::ConflictingCredentials => "conflicting_credentials",
-            GatewayError::InvalidKey => "invalid_key",
-            GatewayError::KeyExpired => "key_expired",
-            GatewayError::InsufficientScope => "insufficient_scope",
-            GatewayError::RateLimited { .. } => "rate_limited",
-            GatewayError::StoreUnavailable => "store_unavailable",
-            GatewayError::NoHealthyUpstream => "no_healthy_upstream",
-            GatewayError::UpstreamUnavailable => "upstream_unavailable",
-            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::NoRoute => code::NO_ROUTE,
+            GatewayError::InvalidPath | GatewayError::AmbiguousPath => code::INVALID_PATH,
+            GatewayError::MissingCredentials => code::MISSING_CREDENTIALS,
+            GatewayError::ConflictingCredentials => code::CONFLICTING_CREDENTIALS,
+            GatewayError::InvalidKey => code::INVALID_KEY,
+            GatewayError::KeyExpired => code::KEY_EXPIRED,
+            GatewayError::InsufficientScope => code::INSUFFICIENT_SCOPE,
+            GatewayError::RateLimited { .. } => code::RATE_LIMITED,
+            GatewayError::StoreUnavailable => code::STORE_UNAVAILABLE,
+            GatewayError::NoHealthyUpstream => code::NO_HEALTHY_UPSTREAM,
+            GatewayError::UpstreamUnavailable => code::UPSTREAM_UNAVAILABLE,
+            GatewayError::UpstreamTimeout => code::UPSTREAM_TIMEOUT,
             GatewayError::MalformedRequest
             | GatewayError::MalformedBody
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
             | GatewayError::InvalidHost
-            | GatewayError::UnsupportedTransferCoding => "bad_request",
-            GatewayError::ChunkedBodyTooLarge => "payload_too_large",
-            GatewayError::BodyTimeout => "request_timeout",
-            GatewayError::ConnectNotAllowed => "method_not_allowed",
-            GatewayError::HeaderTooLarge => "header_too_large",
-            GatewayError::Internal => "internal_error",
+            | GatewayError::UnsupportedTransferCoding => code::BAD_REQUEST,
+            GatewayError::ChunkedBodyTooLarge => code::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout => code::REQUEST_TIMEOUT,
+            GatewayError::ConnectNotAllowed => code::METHOD_NOT_ALLOWED,
+            GatewayError::HeaderTooLarge => code::HEADER_TOO_LARGE,
+            GatewayError::Internal => code::INTERNAL_ERROR,
         }
     }
 
@@ -164,39 +193,6 @@ impl GatewayError {
     }
 }
 
-/// The `outcome` label values of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Outcome {
-    #[default]
-    Allowed,
-    MissingCredentials,
-    InvalidKey,
-    KeyExpired,
-    InsufficientScope,
-    RateLimited,
-    StoreUnavailable,
-    BadRequest,
-    NoRoute,
-    Public,
-}
-
-impl Outcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Allowed => "allowed",
-            Outcome::MissingCredentials => "missing_credentials",
-            Outcome::InvalidKey => "invalid_key",
-            Outcome::KeyExpired => "key_expired",
-            Outcome::InsufficientScope => "insufficient_scope",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::StoreUnavailable => "store_unavailable",
-            Outcome::BadRequest => "bad_request",
-            Outcome::NoRoute => "no_route",
-            Outcome::Public => "public",
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct ErrorEnvelope<'a> {
     error: ErrorBody<'a>,
@@ -212,7 +208,7 @@ struct ErrorBody<'a> {
 }
 
 /// `{"error": {"code", "message", "request_id"[, "details"]}}`
-pub fn error_body(
+pub(crate) fn error_body(
     code: &str,
     message: &str,
     request_id: &str,

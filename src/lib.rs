@@ -1,48 +1,43 @@
 //! keygate: an API-key authentication gateway built on Pingora.
 //!
-//! Layout:
-//! - `cli`      the `keygate` command line (serve, check, offline key commands)
-//! - `app`      assembles store, cache, routes and Pingora services; runs and stops them
-//! - `config`   TOML as written -> validated, typed configuration
-//! - `proxy`    the Pingora `ProxyHttp` hooks; they only delegate
-//! - `guard`    connection cap and header deadline around the proxy service
-//! - `gateway`  the request path, top to bottom: route, credentials, key, scope, usage
-//! - `path`     request paths as routed, and as a lenient upstream may read them
-//! - `auth`     credential extraction from headers (pure functions)
-//! - `body`     chunked request bodies, read whole before they are forwarded
-//! - `keys`     key format, generation, hashing, the persisted record
-//! - `store`    the `KeyStore` trait, the sled store, the moka-cached key index
-//! - `service`  key lifecycle operations shared by the API and the CLI
-//! - `api`      the management API handlers
-//! - `ratelimit` GCRA limits (per key, per route, management calls)
-//! - `usage`    in-memory usage counters and their flusher
-//! - `metrics`  Prometheus families in keygate's own registry
-//! - `admin`    the admin listener: /metrics, /healthz, /readyz
-//! - `upstream` routes, load balancers, health checks, peers
-//! - `respond`  the one writer of keygate's own responses
-//! - `access`   per-request metrics and the access log
-//! - `logging`  log set-up
-//! - `error`    the request path's refusals and the JSON error body
+//! Layout (each module uses only those listed above it, except `cli` and `app` on top):
+//! - `clock`      Unix time and RFC 3339
+//! - `metrics`    Prometheus families in keygate's own registry; the `outcome` label
+//! - `error`      the request path's refusals, the error codes, the JSON error body
+//! - `keys`       key format, hash, ids, scope grammar, the record; `keys::lifecycle` below
+//! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate, resolve)
+//! - `http`       pure request logic: target, path readings, host, credentials, body framing
+//! - `store`      the `KeyStore` trait, sled and PostgreSQL stores, the moka key cache,
+//!   PostgreSQL's invalidation listener
+//! - `ratelimit`  GCRA limits: per key, per route, per management budget
+//! - `usage`      in-memory usage counters and their flusher
+//! - `routing`    routes, longest-prefix matching, upstream pools and health checks
+//! - `auth`       who a request's key belongs to (credentials, format, cache, expiry)
+//! - `state`      `Shared`: what the request path, the management API and the ops listener share
+//! - `session`    what keygate reads from and writes to a Pingora session: bodies, responses
+//! - `gateway`    the request path, top to bottom, and the per-request context
+//! - `management` the management API: calls, caller, fields, handlers, views, OpenAPI
+//! - `server`     Pingora's traits: proxy hooks, connection limits, ops listener, access log
+//! - `logging`    log set-up
+//! - `app`        assembles the state and the Pingora services; runs and stops them
+//! - `cli`        the `keygate` command line (serve, check, offline key commands)
 
-pub mod access;
-pub mod admin;
-pub mod api;
-pub mod app;
-pub mod auth;
-pub mod body;
+mod app;
+mod auth;
 pub mod cli;
+mod clock;
 pub mod config;
-pub mod error;
-pub mod gateway;
-pub mod guard;
+mod error;
+mod gateway;
+pub mod http;
 pub mod keys;
-pub mod logging;
-pub mod metrics;
-pub mod path;
-pub mod proxy;
-pub mod ratelimit;
-pub mod respond;
-pub mod service;
+mod logging;
+mod management;
+mod metrics;
+mod ratelimit;
+mod routing;
+mod server;
+mod session;
+mod state;
 pub mod store;
-pub mod upstream;
 pub mod usage;

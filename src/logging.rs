@@ -11,11 +11,11 @@ use tracing_subscriber::prelude::*;
 use crate::config::AccessLog;
 
 /// Keep the returned guard alive: dropping it flushes the access log.
-pub fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
+pub(crate) fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
     let app_filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .add_directive(
-            format!("{}=off", crate::access::TARGET)
+            format!("{}=off", crate::server::access::TARGET)
                 .parse()
                 .context("log filter")?,
         );
@@ -50,7 +50,7 @@ pub fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
         .with_target(false)
         .with_level(false)
         .with_writer(writer)
-        .with_filter(Targets::new().with_target(crate::access::TARGET, LevelFilter::INFO));
+        .with_filter(Targets::new().with_target(crate::server::access::TARGET, LevelFilter::INFO));
     tracing_subscriber::registry()
         .with(app_layer)
         .with(access_layer)

@@ -2,6 +2,7 @@
 //! `/metrics` shows exactly keygate's families. Labels are bounded: route names, outcomes,
 //! status classes; never a key, a key id or a raw path.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -49,128 +50,138 @@ impl Default for Metrics {
     }
 }
 
+/// Name and help text of each family.
+type Family = (&'static str, &'static str);
+
+const REQUESTS: Family = (
+    "keygate_requests_total",
+    "Requests by route and auth outcome",
+);
+const REQUEST_DURATION: Family = (
+    "keygate_request_duration_seconds",
+    "Time from request to response, per route",
+);
+const AUTH_DURATION: Family = (
+    "keygate_auth_duration_seconds",
+    "Time spent deciding whether a request's key is admitted",
+);
+const UPSTREAM_RESPONSES: Family = (
+    "keygate_upstream_responses_total",
+    "Upstream responses by route and status class",
+);
+const UPSTREAM_HEALTHY: Family = (
+    "keygate_upstream_healthy",
+    "1 when the upstream passes its health check",
+);
+const CACHE_LOOKUPS: Family = (
+    "keygate_key_cache_lookups_total",
+    "Key cache look-ups by result",
+);
+const STORE_READS: Family = (
+    "keygate_store_reads_total",
+    "Key look-ups that reached the store (cache misses)",
+);
+const KEYS: Family = ("keygate_keys", "Keys in the store, revoked ones included");
+const USAGE_PENDING: Family = (
+    "keygate_usage_pending",
+    "Keys with usage counts not yet written to the store",
+);
+const USAGE_FLUSH_DURATION: Family = (
+    "keygate_usage_flush_duration_seconds",
+    "Duration of successful usage flushes",
+);
+const USAGE_FLUSH_ERRORS: Family = (
+    "keygate_usage_flush_errors_total",
+    "Usage flushes that failed (their counts are retried)",
+);
+const MANAGEMENT_REQUESTS: Family = (
+    "keygate_management_requests_total",
+    "Management API calls by operation and status",
+);
+const BUILD_INFO: Family = ("keygate_build_info", "Build information");
+
+/// Series that exist from the start (at 0), so rate() works before the first call.
+const MANAGEMENT_SERIES: [(&str, &str); 9] = [
+    ("create", "201"),
+    ("list", "200"),
+    ("get", "200"),
+    ("revoke", "200"),
+    ("revoke_by_value", "200"),
+    ("rotate", "201"),
+    ("audit", "200"),
+    ("signup", "201"),
+    ("openapi", "200"),
+];
+
+/// Registers `metric` in `registry`. The names are literals of this file, so a failure is
+/// a programming error that the first test building `Metrics` catches.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn opts((name, help): Family) -> Opts {
+    Opts::new(name, help)
+}
+
+fn histogram_opts((name, help): Family, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(buckets.to_vec())
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-                .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "keygate_request_duration_seconds",
-                "Time from request to response, per route",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(request_duration.clone()))
-            .expect("unique metric");
-
+        let r = Registry::new();
         let metrics = Metrics {
-            requests: counter_vec(
-                "keygate_requests_total",
-                "Requests by route and auth outcome",
-                &["route", "outcome"],
+            requests: register(
+                &r,
+                IntCounterVec::new(opts(REQUESTS), &["route", "outcome"]),
             ),
-            request_duration,
-            auth_duration: histogram(
-                "keygate_auth_duration_seconds",
-                "Time spent deciding whether a request's key is admitted",
-                AUTH_BUCKETS,
+            request_duration: register(
+                &r,
+                HistogramVec::new(
+                    histogram_opts(REQUEST_DURATION, LATENCY_BUCKETS),
+                    &["route"],
+                ),
             ),
-            upstream_responses: counter_vec(
-                "keygate_upstream_responses_total",
-                "Upstream responses by route and status class",
-                &["route", "status_class"],
+            auth_duration: register(
+                &r,
+                Histogram::with_opts(histogram_opts(AUTH_DURATION, AUTH_BUCKETS)),
             ),
-            upstream_healthy: gauge_vec(
-                "keygate_upstream_healthy",
-                "1 when the upstream passes its health check",
-                &["route", "upstream"],
+            upstream_responses: register(
+                &r,
+                IntCounterVec::new(opts(UPSTREAM_RESPONSES), &["route", "status_class"]),
             ),
-            cache_lookups: counter_vec(
-                "keygate_key_cache_lookups_total",
-                "Key cache look-ups by result",
-                &["result"],
+            upstream_healthy: register(
+                &r,
+                IntGaugeVec::new(opts(UPSTREAM_HEALTHY), &["route", "upstream"]),
             ),
-            store_reads: counter(
-                "keygate_store_reads_total",
-                "Key look-ups that reached the store (cache misses)",
+            cache_lookups: register(&r, IntCounterVec::new(opts(CACHE_LOOKUPS), &["result"])),
+            store_reads: register(&r, IntCounter::with_opts(opts(STORE_READS))),
+            keys: register(&r, IntGauge::with_opts(opts(KEYS))),
+            usage_pending: register(&r, IntGauge::with_opts(opts(USAGE_PENDING))),
+            usage_flush_duration: register(
+                &r,
+                Histogram::with_opts(histogram_opts(USAGE_FLUSH_DURATION, LATENCY_BUCKETS)),
             ),
-            keys: gauge("keygate_keys", "Keys in the store, revoked ones included"),
-            usage_pending: gauge(
-                "keygate_usage_pending",
-                "Keys with usage counts not yet written to the store",
+            usage_flush_errors: register(&r, IntCounter::with_opts(opts(USAGE_FLUSH_ERRORS))),
+            management_requests: register(
+                &r,
+                IntCounterVec::new(opts(MANAGEMENT_REQUESTS), &["operation", "status"]),
             ),
-            usage_flush_duration: histogram(
-                "keygate_usage_flush_duration_seconds",
-                "Duration of successful usage flushes",
-                LATENCY_BUCKETS,
-            ),
-            usage_flush_errors: counter(
-                "keygate_usage_flush_errors_total",
-                "Usage flushes that failed (their counts are retried)",
-            ),
-            management_requests: counter_vec(
-                "keygate_management_requests_total",
-                "Management API calls by operation and status",
-                &["operation", "status"],
-            ),
-            build_info: gauge_vec("keygate_build_info", "Build information", &["version"]),
-            registry,
+            build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
+            registry: r,
         };
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        // Series exist from the start (at 0), so rate() works before the first call.
-        for (operation, status) in [
-            ("create", "201"),
-            ("list", "200"),
-            ("get", "200"),
-            ("revoke", "200"),
-            ("revoke_by_value", "200"),
-            ("rotate", "201"),
-            ("audit", "200"),
-            ("signup", "201"),
-            ("openapi", "200"),
-        ] {
+        for (operation, status) in MANAGEMENT_SERIES {
             metrics
                 .management_requests
                 .with_label_values(&[operation, status]);
@@ -187,20 +198,9 @@ impl Metrics {
     }
 }
 
-/// `2xx`, `3xx`, ... for a status code.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 /// A route's counters resolved once at start-up, so the request path never looks up a
 /// label set (which takes the metric family's lock and hashes the labels).
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     outcomes: [IntCounter; OUTCOMES.len()],
     pub duration: Histogram,
     status_classes: [IntCounter; 5],
@@ -219,10 +219,8 @@ const OUTCOMES: [Outcome; 10] = [
     Outcome::Public,
 ];
 
-use crate::error::Outcome;
-
 impl RouteMetrics {
-    pub fn new(metrics: &Metrics, route: &str) -> Self {
+    pub(crate) fn new(metrics: &Metrics, route: &str) -> Self {
         RouteMetrics {
             outcomes: OUTCOMES.map(|o| metrics.requests.with_label_values(&[route, o.label()])),
             duration: metrics.request_duration.with_label_values(&[route]),
@@ -234,30 +232,63 @@ impl RouteMetrics {
         }
     }
 
-    pub fn count(&self, outcome: Outcome) {
+    pub(crate) fn count(&self, outcome: Outcome) {
         let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
         self.outcomes[index].inc();
     }
 
-    pub fn upstream_status(&self, status: u16) {
+    pub(crate) fn upstream_status(&self, status: u16) {
         let index = usize::from((status / 100).clamp(1, 5) - 1);
         self.status_classes[index].inc();
     }
 }
 
 /// Cache look-up counters, resolved once.
-pub struct CacheMetrics {
+pub(crate) struct CacheMetrics {
     pub hit: IntCounter,
     pub miss: IntCounter,
     pub negative_hit: IntCounter,
 }
 
 impl CacheMetrics {
-    pub fn new(metrics: &Metrics) -> Self {
+    pub(crate) fn new(metrics: &Metrics) -> Self {
         CacheMetrics {
             hit: metrics.cache_lookups.with_label_values(&["hit"]),
             miss: metrics.cache_lookups.with_label_values(&["miss"]),
             negative_hit: metrics.cache_lookups.with_label_values(&["negative_hit"]),
+        }
+    }
+}
+
+/// The `outcome` label values of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    #[default]
+    Allowed,
+    MissingCredentials,
+    InvalidKey,
+    KeyExpired,
+    InsufficientScope,
+    RateLimited,
+    StoreUnavailable,
+    BadRequest,
+    NoRoute,
+    Public,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::MissingCredentials => "missing_credentials",
+            Outcome::InvalidKey => "invalid_key",
+            Outcome::KeyExpired => "key_expired",
+            Outcome::InsufficientScope => "insufficient_scope",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::StoreUnavailable => "store_unavailable",
+            Outcome::BadRequest => "bad_request",
+            Outcome::NoRoute => "no_route",
+            Outcome::Public => "public",
         }
     }
 }

@@ -11,9 +11,12 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
+use crate::config::ManagementLimits;
+use crate::keys::RateLimit;
+
 /// The verdict on one request, with what the `RateLimit-*` headers report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Allowed {
         limit: u32,
         remaining: u32,
@@ -29,7 +32,7 @@ pub enum Decision {
 }
 
 /// `requests` per `window_seconds`, burst `requests`.
-pub fn quota(requests: u32, window_seconds: u32) -> Option<Quota> {
+pub(crate) fn quota(requests: u32, window_seconds: u32) -> Option<Quota> {
     let burst = NonZeroU32::new(requests)?;
     let window = Duration::from_secs(u64::from(window_seconds.max(1)));
     Quota::with_period(window / requests).map(|q| q.allow_burst(burst))
@@ -40,7 +43,7 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// One limiter per key of type `K`, all with the same quota.
-pub struct KeyedLimiter<K: Hash + Eq + Clone> {
+pub(crate) struct KeyedLimiter<K: Hash + Eq + Clone> {
     limiter: RateLimiter<K, DashMapStateStore<K>, DefaultClock, StateInformationMiddleware>,
     limit: u32,
     window: Duration,
@@ -48,7 +51,7 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone> {
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
-    pub fn new(requests: u32, window_seconds: u32) -> Option<Self> {
+    pub(crate) fn new(requests: u32, window_seconds: u32) -> Option<Self> {
         let quota = quota(requests, window_seconds)?;
         Some(KeyedLimiter {
             limiter: RateLimiter::dashmap(quota).with_middleware::<StateInformationMiddleware>(),
@@ -58,7 +61,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         })
     }
 
-    pub fn check(&self, key: &K) -> Decision {
+    pub(crate) fn check(&self, key: &K) -> Decision {
         match self.limiter.check_key(key) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
@@ -82,9 +85,130 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 
     /// Drops state of keys whose limit has fully recovered, bounding memory.
-    pub fn forget_idle(&self) {
+    pub(crate) fn forget_idle(&self) {
         self.limiter.retain_recent();
     }
+}
+
+/// Which budget a request spends: the key's own `rate_limit` (across all routes), or a
+/// route's default limit (per route, identified by the route's index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Budget {
+    Key,
+    Route(usize),
+}
+
+/// Per-key limits where each key may carry its own quota: one keyed limiter per distinct
+/// quota (there are few), each keyed by (key, budget) so that no two keys share a budget.
+#[derive(Default)]
+pub(crate) struct KeyLimits {
+    by_quota: dashmap::DashMap<QuotaKey, Arc<KeyedLimiter<(u128, Budget)>>>,
+}
+
+/// (requests, window_seconds)
+type QuotaKey = (u32, u32);
+
+impl KeyLimits {
+    pub(crate) fn check(&self, limit: RateLimit, key: u128, budget: Budget) -> Decision {
+        let quota_key = (limit.requests, limit.window_seconds);
+        let limiter = match self.by_quota.get(&quota_key) {
+            Some(limiter) => Arc::clone(&limiter),
+            None => match KeyedLimiter::new(limit.requests, limit.window_seconds) {
+                Some(limiter) => Arc::clone(
+                    &self
+                        .by_quota
+                        .entry(quota_key)
+                        .or_insert_with(|| Arc::new(limiter)),
+                ),
+                // A zero quota is refused by config and API validation; admit if one slips by.
+                None => {
+                    return Decision::Allowed {
+                        limit: limit.requests,
+                        remaining: limit.requests,
+                        reset: 0,
+                    };
+                }
+            },
+        };
+        limiter.check(&(key, budget))
+    }
+
+    pub(crate) fn forget_idle(&self) {
+        for limiter in self.by_quota.iter() {
+            limiter.forget_idle();
+        }
+    }
+}
+
+/// The management API's budgets, per owner (per client address for sign-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ManagementBudget {
+    /// Creates and rotations.
+    Create,
+    /// Lists and gets.
+    List,
+    /// Revokes, by id and by value.
+    Revoke,
+    Signup,
+}
+
+/// Per-owner limits on management calls; the admin is exempt.
+pub(crate) struct ManagementLimiters {
+    create: Option<KeyedLimiter<String>>,
+    list: Option<KeyedLimiter<String>>,
+    revoke: Option<KeyedLimiter<String>>,
+    signup: Option<KeyedLimiter<String>>,
+}
+
+impl ManagementLimiters {
+    pub(crate) fn new(limits: &ManagementLimits, signup_per_hour: u32) -> Self {
+        ManagementLimiters {
+            create: KeyedLimiter::new(limits.create_per_hour, 3600),
+            list: KeyedLimiter::new(limits.list_per_minute, 60),
+            revoke: KeyedLimiter::new(limits.revoke_per_minute, 60),
+            signup: KeyedLimiter::new(signup_per_hour, 3600),
+        }
+    }
+
+    /// Spends one call of `who`'s `budget`; `Err(retry_after)` when it is spent.
+    pub(crate) fn check(&self, budget: ManagementBudget, who: &str) -> Result<(), u64> {
+        let limiter = match budget {
+            ManagementBudget::Create => &self.create,
+            ManagementBudget::List => &self.list,
+            ManagementBudget::Revoke => &self.revoke,
+            ManagementBudget::Signup => &self.signup,
+        };
+        match limiter.as_ref().map(|l| l.check(&who.to_string())) {
+            Some(Decision::Limited { retry_after, .. }) => Err(retry_after),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn forget_idle(&self) {
+        for limiter in [&self.create, &self.list, &self.revoke, &self.signup]
+            .into_iter()
+            .flatten()
+        {
+            limiter.forget_idle();
+        }
+    }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for a decision.
+pub(crate) fn headers(decision: Decision) -> [(&'static str, http::HeaderValue); 3] {
+    let (limit, remaining, reset) = match decision {
+        Decision::Allowed {
+            limit,
+            remaining,
+            reset,
+        } => (limit, remaining, reset),
+        Decision::Limited { limit, reset, .. } => (limit, 0, reset),
+    };
+    [
+        ("ratelimit-limit", http::HeaderValue::from(limit)),
+        ("ratelimit-remaining", http::HeaderValue::from(remaining)),
+        ("ratelimit-reset", http::HeaderValue::from(reset)),
+    ]
 }
 
 #[cfg(test)]
@@ -116,67 +240,4 @@ mod tests {
     fn zero_requests_is_no_quota() {
         assert!(quota(0, 10).is_none());
     }
-}
-
-/// Per-key limits where each key may carry its own quota: one keyed limiter per distinct
-/// quota (there are few), each keyed by (key, scope) so that no two keys share a budget.
-#[derive(Default)]
-pub struct KeyLimits {
-    by_quota: dashmap::DashMap<QuotaKey, Arc<KeyedLimiter<(u128, u32)>>>,
-}
-
-/// (requests, window_seconds)
-type QuotaKey = (u32, u32);
-
-/// The limit a key's own `rate_limit` counts against (across all routes); a route default
-/// counts per route, identified by the route's index.
-pub const KEY_OWN_LIMIT: u32 = u32::MAX;
-
-impl KeyLimits {
-    pub fn check(&self, requests: u32, window_seconds: u32, key: u128, scope: u32) -> Decision {
-        let quota_key = (requests, window_seconds);
-        let limiter = match self.by_quota.get(&quota_key) {
-            Some(limiter) => Arc::clone(&limiter),
-            None => match KeyedLimiter::new(requests, window_seconds) {
-                Some(limiter) => Arc::clone(
-                    &self
-                        .by_quota
-                        .entry(quota_key)
-                        .or_insert_with(|| Arc::new(limiter)),
-                ),
-                // A zero quota is refused by config and API validation; admit if one slips by.
-                None => {
-                    return Decision::Allowed {
-                        limit: requests,
-                        remaining: requests,
-                        reset: 0,
-                    };
-                }
-            },
-        };
-        limiter.check(&(key, scope))
-    }
-
-    pub fn forget_idle(&self) {
-        for limiter in self.by_quota.iter() {
-            limiter.forget_idle();
-        }
-    }
-}
-
-/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for a decision.
-pub fn headers(decision: Decision) -> [(&'static str, http::HeaderValue); 3] {
-    let (limit, remaining, reset) = match decision {
-        Decision::Allowed {
-            limit,
-            remaining,
-            reset,
-        } => (limit, remaining, reset),
-        Decision::Limited { limit, reset, .. } => (limit, 0, reset),
-    };
-    [
-        ("ratelimit-limit", http::HeaderValue::from(limit)),
-        ("ratelimit-remaining", http::HeaderValue::from(remaining)),
-        ("ratelimit-reset", http::HeaderValue::from(reset)),
-    ]
 }

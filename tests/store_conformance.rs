@@ -725,8 +725,9 @@ mod postgres_only {
     use std::time::{Duration, Instant};
 
     use keygate::keys::{KeyHash, KeyRecord, Usage};
-    use keygate::store::postgres::{SCHEMA_VERSION, run_invalidation_listener};
-    use keygate::store::{CacheSettings, KeyIndex, KeyStore, LookupSource, PgStore};
+    use keygate::store::invalidation::run_listener as run_invalidation_listener;
+    use keygate::store::postgres::SCHEMA_VERSION;
+    use keygate::store::{CacheSettings, KeyCache, KeyStore, LookupSource, PgStore};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
 
@@ -740,8 +741,8 @@ mod postgres_only {
         client
     }
 
-    fn index_over(store: PgStore) -> Arc<KeyIndex> {
-        Arc::new(KeyIndex::new(
+    fn index_over(store: PgStore) -> Arc<KeyCache> {
+        Arc::new(KeyCache::new(
             Arc::new(store),
             CacheSettings {
                 capacity: 10_000,
@@ -752,14 +753,14 @@ mod postgres_only {
         ))
     }
 
-    fn is_cached(index: &KeyIndex, hash: &KeyHash) -> bool {
+    fn is_cached(index: &KeyCache, hash: &KeyHash) -> bool {
         index.cached(hash).is_some_and(|r| r.key.is_some())
     }
 
     /// Resolves `hash` through `index` until it is a cache hit. A fill that races with any
     /// invalidation (a late notification for an earlier key, the clear after a LISTEN) is
     /// undone by design, so one resolve is not always enough.
-    async fn cache(index: &KeyIndex, hash: &KeyHash) {
+    async fn cache(index: &KeyCache, hash: &KeyHash) {
         for _ in 0..100 {
             let resolved = index.resolve(hash).await.expect("resolve");
             assert!(resolved.key.is_some(), "a live key resolves");
@@ -773,7 +774,7 @@ mod postgres_only {
 
     /// Polls (yielding, not sleeping: timer granularity is 1 ms) until `hash` has left the
     /// cache; returns when that was seen, or None after `limit`.
-    async fn wait_uncached(index: &KeyIndex, hash: &KeyHash, limit: Duration) -> Option<Instant> {
+    async fn wait_uncached(index: &KeyCache, hash: &KeyHash, limit: Duration) -> Option<Instant> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if !is_cached(index, hash) {
@@ -787,7 +788,7 @@ mod postgres_only {
     /// Proves the listener is subscribed: a probe key cached in `index` and revoked through
     /// `writer` disappears. (If the revoke came before the LISTEN, the clear that follows
     /// every LISTEN removes it: either way the listener is live afterwards.)
-    async fn wait_until_listening(writer: &dyn KeyStore, index: &KeyIndex) {
+    async fn wait_until_listening(writer: &dyn KeyStore, index: &KeyCache) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let probe = record("probe");
@@ -807,7 +808,7 @@ mod postgres_only {
         }
     }
 
-    fn spawn_listener(url: &str, index: &Arc<KeyIndex>) -> (watch::Sender<bool>, JoinHandle<()>) {
+    fn spawn_listener(url: &str, index: &Arc<KeyCache>) -> (watch::Sender<bool>, JoinHandle<()>) {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run_invalidation_listener(
             url.to_string(),

@@ -1,4 +1,4 @@
-//! The key index the request path reads: a moka cache of hashes in front of the store, a
+//! The key cache the request path reads: a moka cache of hashes in front of the store, a
 //! separate bounded negative cache for unknown hashes (so a flood of junk keys can neither
 //! reach the store twice nor evict valid keys), and revocation that can never be undone by
 //! a concurrent cache fill.
@@ -70,14 +70,13 @@ pub struct Resolved {
     pub source: LookupSource,
 }
 
-pub struct KeyIndex {
+pub struct KeyCache {
     store: Arc<dyn KeyStore>,
     positive: Cache<KeyHash, Arc<CachedKey>>,
     negative: Cache<KeyHash, ()>,
     /// Bumped by every invalidation. A fill that raced with one undoes itself, so a revoked
     /// key can never be re-inserted from a read that predates the revoke.
     generation: AtomicU64,
-    store_reads: AtomicU64,
 }
 
 pub struct CacheSettings {
@@ -87,9 +86,9 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
 }
 
-impl KeyIndex {
+impl KeyCache {
     pub fn new(store: Arc<dyn KeyStore>, settings: CacheSettings) -> Self {
-        KeyIndex {
+        KeyCache {
             store,
             positive: Cache::builder()
                 .max_capacity(settings.capacity)
@@ -100,17 +99,11 @@ impl KeyIndex {
                 .time_to_live(settings.negative_ttl)
                 .build(),
             generation: AtomicU64::new(0),
-            store_reads: AtomicU64::new(0),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
-    }
-
-    /// Look-ups that reached the store since start.
-    pub fn store_reads(&self) -> u64 {
-        self.store_reads.load(Ordering::Relaxed)
     }
 
     /// The cache alone: no store access, no await.
@@ -136,7 +129,6 @@ impl KeyIndex {
             return Ok(resolved);
         }
         let generation = self.generation.load(Ordering::SeqCst);
-        self.store_reads.fetch_add(1, Ordering::Relaxed);
         let record = self.store.find_by_hash(hash).await?;
         let key = match record {
             Some(record) if !record.is_revoked() => {

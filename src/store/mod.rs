@@ -1,22 +1,28 @@
 //! Key storage: the `KeyStore` trait every backend implements (sled embedded, PostgreSQL
-//! shared), and the moka-cached index the request path reads through.
+//! shared), the moka cache the request path reads through, and, on PostgreSQL, the
+//! listener that keeps every gateway's cache coherent.
 
 mod cache;
+pub mod invalidation;
 pub mod postgres;
 mod sled_store;
 
-pub use cache::{CacheSettings, CachedKey, KeyIndex, LookupSource, Resolved};
+pub use cache::{CacheSettings, CachedKey, KeyCache, LookupSource, Resolved};
 pub use postgres::PgStore;
 pub use sled_store::SledStore;
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{StoreBackend, StoreConfig};
 use crate::keys::{KeyHash, KeyRecord, Usage};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("the store is locked by another process (is a gateway running on it?): {0}")]
+    #[error("the store at {0} is locked by another process: is a gateway running on it?")]
     Locked(String),
     #[error("store I/O failed: {0}")]
     Io(String),
@@ -24,6 +30,12 @@ pub enum StoreError {
     Corrupt(String),
     #[error("a key with this id already exists")]
     Duplicate,
+}
+
+impl StoreError {
+    pub fn corrupt(e: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
 }
 
 /// A key record with its usage totals, as listings and look-ups by id return it.
@@ -81,4 +93,50 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Whether the store is usable right now (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The PostgreSQL connection string, from the environment variable the config names (never
+/// from the file: it may hold a password).
+pub fn database_url(url_env: &str) -> anyhow::Result<String> {
+    std::env::var(url_env)
+        .ok()
+        .filter(|url| !url.is_empty())
+        .with_context(|| {
+            format!("store.url_env names {url_env}, but that environment variable is not set")
+        })
+}
+
+/// Opens the store the configuration names.
+pub async fn open(config: &StoreConfig) -> anyhow::Result<Arc<dyn KeyStore>> {
+    match &config.backend {
+        StoreBackend::Sled { path } => {
+            let store = SledStore::open(path)
+                .with_context(|| format!("cannot open the sled store at {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreBackend::Postgres {
+            url_env,
+            pool_size,
+            connect_timeout,
+        } => {
+            let url = database_url(url_env)?;
+            let store = PgStore::connect(&url, *pool_size, *connect_timeout)
+                .await
+                .context("cannot open the postgres store")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The cache the configuration asks for, in front of `store`.
+pub fn cache_for(config: &StoreConfig, store: Arc<dyn KeyStore>) -> Arc<KeyCache> {
+    Arc::new(KeyCache::new(
+        store,
+        CacheSettings {
+            capacity: config.cache_capacity,
+            ttl: config.cache_ttl,
+            negative_capacity: config.negative_cache_capacity,
+            negative_ttl: config.negative_cache_ttl,
+        },
+    ))
 }

@@ -14,18 +14,16 @@
 //! The schema is created and upgraded by `MIGRATIONS` at start-up, under an advisory lock,
 //! so that instances starting together apply each migration exactly once.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
-use tokio::sync::watch;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 
-use super::{AuditEntry, KeyIndex, KeyStore, KeyWithUsage, ListQuery, StoreError};
+use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::keys::{KeyHash, KeyRecord, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
@@ -69,7 +67,7 @@ pub struct PgStore {
 /// An error with its whole chain of causes: tokio-postgres's own `Display` says only
 /// "db error" and keeps the server's message in the source. None of these texts carry the
 /// connection string (which may hold a password).
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -96,22 +94,18 @@ impl From<PoolError> for StoreError {
     }
 }
 
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
 fn decode_record(row: &Row, column: usize) -> Result<KeyRecord, StoreError> {
     row.try_get::<_, Json<KeyRecord>>(column)
         .map(|json| json.0)
-        .map_err(|e| corrupt(format!("stored key record: {}", describe(&e))))
+        .map_err(|e| StoreError::corrupt(format!("stored key record: {}", describe(&e))))
 }
 
 /// `count` and `last_used` columns of a LEFT JOIN with `usage` (NULL = never used).
 fn decode_usage(row: &Row, count: usize, last_used: usize) -> Result<Usage, StoreError> {
-    let stored_count: Option<i64> = row.try_get(count).map_err(corrupt)?;
-    let stored_last: Option<i64> = row.try_get(last_used).map_err(corrupt)?;
+    let stored_count: Option<i64> = row.try_get(count).map_err(StoreError::corrupt)?;
+    let stored_last: Option<i64> = row.try_get(last_used).map_err(StoreError::corrupt)?;
     Ok(Usage {
-        count: u64::try_from(stored_count.unwrap_or(0)).map_err(corrupt)?,
+        count: u64::try_from(stored_count.unwrap_or(0)).map_err(StoreError::corrupt)?,
         last_used: stored_last.unwrap_or(0),
     })
 }
@@ -203,11 +197,11 @@ impl PgStore {
             return Ok(None);
         };
         let mut record = decode_record(&row, 0)?;
-        let hash_bytes: &[u8] = row.try_get(1).map_err(corrupt)?;
+        let hash_bytes: &[u8] = row.try_get(1).map_err(StoreError::corrupt)?;
         let hash = KeyHash(
             hash_bytes
                 .try_into()
-                .map_err(|_| corrupt("stored key hash is not 32 bytes"))?,
+                .map_err(|_| StoreError::corrupt("stored key hash is not 32 bytes"))?,
         );
         if change(&mut record) {
             let update = tx
@@ -260,7 +254,7 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
         .query_one("SELECT max(version) FROM keygate_schema_migrations", &[])
         .await?
         .try_get(0)
-        .map_err(corrupt)?;
+        .map_err(StoreError::corrupt)?;
     if newest.is_some_and(|v| v > SCHEMA_VERSION) {
         tracing::warn!(
             database = newest,
@@ -279,7 +273,7 @@ impl KeyStore for PgStore {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let hash = record
             .key_hash()
-            .ok_or_else(|| corrupt("record without a valid hash"))?;
+            .ok_or_else(|| StoreError::corrupt("record without a valid hash"))?;
         if has_nul(&record.id) || has_nul(&record.owner) {
             return Err(StoreError::Io(
                 "PostgreSQL cannot store a NUL character in a key id or owner".to_string(),
@@ -369,14 +363,8 @@ impl KeyStore for PgStore {
     }
 
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
-        self.update_record(id, move |record| {
-            if record.revoked_at.is_some() {
-                return false;
-            }
-            record.revoked_at = Some(at);
-            true
-        })
-        .await
+        self.update_record(id, move |record| record.revoke(at))
+            .await
     }
 
     async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
@@ -395,8 +383,9 @@ impl KeyStore for PgStore {
         for (id, delta) in deltas.iter().filter(|(id, _)| !has_nul(id)) {
             ids.push(id.as_str());
             counts.push(
-                i64::try_from(delta.count)
-                    .map_err(|_| corrupt(format!("usage delta for {id} out of range")))?,
+                i64::try_from(delta.count).map_err(|_| {
+                    StoreError::corrupt(format!("usage delta for {id} out of range"))
+                })?,
             );
             last_used.push(delta.last_used);
         }
@@ -435,8 +424,8 @@ impl KeyStore for PgStore {
             .query_one(&select, &[])
             .await?
             .try_get(0)
-            .map_err(corrupt)?;
-        u64::try_from(count).map_err(corrupt)
+            .map_err(StoreError::corrupt)?;
+        u64::try_from(count).map_err(StoreError::corrupt)
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
@@ -492,7 +481,9 @@ impl KeyStore for PgStore {
             .map(|row| {
                 row.try_get::<_, Json<AuditEntry>>(0)
                     .map(|json| json.0)
-                    .map_err(|e| corrupt(format!("stored audit entry: {}", describe(&e))))
+                    .map_err(|e| {
+                        StoreError::corrupt(format!("stored audit entry: {}", describe(&e)))
+                    })
             })
             .collect()
     }
@@ -501,172 +492,6 @@ impl KeyStore for PgStore {
         let client = self.client().await?;
         client.batch_execute("SELECT 1").await?;
         Ok(())
-    }
-}
-
-const LISTENER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const LISTENER_MAX_BACKOFF: Duration = Duration::from_secs(2);
-const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A silently dead connection (no RST) would miss notifications forever: probe it.
-const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
-const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Keeps `index` coherent with revokes and expiry changes made by other instances: one
-/// dedicated connection `LISTEN`s on `keygate_invalidate` and invalidates each hash it is
-/// told about. Whenever notifications may have been missed (the connection dropped, or a
-/// new `LISTEN` just started) the whole cache is cleared, so a missed notification can
-/// never keep a revoked key alive. Reconnects with backoff (up to 2 s) until `shutdown`
-/// turns true or its sender is dropped.
-pub async fn run_invalidation_listener(
-    url: String,
-    index: Arc<KeyIndex>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut config: tokio_postgres::Config = match url.parse() {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!(
-                error = %describe(&e),
-                "invalid PostgreSQL URL: cross-instance cache invalidation is off"
-            );
-            stopped(&mut shutdown).await;
-            return;
-        }
-    };
-    if config.get_application_name().is_none() {
-        config.application_name("keygate-invalidation-listener");
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(LISTENER_CONNECT_TIMEOUT);
-    }
-    let mut backoff = LISTENER_FIRST_BACKOFF;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        match listen_until_lost(&config, &index, &mut shutdown, &mut backoff).await {
-            Listening::Shutdown => return,
-            Listening::Lost(reason) => {
-                // The cache is kept while the database is away (cached keys keep working,
-                // contract section 4); it is cleared once LISTEN is back, which covers every
-                // notification missed in between.
-                tracing::warn!(
-                    reason = %reason,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "invalidation listener lost PostgreSQL; the cache is cleared when it reconnects"
-                );
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stopped(&mut shutdown) => return,
-        }
-        backoff = (backoff * 2).min(LISTENER_MAX_BACKOFF);
-    }
-}
-
-/// Resolves once `shutdown` is true or its sender is gone. (The guard `wait_for` returns
-/// is not `Send`: it must not live in a `select!` whose branches await.)
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-enum Listening {
-    Shutdown,
-    Lost(String),
-}
-
-/// Applies one notification. A payload that is not a key hash is from something this
-/// build does not understand: clear everything rather than guess.
-fn apply_notification(index: &KeyIndex, payload: &str) {
-    match KeyHash::from_hex(payload) {
-        Some(hash) => index.invalidate(&hash),
-        None => {
-            tracing::warn!(
-                payload,
-                "unexpected invalidation payload; key cache cleared"
-            );
-            index.clear();
-        }
-    }
-}
-
-async fn listen_until_lost(
-    config: &tokio_postgres::Config,
-    index: &Arc<KeyIndex>,
-    shutdown: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
-) -> Listening {
-    let connecting = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, config.connect(NoTls));
-    let (client, mut connection) = tokio::select! {
-        connected = connecting => match connected {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Listening::Lost(describe(&e)),
-            Err(_) => return Listening::Lost("timed out connecting".to_string()),
-        },
-        _ = stopped(shutdown) => return Listening::Shutdown,
-    };
-    // The connection task reads every message: responses for `client` and notifications.
-    let driver_index = Arc::clone(index);
-    let mut driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == INVALIDATION_CHANNEL => {
-                    apply_notification(&driver_index, n.payload());
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return describe(&e),
-                None => return "connection closed".to_string(),
-            }
-        }
-    });
-    let abort = driver.abort_handle();
-    let _abort_on_return = AbortOnDrop(abort);
-
-    let listen = format!("LISTEN {INVALIDATION_CHANNEL}");
-    match tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, client.batch_execute(&listen)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Listening::Lost(describe(&e)),
-        Err(_) => return Listening::Lost("timed out starting LISTEN".to_string()),
-    }
-    // Anything revoked before the LISTEN took effect was not notified to us.
-    index.clear();
-    *backoff = LISTENER_FIRST_BACKOFF;
-    tracing::info!(
-        channel = INVALIDATION_CHANNEL,
-        "invalidation listener connected"
-    );
-
-    let mut heartbeat = tokio::time::interval(LISTENER_HEARTBEAT);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    heartbeat.tick().await;
-    loop {
-        tokio::select! {
-            _ = stopped(shutdown) => return Listening::Shutdown,
-            ended = &mut driver => {
-                return Listening::Lost(ended.unwrap_or_else(|e| e.to_string()));
-            }
-            _ = heartbeat.tick() => {
-                match tokio::time::timeout(
-                    LISTENER_HEARTBEAT_TIMEOUT,
-                    client.batch_execute("SELECT 1"),
-                )
-                .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Listening::Lost(describe(&e)),
-                    Err(_) => return Listening::Lost("heartbeat timed out".to_string()),
-                }
-            }
-        }
-    }
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

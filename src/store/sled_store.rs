@@ -93,10 +93,6 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
-}
-
 fn encode_usage(usage: Usage) -> [u8; 16] {
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&usage.count.to_be_bytes());
@@ -146,16 +142,12 @@ impl SledStore {
             .path(path)
             .flush_every_ms(None)
             .open()
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("lock")
-                    || text.contains("WouldBlock")
-                    || text.contains("temporarily unavailable")
-                {
-                    StoreError::Locked(format!("{}: {text}", path.display()))
-                } else {
-                    StoreError::from(e)
+            .map_err(|e| match e {
+                // sled takes an exclusive lock on its directory; a second process fails to.
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(path.display().to_string())
                 }
+                e => StoreError::from(e),
             })?;
         let usage = db.open_tree("usage")?;
         usage.set_merge_operator(merge_usage);
@@ -219,7 +211,7 @@ impl SledStore {
 
 impl Trees {
     fn decode_record(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-        serde_json::from_slice(bytes).map_err(corrupt)
+        serde_json::from_slice(bytes).map_err(StoreError::corrupt)
     }
 
     fn with_usage(&self, record: KeyRecord) -> Result<KeyWithUsage, StoreError> {
@@ -245,7 +237,7 @@ impl Trees {
                 Self::decode_record(&bytes).map_err(ConflictableTransactionError::Abort)?;
             if change(&mut record) {
                 let encoded = serde_json::to_vec(&record)
-                    .map_err(|e| ConflictableTransactionError::Abort(corrupt(e)))?;
+                    .map_err(|e| ConflictableTransactionError::Abort(StoreError::corrupt(e)))?;
                 tx.insert(id.as_bytes(), encoded)?;
             }
             Ok(Some(record))
@@ -256,8 +248,8 @@ impl Trees {
     fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let hash = record
             .key_hash()
-            .ok_or_else(|| corrupt("record without a valid hash"))?;
-        let encoded = serde_json::to_vec(record).map_err(corrupt)?;
+            .ok_or_else(|| StoreError::corrupt("record without a valid hash"))?;
+        let encoded = serde_json::to_vec(record).map_err(StoreError::corrupt)?;
         let owner_key = owner_index_key(&record.owner, &record.id);
         let outcome = (&self.keys, &self.hashes, &self.owners, &self.meta).transaction(
             |(keys, hashes, owners, meta)| {
@@ -304,7 +296,7 @@ impl KeyStore for SledStore {
         };
         match self.trees.keys.get(&id)? {
             Some(bytes) => Ok(Some(Trees::decode_record(&bytes)?)),
-            None => Err(corrupt("hash index points at a missing key")),
+            None => Err(StoreError::corrupt("hash index points at a missing key")),
         }
     }
 
@@ -348,16 +340,8 @@ impl KeyStore for SledStore {
 
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_string();
-        self.write(move |trees| {
-            trees.update_record(&id, |record| {
-                if record.revoked_at.is_some() {
-                    return false;
-                }
-                record.revoked_at = Some(at);
-                true
-            })
-        })
-        .await
+        self.write(move |trees| trees.update_record(&id, |record| record.revoke(at)))
+            .await
     }
 
     async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
@@ -382,7 +366,7 @@ impl KeyStore for SledStore {
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        let encoded = serde_json::to_vec(entry).map_err(corrupt)?;
+        let encoded = serde_json::to_vec(entry).map_err(StoreError::corrupt)?;
         let id = entry.id.clone();
         self.write(move |trees| {
             trees.audit.insert(id.as_bytes(), encoded)?;
@@ -404,7 +388,7 @@ impl KeyStore for SledStore {
             .take(limit)
             .map(|entry| {
                 let (_, bytes) = entry?;
-                serde_json::from_slice(&bytes).map_err(corrupt)
+                serde_json::from_slice(&bytes).map_err(StoreError::corrupt)
             })
             .collect()
     }

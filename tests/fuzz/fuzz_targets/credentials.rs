@@ -5,7 +5,7 @@
 #![no_main]
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keygate::auth;
+use keygate::http::credentials as auth;
 use keygate::keys::KeyFormat;
 use libfuzzer_sys::fuzz_target;
 

@@ -3,7 +3,7 @@
 //! encoded or repeated slash, no `;parameter` and no backslash left.
 #![no_main]
 
-use keygate::path;
+use keygate::http::path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,4 +1,4 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process is up) and
+//! The ops listener (`admin_listen`): `/metrics` (Prometheus text), `/healthz` (the process is up) and
 //! `/readyz` (store usable and at least one route with a healthy upstream).
 
 use std::sync::Arc;
@@ -8,10 +8,11 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::gateway::Gateway;
+use crate::error::{code, error_body};
+use crate::state::Shared;
 
-pub struct AdminApp {
-    pub gateway: Arc<Gateway>,
+pub(crate) struct OpsApp {
+    pub shared: Arc<Shared>,
 }
 
 fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -32,32 +33,32 @@ fn json(status: u16, value: serde_json::Value) -> Response<Vec<u8>> {
     )
 }
 
-impl AdminApp {
+impl OpsApp {
     /// Refreshes the gauges that are read rather than counted.
     async fn refresh_gauges(&self) {
-        let gateway = &self.gateway;
-        for route in gateway.router.routes() {
+        let shared = &self.shared;
+        for route in shared.router.routes() {
             for (upstream, healthy) in route.upstream_health() {
-                gateway
+                shared
                     .metrics
                     .upstream_healthy
                     .with_label_values(&[route.name(), upstream.as_str()])
                     .set(i64::from(healthy));
             }
         }
-        if let Ok(count) = gateway.index.store().count().await {
-            gateway.metrics.keys.set(count as i64);
+        if let Ok(count) = shared.cache.store().count().await {
+            shared.metrics.keys.set(count as i64);
         }
-        gateway
+        shared
             .metrics
             .usage_pending
-            .set(gateway.usage.pending_keys() as i64);
+            .set(shared.usage.pending_keys() as i64);
     }
 
     async fn readiness(&self) -> Response<Vec<u8>> {
-        let store = self.gateway.index.store().ping().await;
+        let store = self.shared.cache.store().ping().await;
         let healthy_routes: Vec<&str> = self
-            .gateway
+            .shared
             .router
             .routes()
             .iter()
@@ -77,7 +78,7 @@ impl AdminApp {
 }
 
 #[async_trait]
-impl ServeHttp for AdminApp {
+impl ServeHttp for OpsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
@@ -86,7 +87,7 @@ impl ServeHttp for AdminApp {
                 response(
                     200,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    self.gateway.metrics.render(),
+                    self.shared.metrics.render(),
                 )
             }
             "/healthz" => json(
@@ -94,9 +95,16 @@ impl ServeHttp for AdminApp {
                 serde_json::json!({"status": "ok", "service": "keygate", "version": env!("CARGO_PKG_VERSION")}),
             ),
             "/readyz" => self.readiness().await,
-            _ => json(
+            _ => response(
                 404,
-                serde_json::json!({"error": {"code": "not_found", "message": "the admin listener serves /metrics, /healthz and /readyz", "request_id": ""}}),
+                "application/json",
+                error_body(
+                    code::NOT_FOUND,
+                    "the ops listener serves /metrics, /healthz and /readyz",
+                    "",
+                    None,
+                )
+                .to_vec(),
             ),
         }
     }

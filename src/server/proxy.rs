@@ -1,5 +1,5 @@
 //! The Pingora `ProxyHttp` implementation. Hooks only delegate: decisions live in
-//! `gateway`, the management API in `api`, response writing in `respond`.
+//! `gateway`, the management API in `management`, response writing in `session::respond`.
 
 use std::sync::Arc;
 
@@ -8,16 +8,30 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::api;
 use crate::error::GatewayError;
-use crate::gateway::{Admission, Gateway, RequestCtx, request_id};
+use crate::gateway::{self, Admission, Gateway, RequestCtx};
+use crate::http::target::request_id;
+use crate::management::Management;
 use crate::ratelimit;
-use crate::respond::{self, Reply};
+use crate::session::respond::{self, Reply};
 
 const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
 
-pub struct KeygateProxy {
+pub(crate) struct KeygateProxy {
     pub gateway: Arc<Gateway>,
+    pub management: Arc<Management>,
+}
+
+/// Answers with a refusal (from the request path or a failed proxy attempt), its
+/// `RateLimit-*` headers included.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    refusal: GatewayError,
+) -> pingora::Result<()> {
+    ctx.error_code = Some(refusal.code());
+    let reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
+    respond::send(session, reply, &ctx.request_id).await
 }
 
 /// Maps a proxying failure to what the client is told; None when the client is gone.
@@ -44,7 +58,7 @@ impl ProxyHttp for KeygateProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx::new()
     }
 
     async fn early_request_filter(
@@ -52,12 +66,13 @@ impl ProxyHttp for KeygateProxy {
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        crate::guard::header_parsed();
+        super::conn_limits::header_parsed();
         // Pingora keeps idle downstream connections forever unless told otherwise. Where it
         // has already decided to close (HTTP/1.0, `Connection: close`, both
         // `Transfer-Encoding` and `Content-Length`: a smuggling attempt), that stands.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(self.gateway.config.server.keepalive_timeout.as_secs()));
+            let keepalive = self.gateway.shared.config.server.keepalive_timeout;
+            session.set_keepalive(Some(keepalive.as_secs()));
         }
         // Without this Pingora answers the first of pipelined requests and drops the rest.
         session.downstream_session.set_pipelining_enabled(true);
@@ -73,7 +88,7 @@ impl ProxyHttp for KeygateProxy {
         match self.gateway.admit(session, ctx).await {
             Ok(Admission::Forward) => Ok(false),
             Ok(Admission::Management) => {
-                api::serve(&self.gateway, session, ctx).await?;
+                self.management.serve(session, ctx).await?;
                 Ok(true)
             }
             Err(error) => {
@@ -81,12 +96,7 @@ impl ProxyHttp for KeygateProxy {
                     session.set_keepalive(None);
                 }
                 ctx.outcome = error.outcome();
-                ctx.error_code = Some(error.code());
-                let mut reply = Reply::gateway_error(error, &ctx.request_id);
-                if let Some(decision) = ctx.rate_limit {
-                    reply.headers.extend(ratelimit::headers(decision));
-                }
-                respond::send(session, reply, &ctx.request_id).await?;
+                refuse(session, ctx, error).await?;
                 Ok(true)
             }
         }
@@ -99,10 +109,7 @@ impl ProxyHttp for KeygateProxy {
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.peer_attempts += 1;
         let avoid = ctx.failed_upstream;
-        let selected = ctx
-            .route
-            .as_ref()
-            .and_then(|route| route.select_peer(avoid));
+        let selected = ctx.route().and_then(|route| route.select_peer(avoid));
         match selected {
             Some((peer, upstream)) => {
                 ctx.upstream = Some(upstream);
@@ -124,7 +131,7 @@ impl ProxyHttp for KeygateProxy {
     ) -> Box<Error> {
         // A refused or failed connect sent nothing upstream: try the route's next upstream,
         // each at most once, before giving up.
-        let upstreams = ctx.route.as_ref().map_or(0, |r| r.config.upstreams.len());
+        let upstreams = ctx.route().map_or(0, |r| r.config.upstreams.len());
         error.set_retry(ctx.peer_attempts < upstreams);
         ctx.failed_upstream = ctx.upstream;
         error
@@ -157,7 +164,7 @@ impl ProxyHttp for KeygateProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        self.gateway.prepare_upstream_request(upstream_request, ctx)
+        gateway::prepare_upstream_request(upstream_request, ctx)
     }
 
     async fn upstream_response_filter(
@@ -193,18 +200,13 @@ impl ProxyHttp for KeygateProxy {
         if ctx.request_id.is_empty() {
             ctx.request_id = request_id(&session.req_header().headers);
         }
-        ctx.error_code = Some(refusal.code());
         if refusal == GatewayError::MalformedRequest {
             ctx.outcome = refusal.outcome();
-        }
-        let mut reply = Reply::gateway_error(refusal, &ctx.request_id);
-        if let Some(decision) = ctx.rate_limit {
-            reply.headers.extend(ratelimit::headers(decision));
         }
         // Pingora drops the connection after a failed proxy attempt (the request body may be
         // half-sent): say so, or a pooling client would reuse a dead connection.
         session.set_keepalive(None);
-        let written = respond::send(session, reply, &ctx.request_id).await;
+        let written = refuse(session, ctx, refusal).await;
         if let Err(e) = written {
             tracing::debug!(error = %e, "could not send the error response");
         }
@@ -227,6 +229,6 @@ impl ProxyHttp for KeygateProxy {
     }
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
-        crate::access::record(&self.gateway, session, ctx);
+        super::access::record(&self.gateway, session, ctx);
     }
 }

@@ -1,55 +1,14 @@
-//! API keys: the wire format (prefix, base62 body, CRC-32 checksum), generation from the
-//! OS CSPRNG, hashing, previews, and the persisted key record.
+//! The key format: `<prefix>_`, 43 base62 digits of a 256-bit secret from the OS CSPRNG,
+//! then 6 base62 digits of a CRC-32 over everything before them; checking it, previews.
 
 use rand::TryRng;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 32 random bytes written as one big-endian number in base62 need at most 43 digits.
-pub const SECRET_DIGITS: usize = 43;
+const SECRET_DIGITS: usize = 43;
 /// A CRC-32 needs at most 6 base62 digits.
-pub const CHECKSUM_DIGITS: usize = 6;
-pub const BODY_LEN: usize = SECRET_DIGITS + CHECKSUM_DIGITS;
-
-/// SHA-256 of a raw key: the only form in which a key is stored or cached.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyHash(pub [u8; 32]);
-
-impl KeyHash {
-    pub fn of(raw_key: &[u8]) -> Self {
-        KeyHash(Sha256::digest(raw_key).into())
-    }
-
-    pub fn to_hex(&self) -> String {
-        let mut out = String::with_capacity(64);
-        for b in self.0 {
-            out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-        }
-        out
-    }
-
-    pub fn from_hex(hex: &str) -> Option<Self> {
-        let bytes = hex.as_bytes();
-        if bytes.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
-        }
-        Some(KeyHash(out))
-    }
-}
-
-impl std::fmt::Debug for KeyHash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyHash({})", self.to_hex())
-    }
-}
+const CHECKSUM_DIGITS: usize = 6;
+const BODY_LEN: usize = SECRET_DIGITS + CHECKSUM_DIGITS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyFormatError {
@@ -75,10 +34,6 @@ impl KeyFormat {
         KeyFormat {
             lead: format!("{prefix}_"),
         }
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.lead[..self.lead.len() - 1]
     }
 
     /// Every well-formed key has exactly this many bytes.
@@ -163,119 +118,6 @@ fn encode_256(number: &[u8; 32], out: &mut [u8; SECRET_DIGITS]) {
         }
         *slot = BASE62[remainder as usize];
     }
-}
-
-/// Rate limit attached to a key: `requests` per `window_seconds`, burst up to `requests`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    pub requests: u32,
-    pub window_seconds: u32,
-}
-
-/// A key as persisted: never the raw key, only its hash. Times are Unix seconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeyRecord {
-    pub id: String,
-    pub name: String,
-    pub owner: String,
-    pub preview: String,
-    pub hash: String,
-    pub scopes: Vec<String>,
-    pub created_at: i64,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-    pub rate_limit: Option<RateLimit>,
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    pub rotated_from: Option<String>,
-    /// Set when a rotation replaced this key: it only lives out its grace period.
-    #[serde(default)]
-    pub superseded: bool,
-}
-
-impl KeyRecord {
-    /// A fresh record for `raw_key`, with defaults for everything optional; only the key's
-    /// hash and preview are kept.
-    pub fn for_key(format: &KeyFormat, raw_key: &str, owner: &str, created_at: i64) -> Self {
-        KeyRecord {
-            id: new_key_id(),
-            name: "default".to_string(),
-            owner: owner.to_string(),
-            preview: format.preview(raw_key),
-            hash: KeyHash::of(raw_key.as_bytes()).to_hex(),
-            scopes: Vec::new(),
-            created_at,
-            expires_at: None,
-            revoked_at: None,
-            rate_limit: None,
-            metadata: None,
-            rotated_from: None,
-            superseded: false,
-        }
-    }
-
-    pub fn key_hash(&self) -> Option<KeyHash> {
-        KeyHash::from_hex(&self.hash)
-    }
-
-    pub fn is_revoked(&self) -> bool {
-        self.revoked_at.is_some()
-    }
-
-    /// Marks the key replaced by a rotation, with its expiry brought forward to `cutoff`
-    /// (never later than it was). Returns whether anything changed. Every store applies
-    /// this same rule.
-    pub fn retire(&mut self, cutoff: i64) -> bool {
-        let mut changed = !self.superseded;
-        self.superseded = true;
-        if self.expires_at.is_none_or(|at| at > cutoff) {
-            self.expires_at = Some(cutoff);
-            changed = true;
-        }
-        changed
-    }
-}
-
-/// Usage totals of one key.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub count: u64,
-    /// Unix seconds of the latest admitted request; 0 = never used.
-    pub last_used: i64,
-}
-
-impl Usage {
-    pub fn merge(&mut self, other: Usage) {
-        self.count += other.count;
-        self.last_used = self.last_used.max(other.last_used);
-    }
-}
-
-/// A fresh opaque identifier for keys and audit entries: a ULID, strictly increasing within
-/// this process (the same millisecond continues from the previous id), so listings and the
-/// audit log order exactly by creation. Not on the request path: the lock is uncontended.
-pub fn new_key_id() -> String {
-    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
-    let fresh = u128::from(new_ulid());
-    let mut last = LAST
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let same_millisecond = fresh >> 80 == *last >> 80;
-    *last = if same_millisecond && fresh <= *last {
-        *last + 1
-    } else {
-        fresh
-    };
-    ulid::Ulid::from(*last).to_string()
-}
-
-/// A ULID: milliseconds since the epoch, then 80 random bits.
-pub fn new_ulid() -> ulid::Ulid {
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    ulid::Ulid::from_parts(millis, rand::random::<u128>())
 }
 
 #[cfg(test)]
@@ -374,19 +216,6 @@ mod tests {
         let key = format.generate().expect("os rng");
         let preview = format.preview(&key);
         assert_eq!(preview, format!("kg_{}…{}", &key[3..7], &key[48..]));
-    }
-
-    #[test]
-    fn key_ids_strictly_increase() {
-        let ids: Vec<String> = (0..10_000).map(|_| new_key_id()).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    }
-
-    #[test]
-    fn hash_hex_round_trips() {
-        let hash = KeyHash::of(b"kg_example");
-        assert_eq!(KeyHash::from_hex(&hash.to_hex()), Some(hash));
-        assert_eq!(KeyHash::from_hex("zz"), None);
     }
 
     proptest::proptest! {

@@ -8,8 +8,9 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::error::{GatewayError, error_body};
+use crate::ratelimit::{self, Decision};
 
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub body: Bytes,
     pub content_type: &'static str,
@@ -17,7 +18,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn json(status: u16, body: Bytes) -> Self {
+    pub(crate) fn json(status: u16, body: Bytes) -> Self {
         Reply {
             status,
             body,
@@ -26,13 +27,21 @@ impl Reply {
         }
     }
 
-    pub fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
+    pub(crate) fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
     }
 
+    /// With the `RateLimit-*` headers of a rate-limited key's request.
+    pub(crate) fn with_rate_limit(mut self, decision: Option<Decision>) -> Self {
+        if let Some(decision) = decision {
+            self.headers.extend(ratelimit::headers(decision));
+        }
+        self
+    }
+
     /// The JSON error for a refusal, with `WWW-Authenticate` on 401 and `Retry-After` on 429.
-    pub fn gateway_error(error: GatewayError, request_id: &str) -> Self {
+    pub(crate) fn gateway_error(error: GatewayError, request_id: &str) -> Self {
         let message = error.to_string();
         let reply = Reply::json(
             error.status(),
@@ -60,7 +69,11 @@ impl Reply {
 }
 
 /// Writes `reply` as the whole response.
-pub async fn send(session: &mut Session, reply: Reply, request_id: &str) -> pingora::Result<()> {
+pub(crate) async fn send(
+    session: &mut Session,
+    reply: Reply,
+    request_id: &str,
+) -> pingora::Result<()> {
     let mut header = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;

@@ -4,12 +4,12 @@
 
 use pingora::proxy::Session;
 
-use crate::gateway::{Gateway, NO_ROUTE_LABEL, RequestCtx};
+use crate::gateway::{Gateway, MANAGEMENT_LABEL, NO_ROUTE_LABEL, RequestCtx, Target};
 
 /// The tracing target of access-log lines; the logging set-up routes it to its own sink.
-pub const TARGET: &str = "keygate::access";
+pub(crate) const TARGET: &str = "keygate::access";
 
-pub fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
+pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let elapsed = ctx.started.elapsed();
     let route_metrics = gateway.route_metrics(ctx);
@@ -20,10 +20,10 @@ pub fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
     }
 
     let req = session.req_header();
-    let route = if ctx.management {
-        "_management"
-    } else {
-        ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| r.name())
+    let route = match &ctx.target {
+        Target::Management => MANAGEMENT_LABEL,
+        Target::Route { route, .. } => route.name(),
+        Target::Undecided => NO_ROUTE_LABEL,
     };
     tracing::info!(
         target: TARGET,

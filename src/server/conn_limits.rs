@@ -27,7 +27,7 @@ tokio::task_local! {
 
 /// Marks the current request's header as complete (from `early_request_filter`, which
 /// Pingora runs in the connection's task right after parsing it).
-pub fn header_parsed() {
+pub(crate) fn header_parsed() {
     let _ = HEADER_PARSED.try_with(|cell| {
         if let Some(signal) = cell.borrow_mut().take() {
             let _ = signal.send(());
@@ -37,13 +37,13 @@ pub fn header_parsed() {
 
 /// At most `max_connections` connections at once; over the cap a new connection is closed
 /// at once rather than queued (queued sockets still cost memory).
-pub struct ConnectionCap<A> {
+pub(crate) struct ConnectionCap<A> {
     inner: Arc<A>,
     permits: Arc<Semaphore>,
 }
 
 impl<A> ConnectionCap<A> {
-    pub fn new(inner: A, max_connections: usize) -> Self {
+    pub(crate) fn new(inner: A, max_connections: usize) -> Self {
         ConnectionCap {
             inner: Arc::new(inner),
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -70,7 +70,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
 /// Each request's header must be complete within `header_timeout` of the moment keygate
 /// starts waiting for it; on a reused keep-alive connection the client may first stay idle
 /// for `keepalive_timeout`.
-pub struct HeaderDeadline<A> {
+pub(crate) struct HeaderDeadline<A> {
     inner: Arc<A>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
@@ -80,7 +80,7 @@ pub struct HeaderDeadline<A> {
 }
 
 impl<A> HeaderDeadline<A> {
-    pub fn new(inner: A, header_timeout: Duration, keepalive_timeout: Duration) -> Self {
+    pub(crate) fn new(inner: A, header_timeout: Duration, keepalive_timeout: Duration) -> Self {
         HeaderDeadline {
             inner: Arc::new(inner),
             header_timeout,

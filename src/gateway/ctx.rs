@@ -1,0 +1,72 @@
+//! Per-request state shared by the proxy hooks, from the first hook to the access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::http::credentials::CredentialSources;
+use crate::metrics::Outcome;
+use crate::ratelimit::Decision;
+use crate::routing::Route;
+use crate::store::CachedKey;
+
+/// Where the request path sent a request.
+#[derive(Default)]
+pub(crate) enum Target {
+    /// Refused before a destination was known (or no route matched).
+    #[default]
+    Undecided,
+    Management,
+    /// A route, with its index in the router (the metrics and rate-limit budgets use it).
+    Route {
+        index: usize,
+        route: Arc<Route>,
+    },
+}
+
+pub(crate) struct RequestCtx {
+    pub started: Instant,
+    pub request_id: String,
+    pub target: Target,
+    pub outcome: Outcome,
+    pub key: Option<Arc<CachedKey>>,
+    pub credential_sources: CredentialSources,
+    pub upstream: Option<SocketAddr>,
+    /// The upstream whose connection failed this request, avoided on the retry.
+    pub failed_upstream: Option<SocketAddr>,
+    pub upstream_status: Option<u16>,
+    pub peer_attempts: usize,
+    /// The rate-limit verdict, for the `RateLimit-*` response headers.
+    pub rate_limit: Option<Decision>,
+    pub error_code: Option<&'static str>,
+    /// The length of a chunked body read whole before forwarding (see `http::body`).
+    pub buffered_body: Option<usize>,
+}
+
+impl RequestCtx {
+    /// A request that has just arrived (the clock starts now).
+    pub(crate) fn new() -> Self {
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            target: Target::Undecided,
+            outcome: Outcome::Allowed,
+            key: None,
+            credential_sources: CredentialSources::default(),
+            upstream: None,
+            failed_upstream: None,
+            upstream_status: None,
+            peer_attempts: 0,
+            rate_limit: None,
+            error_code: None,
+            buffered_body: None,
+        }
+    }
+
+    pub(crate) fn route(&self) -> Option<&Arc<Route>> {
+        match &self.target {
+            Target::Route { route, .. } => Some(route),
+            _ => None,
+        }
+    }
+}

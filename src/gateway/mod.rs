@@ -1,0 +1,202 @@
+//! The request path, top to bottom, one named step per line of `admit` (the README's
+//! "The request path" lists the same steps): the request line and target, the path's
+//! destination, credentials and key, scopes and rate limit, a chunked body read whole,
+//! usage. Everything the proxy hooks decide is decided here.
+
+mod ctx;
+mod destination;
+mod forward;
+
+pub(crate) use ctx::{RequestCtx, Target};
+pub(crate) use destination::management_rest;
+pub(crate) use forward::prepare_upstream_request;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+
+use crate::clock::unix_now;
+use crate::error::GatewayError;
+use crate::http::{body, target};
+use crate::keys::scope::has_scopes;
+use crate::metrics::{Outcome, RouteMetrics};
+use crate::ratelimit::{Budget, Decision};
+use crate::routing::Route;
+use crate::state::Shared;
+use crate::store::CachedKey;
+use destination::Destination;
+
+/// Metrics label for requests that matched no route, and for management calls.
+pub(crate) const NO_ROUTE_LABEL: &str = "_none";
+pub(crate) const MANAGEMENT_LABEL: &str = "_management";
+
+pub(crate) enum Admission {
+    /// Forward to the route's upstreams.
+    Forward,
+    /// A management API call; the API authenticates it itself.
+    Management,
+}
+
+pub(crate) struct Gateway {
+    pub shared: Arc<Shared>,
+    /// Whether a route prefix or the management path has an upper-case letter (then every
+    /// path is also compared regardless of case; otherwise only paths with one).
+    case_matters: bool,
+    route_metrics: Vec<RouteMetrics>,
+    no_route_metrics: RouteMetrics,
+    management_metrics: RouteMetrics,
+}
+
+impl Gateway {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let metrics = &shared.metrics;
+        let route_metrics = shared
+            .router
+            .routes()
+            .iter()
+            .map(|r| RouteMetrics::new(metrics, r.name()))
+            .collect();
+        let management_path = &shared.config.management.path;
+        Gateway {
+            no_route_metrics: RouteMetrics::new(metrics, NO_ROUTE_LABEL),
+            management_metrics: RouteMetrics::new(metrics, MANAGEMENT_LABEL),
+            case_matters: shared.router.has_uppercase_prefixes()
+                || management_path.bytes().any(|b| b.is_ascii_uppercase()),
+            route_metrics,
+            shared,
+        }
+    }
+
+    /// Decides what happens to a request. On `Err`, the caller answers with the error.
+    pub(crate) async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admission, GatewayError> {
+        self.check_request_line(session.req_header())?; // 1
+        target::normalize_target(session.req_header_mut())?; // 1
+        check_host_present(session.req_header())?; // 1
+        let (index, route) = match self.destination_of(session.req_header())? {
+            // 2
+            Destination::Management => {
+                ctx.target = Target::Management;
+                return Ok(Admission::Management);
+            }
+            Destination::NoRoute => return Err(GatewayError::NoRoute), // 3
+            Destination::Route(index, route) => (index, Arc::clone(route)),
+        };
+        ctx.target = Target::Route {
+            index,
+            route: Arc::clone(&route),
+        };
+        if route.is_public() {
+            ctx.outcome = Outcome::Public;
+        } else {
+            let key = self.authenticate(session.req_header(), ctx).await?; // 4-6
+            self.authorize(key, &route, index, ctx)?; // 7
+        }
+        self.read_chunked_body(session, ctx).await?; // 8
+        self.count_usage(ctx); // 9
+        Ok(Admission::Forward) // 10: `prepare_upstream_request`
+    }
+
+    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`.
+    fn check_request_line(&self, req: &RequestHeader) -> Result<(), GatewayError> {
+        if req.method == http::Method::CONNECT {
+            return Err(GatewayError::ConnectNotAllowed);
+        }
+        if target::header_size(req) > self.shared.config.server.max_header_bytes {
+            return Err(GatewayError::HeaderTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Steps 4 to 6: credentials, key format, cache or store, expiry.
+    async fn authenticate(
+        &self,
+        req: &RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<CachedKey>, GatewayError> {
+        let started = Instant::now();
+        let authenticated = self.shared.auth.authenticate(&req.headers).await;
+        let metrics = &self.shared.metrics;
+        metrics
+            .auth_duration
+            .observe(started.elapsed().as_secs_f64());
+        let (key, sources) = authenticated?;
+        ctx.credential_sources = sources;
+        Ok(key)
+    }
+
+    /// Step 7: the route's scopes, then the key's rate limit (its own, else the route's).
+    fn authorize(
+        &self,
+        key: Arc<CachedKey>,
+        route: &Route,
+        index: usize,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        if !has_scopes(&key.scopes, &route.config.scopes) {
+            return Err(GatewayError::InsufficientScope);
+        }
+        let limit = match (key.rate_limit, route.config.rate_limit) {
+            (Some(own), _) => Some((own, Budget::Key)),
+            (None, Some(route_default)) => Some((route_default, Budget::Route(index))),
+            (None, None) => None,
+        };
+        let id = key.id_number;
+        ctx.key = Some(key);
+        if let Some((limit, budget)) = limit {
+            let decision = self.shared.rate_limits.check(limit, id, budget);
+            ctx.rate_limit = Some(decision);
+            if let Decision::Limited { retry_after, .. } = decision {
+                return Err(GatewayError::RateLimited { retry_after });
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 8: only an admitted request gets its chunked body read, and only a request
+    /// whose body checks out is counted and forwarded.
+    async fn read_chunked_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
+        if body::framing(session.req_header())? == body::Framing::Chunked {
+            let deadline = self.shared.config.server.header_read_timeout;
+            let length = crate::session::body::buffer_chunked(session, deadline).await?;
+            ctx.buffered_body = Some(length);
+        }
+        Ok(())
+    }
+
+    /// Step 9: usage is counted in memory; the flusher writes it later.
+    fn count_usage(&self, ctx: &RequestCtx) {
+        if let Some(key) = &ctx.key {
+            self.shared.usage.record(key.id_number, &key.id, unix_now());
+        }
+    }
+
+    /// The metrics of the request's route (or of the no-route / management pseudo routes).
+    pub(crate) fn route_metrics(&self, ctx: &RequestCtx) -> &RouteMetrics {
+        match ctx.target {
+            Target::Management => &self.management_metrics,
+            Target::Route { index, .. } => self
+                .route_metrics
+                .get(index)
+                .unwrap_or(&self.no_route_metrics),
+            Target::Undecided => &self.no_route_metrics,
+        }
+    }
+}
+
+/// An HTTP/1.1 request needs a Host (RFC 9112 3.2).
+fn check_host_present(req: &RequestHeader) -> Result<(), GatewayError> {
+    if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+        return Err(GatewayError::MissingHost);
+    }
+    Ok(())
+}

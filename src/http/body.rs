@@ -1,0 +1,64 @@
+//! Request bodies keygate reads before forwarding: chunked ones, read whole and checked.
+//!
+//! Pingora forwards the request head before it reads the body, so a chunked body whose
+//! framing turns out broken would reach the upstream as a request (head and the good
+//! chunks) before Pingora rejects it. The contract says such a request is never forwarded,
+//! so a chunked body is read whole first and then forwarded with a `Content-Length`.
+//! `Content-Length` bodies stream through: their framing cannot be malformed, only cut
+//! short, which is a client going away.
+
+use crate::error::GatewayError;
+
+/// The largest chunked body keygate buffers. Pingora 0.9 hands a body read in a hook back
+/// to the proxy only through its retry buffer, which holds 64 KiB; a bigger chunked body
+/// is refused with 413 rather than forwarded unchecked.
+pub const CHUNKED_BODY_LIMIT: usize = 64 * 1024;
+
+/// The largest management API body (JSON, a few hundred bytes in practice). Equal to
+/// `CHUNKED_BODY_LIMIT` by coincidence, not by design.
+pub const MANAGEMENT_BODY_LIMIT: usize = 64 * 1024;
+
+/// Refused bodies up to this size are read to their end before the answer, so that the
+/// client gets to read it; beyond it the answer comes at once and the connection closes
+/// (and the client may only see the close).
+pub const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// How a request's body is framed, as far as forwarding it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body, or one with a `Content-Length`: streamed through.
+    Plain,
+    /// `Transfer-Encoding: chunked`: read whole first.
+    Chunked,
+}
+
+/// The request's framing. Only a lone `chunked` coding is accepted: keygate forwards a
+/// body it has read with a `Content-Length`, which would present `gzip, chunked` bytes to
+/// the upstream as a plain body. (Pingora has already refused any other final coding.)
+pub fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayError> {
+    let mut codings = req.headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(Framing::Plain),
+        (Some(coding), None)
+            if coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked") =>
+        {
+            Ok(Framing::Chunked)
+        }
+        _ => Err(GatewayError::UnsupportedTransferCoding),
+    }
+}
+
+/// The upstream request for a body keygate has already read: its length instead of the
+/// chunked coding (and no `Expect`, which keygate has answered itself).
+pub fn frame_as_buffered(
+    req: &mut pingora::http::RequestHeader,
+    length: usize,
+) -> pingora::Result<()> {
+    req.remove_header(&http::header::TRANSFER_ENCODING);
+    req.remove_header(&http::header::EXPECT);
+    req.insert_header(http::header::CONTENT_LENGTH, length.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The request target as keygate routes and forwards it: origin-form with unreserved
+//! escapes decoded, the header block's size, the request id.
+
+use http::{HeaderMap, HeaderValue};
+use pingora::http::RequestHeader;
+use pingora::http::authority::{RawTargetAuthority, raw_target_authority};
+
+use crate::error::GatewayError;
+use crate::http::path;
+
+/// Bytes of the request line and header block, as received (give or take separators).
+pub fn header_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    req.headers.iter().fold(line + 12, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
+}
+
+/// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else a
+/// fresh ULID.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)
+}
+
+/// Puts the request target in origin-form with its unreserved escapes decoded, which is
+/// how it is routed and forwarded (see `path`). An absolute-form target (`GET
+/// http://host/p`) becomes `/p`, with `Host` taken from the URL when the client sent none
+/// (Pingora has already refused a different one). Any other form is refused: Pingora
+/// would route it as `/` but forward it as sent, for the upstream to read as it likes.
+pub fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
+    let target = req.raw_path();
+    let (origin, authority) = if target.first() == Some(&b'/') || target == b"*" {
+        (target, None)
+    } else {
+        match raw_target_authority(target) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https") => {
+                (path_and_query, Some(authority))
+            }
+            _ => return Err(GatewayError::InvalidTarget),
+        }
+    };
+    let (path, query) = path::split_query(origin);
+    let decoded = path::decode_unreserved(path).map_err(|_| GatewayError::InvalidPath)?;
+    if authority.is_none() && decoded.is_none() {
+        return Ok(());
+    }
+    let path = decoded.as_deref().unwrap_or(path);
+    let mut rewritten = Vec::with_capacity(path.len() + query.len() + 1);
+    if !path.starts_with(b"/") && path != b"*" {
+        rewritten.push(b'/');
+    }
+    rewritten.extend_from_slice(path);
+    rewritten.extend_from_slice(query);
+    let authority = authority.map(<[u8]>::to_vec);
+    if let Some(authority) = authority
+        && !req.headers.contains_key(http::header::HOST)
+    {
+        let host = HeaderValue::from_bytes(&authority).map_err(|_| GatewayError::InvalidTarget)?;
+        req.insert_header(http::header::HOST, host)
+            .map_err(|_| GatewayError::InvalidTarget)?;
+    }
+    req.set_raw_path(&rewritten)
+        .map_err(|_| GatewayError::InvalidPath)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&h).len(), 26);
+        assert_eq!(request_id(&HeaderMap::new()).len(), 26);
+    }
+}

@@ -1,0 +1,121 @@
+//! API keys: their format, hash and ids, the scope grammar, the persisted record with the
+//! rules every store applies to it, and the lifecycle operations over a store.
+
+mod format;
+mod hash;
+mod id;
+pub mod lifecycle;
+pub mod scope;
+
+pub use format::{KeyFormat, KeyFormatError};
+pub use hash::KeyHash;
+pub use id::{new_key_id, new_ulid};
+
+use serde::{Deserialize, Serialize};
+
+/// The name a key gets when none is given.
+pub const DEFAULT_NAME: &str = "default";
+
+/// Rate limit attached to a key or a route: `requests` per `window_seconds`, burst up to
+/// `requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub window_seconds: u32,
+}
+
+impl RateLimit {
+    pub const MAX_REQUESTS: u32 = 1_000_000_000;
+    /// 31 days.
+    pub const MAX_WINDOW_SECONDS: u32 = 86_400 * 31;
+}
+
+/// A key as persisted: never the raw key, only its hash. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub preview: String,
+    pub hash: String,
+    pub scopes: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub rate_limit: Option<RateLimit>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub rotated_from: Option<String>,
+    /// Set when a rotation replaced this key: it only lives out its grace period.
+    #[serde(default)]
+    pub superseded: bool,
+}
+
+impl KeyRecord {
+    /// A fresh record for `raw_key`, with defaults for everything optional; only the key's
+    /// hash and preview are kept.
+    pub fn for_key(format: &KeyFormat, raw_key: &str, owner: &str, created_at: i64) -> Self {
+        KeyRecord {
+            id: new_key_id(),
+            name: DEFAULT_NAME.to_string(),
+            owner: owner.to_string(),
+            preview: format.preview(raw_key),
+            hash: KeyHash::of(raw_key.as_bytes()).to_hex(),
+            scopes: Vec::new(),
+            created_at,
+            expires_at: None,
+            revoked_at: None,
+            rate_limit: None,
+            metadata: None,
+            rotated_from: None,
+            superseded: false,
+        }
+    }
+
+    pub fn key_hash(&self) -> Option<KeyHash> {
+        KeyHash::from_hex(&self.hash)
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+
+    /// Marks the key revoked at `at`; a key revoked before keeps its first `revoked_at`.
+    /// Returns whether anything changed. Every store applies this same rule.
+    pub fn revoke(&mut self, at: i64) -> bool {
+        if self.revoked_at.is_some() {
+            return false;
+        }
+        self.revoked_at = Some(at);
+        true
+    }
+
+    /// Marks the key replaced by a rotation, with its expiry brought forward to `cutoff`
+    /// (never later than it was). Returns whether anything changed. Every store applies
+    /// this same rule.
+    pub fn retire(&mut self, cutoff: i64) -> bool {
+        let mut changed = !self.superseded;
+        self.superseded = true;
+        if self.expires_at.is_none_or(|at| at > cutoff) {
+            self.expires_at = Some(cutoff);
+            changed = true;
+        }
+        changed
+    }
+}
+
+/// Usage totals of one key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub count: u64,
+    /// Unix seconds of the latest admitted request; 0 = never used.
+    pub last_used: i64,
+}
+
+impl Usage {
+    pub fn merge(&mut self, other: Usage) {
+        self.count += other.count;
+        self.last_used = self.last_used.max(other.last_used);
+    }
+}

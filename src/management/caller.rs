@@ -1,0 +1,122 @@
+//! Who is calling the management API: the admin (its token, compared in constant time) or
+//! a key, and what each may touch.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use pingora::proxy::Session;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use crate::auth::Authenticator;
+use crate::error::GatewayError;
+use crate::http::credentials::bearer_token;
+use crate::keys::KeyRecord;
+use crate::keys::lifecycle::Actor;
+use crate::store::CachedKey;
+
+/// The scope that lets a key manage its owner's keys.
+pub(super) const MANAGE_SCOPE: &str = "keys:manage";
+
+pub(super) enum Caller {
+    Admin,
+    Key(Arc<CachedKey>),
+}
+
+impl Caller {
+    /// The admin token (`Authorization: Bearer`) or a valid key.
+    pub(super) async fn authenticate(
+        headers: &HeaderMap,
+        admin_token: Option<&[u8]>,
+        auth: &Authenticator,
+    ) -> Result<Caller, ApiError> {
+        if let Some(expected) = admin_token {
+            let presented = headers
+                .get_all(http::header::AUTHORIZATION)
+                .iter()
+                .filter_map(|v| bearer_token(v.as_bytes()))
+                .any(|token| tokens_equal(token, expected));
+            if presented {
+                return Ok(Caller::Admin);
+            }
+        }
+        match auth.authenticate(headers).await {
+            Ok((key, _)) => Ok(Caller::Key(key)),
+            // A Bearer token that is neither a key nor the admin token: a wrong admin token.
+            Err(GatewayError::MissingCredentials) if has_foreign_bearer(headers) => {
+                Err(GatewayError::InvalidKey.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) fn actor(&self) -> Actor {
+        match self {
+            Caller::Admin => Actor::Admin,
+            Caller::Key(key) => Actor::Key(key.id.clone()),
+        }
+    }
+
+    /// The owner a key acts for; None for the admin, who acts for all.
+    pub(super) fn owner(&self) -> Option<&str> {
+        match self {
+            Caller::Admin => None,
+            Caller::Key(key) => Some(&key.owner),
+        }
+    }
+
+    pub(super) fn key(&self) -> Option<&Arc<CachedKey>> {
+        match self {
+            Caller::Admin => None,
+            Caller::Key(key) => Some(key),
+        }
+    }
+
+    pub(super) fn can_manage(&self) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Key(key) => key.scopes.iter().any(|s| s == MANAGE_SCOPE),
+        }
+    }
+
+    /// Whether the caller may see and change `record`: the admin any, a key its owner's.
+    pub(super) fn may_touch(&self, record: &KeyRecord) -> bool {
+        self.owner().is_none_or(|owner| owner == record.owner)
+    }
+}
+
+/// The client's IP address, as the audit log and the sign-up limit record it.
+pub(super) fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn has_foreign_bearer(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .any(|v| bearer_token(v.as_bytes()).is_some())
+}
+
+/// Constant-time comparison; hashing first makes it independent of the lengths too.
+fn tokens_equal(presented: &[u8], expected: &[u8]) -> bool {
+    let a = Sha256::digest(presented);
+    let b = Sha256::digest(expected);
+    a.as_slice().ct_eq(b.as_slice()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(tokens_equal(b"secret", b"secret"));
+        assert!(!tokens_equal(b"secret", b"secreT"));
+        assert!(!tokens_equal(b"", b"secret"));
+    }
+}

@@ -1,0 +1,237 @@
+//! One handler per call. Each reads its request, applies the caller's rights, and leaves
+//! the rules of keys to `keys::lifecycle`.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::caller::{Caller, MANAGE_SCOPE};
+use super::error::ApiError;
+use super::fields::{self, CreateKey};
+use super::views::{AuditView, KeyView, PageBody, RevokeResult};
+use crate::clock::unix_now;
+use crate::keys::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
+use crate::keys::new_key_id;
+use crate::keys::scope::has_scopes;
+use crate::session::respond::Reply;
+use crate::store::KeyWithUsage;
+
+pub(super) type ApiResult = Result<Reply, ApiError>;
+
+/// What every authenticated handler knows of its call.
+pub(super) struct Request<'a> {
+    pub keys: &'a Lifecycle,
+    pub caller: &'a Caller,
+    pub actor: Actor,
+    pub client: Option<String>,
+    pub query: HashMap<String, String>,
+    pub body: Map<String, Value>,
+}
+
+impl Request<'_> {
+    fn audit<'a>(&'a self, action: &'a str) -> Audit<'a> {
+        Audit {
+            actor: &self.actor,
+            action,
+            client: self.client.clone(),
+        }
+    }
+
+    /// The key `id` if the caller may see it; another owner's key is "not found".
+    async fn owned_key(&self, id: &str) -> Result<KeyWithUsage, ApiError> {
+        match self.keys.get(id).await? {
+            Some(key) if self.caller.may_touch(&key.record) => Ok(key),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+}
+
+pub(super) fn json_reply(status: u16, value: &impl serde::Serialize) -> ApiResult {
+    serde_json::to_vec(value)
+        .map(|body| Reply::json(status, Bytes::from(body)))
+        .map_err(|_| crate::error::GatewayError::Internal.into())
+}
+
+pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
+    let body = std::mem::take(&mut request.body);
+    let (create, mut f) = CreateKey::read(body, unix_now());
+    let owner = match (request.caller, create.owner) {
+        (Caller::Admin, Some(owner)) => owner,
+        (Caller::Admin, None) => {
+            f.bad("owner", "required when the admin creates a key");
+            String::new()
+        }
+        (Caller::Key(key), Some(owner)) if owner != key.owner => {
+            f.bad("owner", "only the admin may create keys for another owner");
+            key.owner.clone()
+        }
+        (Caller::Key(key), _) => key.owner.clone(),
+    };
+    let scopes = match (request.caller, create.scopes) {
+        (_, Some(scopes)) => scopes,
+        (Caller::Key(key), None) => key.scopes.clone(),
+        (Caller::Admin, None) => Vec::new(),
+    };
+    let new = NewKey {
+        name: create.name,
+        owner,
+        scopes,
+        expires_at: create.expires_at,
+        rate_limit: create.rate_limit,
+        metadata: create.metadata,
+    };
+    new.check(&mut f.errors);
+    f.finish()?;
+    if let Caller::Key(key) = request.caller
+        && !has_scopes(&key.scopes, &new.scopes)
+    {
+        return Err(ApiError::Forbidden(
+            "a key can only grant scopes it holds itself",
+        ));
+    }
+    let created = request.keys.create(new, request.audit("create")).await?;
+    json_reply(201, &KeyView::created(created))
+}
+
+/// `?limit=` (1 to 1000, default 100) and `?cursor=` (an id this API returned).
+fn page_params(query: &HashMap<String, String>) -> Result<(usize, Option<&str>), ApiError> {
+    let mut errors = FieldErrors::new();
+    let limit = match query.get("limit").map(|text| text.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            add_error(&mut errors, "limit", "must be an integer from 1 to 1000");
+            100
+        }
+    };
+    let cursor = query.get("cursor").map(String::as_str);
+    if cursor.is_some_and(|c| ulid::Ulid::from_string(c).is_err()) {
+        add_error(&mut errors, "cursor", "is not a cursor this API returned");
+    }
+    if errors.is_empty() {
+        Ok((limit, cursor))
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
+pub(super) async fn list(request: Request<'_>) -> ApiResult {
+    let (limit, cursor) = page_params(&request.query)?;
+    let owner = match request.caller {
+        Caller::Admin => request.query.get("owner").map(String::as_str),
+        Caller::Key(key) => Some(key.owner.as_str()),
+    };
+    let page = request.keys.list(owner, cursor, limit).await?;
+    json_reply(200, &PageBody::<KeyView>::of(page))
+}
+
+pub(super) async fn get(request: Request<'_>, id: &str) -> ApiResult {
+    let key = request.owned_key(id).await?;
+    json_reply(200, &KeyView::from(key))
+}
+
+async fn revoke_owned(request: &Request<'_>, id: &str, action: &str) -> ApiResult {
+    let record = request
+        .keys
+        .revoke(id, request.audit(action))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    json_reply(200, &RevokeResult::from(record))
+}
+
+pub(super) async fn revoke(request: Request<'_>, id: &str) -> ApiResult {
+    let key = request.owned_key(id).await?;
+    revoke_owned(&request, &key.record.id, "revoke").await
+}
+
+/// The admin, a `keys:manage` key of the same owner, or the key itself; any other key is
+/// told "not found", as for an unknown one.
+pub(super) async fn revoke_by_value(mut request: Request<'_>) -> ApiResult {
+    let raw = fields::read_revoke_by_value(std::mem::take(&mut request.body))?;
+    let record = request
+        .keys
+        .find_by_key(&raw)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let allowed = match request.caller {
+        Caller::Admin => true,
+        Caller::Key(own) => {
+            own.id == record.id || (request.caller.can_manage() && own.owner == record.owner)
+        }
+    };
+    if !allowed {
+        return Err(ApiError::NotFound);
+    }
+    revoke_owned(&request, &record.id, "revoke_by_value").await
+}
+
+pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
+    let old = request.owned_key(id).await?.record;
+    let grace = fields::read_rotate(std::mem::take(&mut request.body))?;
+    let conflict = |code, message| Err(ApiError::Conflict { code, message });
+    if old.is_revoked() {
+        return conflict(
+            crate::error::code::KEY_REVOKED,
+            "a revoked key cannot be rotated",
+        );
+    }
+    if old.superseded {
+        return conflict(
+            crate::error::code::KEY_ROTATED,
+            "this key was already rotated; rotate its successor",
+        );
+    }
+    if old.expires_at.is_some_and(|at| at <= unix_now()) {
+        return conflict(
+            crate::error::code::KEY_EXPIRED,
+            "an expired key cannot be rotated",
+        );
+    }
+    // Rotation mints a key with the old one's scopes: the same rule as creation applies.
+    if let Caller::Key(key) = request.caller
+        && !has_scopes(&key.scopes, &old.scopes)
+    {
+        return Err(ApiError::Forbidden(
+            "a key can only rotate keys whose scopes it holds itself",
+        ));
+    }
+    let created = request
+        .keys
+        .rotate(&old, grace, request.audit("rotate"))
+        .await?;
+    json_reply(201, &KeyView::created(created))
+}
+
+pub(super) async fn audit(request: Request<'_>) -> ApiResult {
+    let (limit, cursor) = page_params(&request.query)?;
+    let page = request.keys.audit_log(cursor, limit).await?;
+    json_reply(200, &PageBody::<AuditView>::of(page))
+}
+
+/// A new owner and its first key, holding `keys:manage`. The caller's per-address budget
+/// was spent before this.
+pub(super) async fn signup(
+    keys: &Lifecycle,
+    client: Option<String>,
+    body: Map<String, Value>,
+) -> ApiResult {
+    let (name, mut f) = fields::read_signup(body);
+    let new = NewKey {
+        name,
+        owner: format!("user-{}", new_key_id().to_ascii_lowercase()),
+        scopes: vec![MANAGE_SCOPE.to_string()],
+        expires_at: None,
+        rate_limit: None,
+        metadata: None,
+    };
+    new.check(&mut f.errors);
+    f.finish()?;
+    let audit = Audit {
+        actor: &Actor::Signup,
+        action: "signup",
+        client,
+    };
+    let created = keys.create(new, audit).await?;
+    json_reply(201, &KeyView::created(created))
+}

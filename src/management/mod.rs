@@ -1,0 +1,203 @@
+//! The management API, mounted under `management.path` on the proxy listener. A call
+//! reads top to bottom in `answer`: parse the call, authenticate the caller, authorize and
+//! spend the caller's budget, read the body, then one handler (`handlers`), which leaves
+//! the rules of keys to `keys::lifecycle`. `serve` is the one place that writes the answer.
+
+mod call;
+mod caller;
+mod error;
+mod fields;
+mod handlers;
+mod openapi;
+pub(crate) mod views;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::proxy::Session;
+use serde_json::Map;
+
+use crate::clock::unix_now;
+use crate::gateway::{RequestCtx, management_rest};
+use crate::keys::lifecycle::Lifecycle;
+use crate::ratelimit::{ManagementBudget, ManagementLimiters};
+use crate::session::body::{BodyError, read_management_body};
+use crate::session::respond::{self, Reply};
+use crate::state::Shared;
+use call::Call;
+use caller::{Caller, client_ip};
+use error::ApiError;
+use handlers::{ApiResult, Request};
+
+/// The management API's own state, next to the state it shares with the request path.
+pub(crate) struct Management {
+    shared: Arc<Shared>,
+    keys: Lifecycle,
+    limiters: ManagementLimiters,
+    /// The admin token's bytes; None = no admin access.
+    admin_token: Option<Vec<u8>>,
+}
+
+impl Management {
+    pub(crate) fn new(shared: Arc<Shared>, admin_token: Option<Vec<u8>>) -> Self {
+        let config = &shared.config;
+        let limits = &config.management.limits;
+        Management {
+            keys: Lifecycle::new(
+                Arc::clone(&shared.cache),
+                Arc::clone(&shared.usage),
+                shared.auth.format().clone(),
+            ),
+            limiters: ManagementLimiters::new(limits, config.signup.per_client_per_hour),
+            admin_token,
+            shared,
+        }
+    }
+
+    /// Drops the state of budgets that have fully recovered.
+    pub(crate) fn forget_idle_limits(&self) {
+        self.limiters.forget_idle();
+    }
+
+    /// Answers one management call.
+    pub(crate) async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let req = session.req_header();
+        let base = &self.shared.config.management.path;
+        let rest = management_rest(base, req.uri.path(), false)
+            .unwrap_or_default()
+            .to_string();
+        let call = Call::parse(&rest, &req.method, self.shared.config.signup.enabled);
+        let label = call.as_ref().map_or("unknown", Call::label);
+        let reply = self
+            .answer(&rest, call, session, ctx)
+            .await
+            .unwrap_or_else(|e| {
+                if let ApiError::Refused(refusal) = &e {
+                    ctx.outcome = refusal.outcome();
+                }
+                ctx.error_code = Some(e.code());
+                e.reply(&ctx.request_id)
+            });
+        let status = reply.status.to_string();
+        let counter = &self.shared.metrics.management_requests;
+        counter.with_label_values(&[label, &status]).inc();
+        if reply.status == 413 && !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        let reply = reply.with_header("cache-control", HeaderValue::from_static("no-store"));
+        respond::send(session, reply, &ctx.request_id).await
+    }
+
+    async fn answer(
+        &self,
+        rest: &str,
+        call: Result<Call, ApiError>,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> ApiResult {
+        if Call::is_public_path(rest) {
+            return match call? {
+                Call::OpenApi => Ok(Reply::json(
+                    200,
+                    Bytes::from_static(openapi::DOCUMENT.as_bytes()),
+                )),
+                _ => self.signup(session).await,
+            };
+        }
+        let headers = &session.req_header().headers;
+        let token = self.admin_token.as_deref();
+        let caller = Caller::authenticate(headers, token, &self.shared.auth).await?;
+        ctx.key = caller.key().cloned();
+        let call = call?;
+        authorize(&call, &caller)?;
+        self.spend(&call, &caller)?;
+        if let Some(key) = caller.key() {
+            self.shared.usage.record(key.id_number, &key.id, unix_now());
+        }
+        let body = if call.takes_body() {
+            read_json(session).await?
+        } else {
+            Map::new()
+        };
+        let request = Request {
+            keys: &self.keys,
+            actor: caller.actor(),
+            caller: &caller,
+            client: client_ip(session).map(|ip| ip.to_string()),
+            query: parse_query(session.req_header().uri.query()),
+            body,
+        };
+        dispatch(call, request).await
+    }
+
+    /// A key's call spends its owner's budget for that kind of call; the admin's none.
+    fn spend(&self, call: &Call, caller: &Caller) -> Result<(), ApiError> {
+        match (call.budget(), caller.owner()) {
+            (Some(budget), Some(owner)) => self.limit(budget, owner),
+            _ => Ok(()),
+        }
+    }
+
+    fn limit(&self, budget: ManagementBudget, who: &str) -> Result<(), ApiError> {
+        self.limiters
+            .check(budget, who)
+            .map_err(|retry_after| crate::error::GatewayError::RateLimited { retry_after }.into())
+    }
+
+    async fn signup(&self, session: &mut Session) -> ApiResult {
+        let body = read_json(session).await?;
+        let client = client_ip(session).map(|ip| ip.to_string());
+        self.limit(
+            ManagementBudget::Signup,
+            client.as_deref().unwrap_or("unknown"),
+        )?;
+        handlers::signup(&self.keys, client, body).await
+    }
+}
+
+/// Without `keys:manage` a key may only revoke itself by value; the audit log is the
+/// admin's alone.
+fn authorize(call: &Call, caller: &Caller) -> Result<(), ApiError> {
+    if !caller.can_manage() && *call != Call::RevokeByValue {
+        return Err(crate::error::GatewayError::InsufficientScope.into());
+    }
+    if *call == Call::Audit && !matches!(caller, Caller::Admin) {
+        return Err(ApiError::Forbidden("the audit log is for the admin only"));
+    }
+    Ok(())
+}
+
+async fn dispatch(call: Call, request: Request<'_>) -> ApiResult {
+    match call {
+        Call::Create => handlers::create(request).await,
+        Call::List => handlers::list(request).await,
+        Call::Get(id) => handlers::get(request, &id).await,
+        Call::Revoke(id) => handlers::revoke(request, &id).await,
+        Call::RevokeByValue => handlers::revoke_by_value(request).await,
+        Call::Rotate(id) => handlers::rotate(request, &id).await,
+        Call::Audit => handlers::audit(request).await,
+        // Answered before authentication.
+        Call::Signup | Call::OpenApi => Err(ApiError::NotFound),
+    }
+}
+
+fn parse_query(query: Option<&str>) -> HashMap<String, String> {
+    query
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+async fn read_json(session: &mut Session) -> Result<Map<String, serde_json::Value>, ApiError> {
+    let body = read_management_body(session).await.map_err(|e| match e {
+        BodyError::TooLarge => ApiError::PayloadTooLarge,
+        BodyError::Unreadable => ApiError::InvalidJson("the body could not be read".into()),
+        BodyError::Continue => crate::error::GatewayError::Internal.into(),
+    })?;
+    fields::parse_object(&body)
+}

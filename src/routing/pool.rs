@@ -1,0 +1,124 @@
+//! Each route's upstream pool: a round-robin Pingora load balancer with TCP or HTTP health
+//! checks, and peers with every timeout set (Pingora's default is none: a hung upstream
+//! would hang the request).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::lb::LoadBalancer;
+use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::selection::RoundRobin;
+use pingora::prelude::HttpPeer;
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{WrappedX509, parse_x509};
+
+use super::Route;
+use crate::config::RouteConfig;
+
+/// How many backends round-robin selection may skip over looking for a healthy one: more
+/// than any route has, so an unhealthy upstream is always skipped.
+const SELECTION_ATTEMPTS: usize = 256;
+
+/// Idle pooled upstream connections are closed after this.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Route {
+    /// The next healthy upstream, round-robin, other than `avoid` (the one that just failed
+    /// this request) when another is healthy; None when every upstream is down.
+    pub(crate) fn select_peer(
+        &self,
+        avoid: Option<SocketAddr>,
+    ) -> Option<(Box<HttpPeer>, SocketAddr)> {
+        let backend = avoid
+            .and_then(|failed| {
+                self.balancer
+                    .select_with(b"", SELECTION_ATTEMPTS, |backend, healthy| {
+                        healthy && backend.addr.as_inet() != Some(&failed)
+                    })
+            })
+            .or_else(|| self.balancer.select(b"", SELECTION_ATTEMPTS))?;
+        let addr = *backend.addr.as_inet()?;
+        let mut peer = HttpPeer::new(addr, self.config.tls, self.config.sni.clone());
+        let options = &mut peer.options;
+        options.connection_timeout = Some(self.config.connect_timeout);
+        options.total_connection_timeout = Some(self.config.connect_timeout);
+        options.read_timeout = Some(self.config.read_timeout);
+        options.write_timeout = Some(self.config.write_timeout);
+        options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        options.ca = self.trust.clone();
+        Some((Box::new(peer), addr))
+    }
+
+    /// Health of each upstream as (configured name, healthy).
+    pub(crate) fn upstream_health(&self) -> Vec<(String, bool)> {
+        let backends = self.balancer.backends();
+        let set = backends.get_backend();
+        self.config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let healthy = set
+                    .iter()
+                    .find(|b| b.addr.as_inet() == Some(&u.addr))
+                    .is_some_and(|b| backends.ready(b));
+                (u.name.clone(), healthy)
+            })
+            .collect()
+    }
+}
+
+/// Builds a route's balancer. The caller must also run it as a background service, or
+/// its health checks never run.
+pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
+    // Each certificate was checked to parse when the config was loaded.
+    let trust: Option<Arc<CaType>> = config.ca_certificates.as_ref().map(|certs| {
+        certs
+            .iter()
+            .map(|der| WrappedX509::new(der.clone(), parse_x509))
+            .collect::<Vec<_>>()
+            .into()
+    });
+    let mut balancer =
+        LoadBalancer::<RoundRobin>::try_from_iter(config.upstreams.iter().map(|u| u.addr))?;
+    match &config.health_check_path {
+        Some(path) => {
+            let host = config
+                .upstreams
+                .first()
+                .map(|u| u.name.clone())
+                .unwrap_or_default();
+            let mut check = HttpHealthCheck::new(&host, config.tls);
+            if config.tls {
+                check.peer_template.sni = config.sni.clone();
+                check.peer_template.options.ca = trust.clone();
+            }
+            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            req.insert_header("Host", host.as_str())
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            req.insert_header("User-Agent", "keygate-health-check")
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            check.req = req;
+            balancer.set_health_check(Box::new(check));
+        }
+        None => {
+            let mut check = if config.tls {
+                TcpHealthCheck::new_tls(&config.sni)
+            } else {
+                TcpHealthCheck::new()
+            };
+            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            check.peer_template.options.ca = trust.clone();
+            balancer.set_health_check(check);
+        }
+    }
+    balancer.health_check_frequency = Some(config.health_check_interval);
+    balancer.parallel_health_check = true;
+    Ok(Route {
+        config,
+        balancer: Arc::new(balancer),
+        trust,
+    })
+}
