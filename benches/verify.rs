@@ -12,8 +12,8 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use keygate::http::credentials as auth;
-use keygate::keys::lifecycle::{Actor, Audit, Lifecycle, NewKey};
 use keygate::keys::{KeyFormat, KeyHash, KeyRecord};
+use keygate::lifecycle::{Actor, Audit, Lifecycle, NewKey};
 use keygate::store::{CacheSettings, KeyCache, KeyStore, SledStore};
 use keygate::usage::UsageRecorder;
 

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::clock::unix_now;
 use crate::config::Config;
 use crate::keys::KeyFormat;
-use crate::keys::lifecycle::{
+use crate::lifecycle::{
     Actor, Audit, FieldErrors, Lifecycle, LifecycleError, NewKey, add_error, expiry_after,
 };
 use crate::management::views::{KeyView, RevokeResult};

@@ -35,7 +35,7 @@ pub(crate) mod code {
 
 /// Why the gateway answered a request itself instead of forwarding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum GatewayError {
+pub(crate) enum GatewayError {
     #[error("no route matches this request")]
     NoRoute,
     #[error(
@@ -91,7 +91,7 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             GatewayError::NoRoute => 404,
             GatewayError::InvalidPath
@@ -119,7 +119,7 @@ impl GatewayError {
         }
     }
 
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             GatewayError::NoRoute => code::NO_ROUTE,
             GatewayError::InvalidPath | GatewayError::AmbiguousPath => code::INVALID_PATH,
@@ -149,7 +149,7 @@ impl GatewayError {
 
     /// Refusals after which the connection cannot carry another request: a CONNECT's
     /// framing is not a normal request's, and a refused chunked body was not read to its end.
-    pub fn ends_connection(self) -> bool {
+    pub(crate) fn ends_connection(self) -> bool {
         matches!(
             self,
             GatewayError::ConnectNotAllowed
@@ -163,7 +163,7 @@ impl GatewayError {
     /// The `outcome` label of `keygate_requests_total`. Upstream failures happen after the
     /// request was admitted, so they count as `allowed` (their status shows in the upstream
     /// metrics and the access log).
-    pub fn outcome(self) -> Outcome {
+    pub(crate) fn outcome(self) -> Outcome {
         match self {
             GatewayError::NoRoute => Outcome::NoRoute,
             GatewayError::InvalidPath

@@ -4,14 +4,15 @@
 //! - `clock`      Unix time and RFC 3339
 //! - `metrics`    Prometheus families in keygate's own registry; the `outcome` label
 //! - `error`      the request path's refusals, the error codes, the JSON error body
-//! - `keys`       key format, hash, ids, scope grammar, the record; `keys::lifecycle` below
-//! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate, resolve)
+//! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules
 //! - `http`       pure request logic: target, path readings, host, credentials, body framing
+//! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate, resolve)
 //! - `store`      the `KeyStore` trait, sled and PostgreSQL stores, the moka key cache,
 //!   PostgreSQL's invalidation listener
 //! - `ratelimit`  GCRA limits: per key, per route, per management budget
 //! - `usage`      in-memory usage counters and their flusher
 //! - `routing`    routes, longest-prefix matching, upstream pools and health checks
+//! - `lifecycle`  create, list, revoke, rotate, audit: the rules of keys over store and cache
 //! - `auth`       who a request's key belongs to (credentials, format, cache, expiry)
 //! - `state`      `Shared`: what the request path, the management API and the ops listener share
 //! - `session`    what keygate reads from and writes to a Pingora session: bodies, responses
@@ -31,6 +32,7 @@ mod error;
 mod gateway;
 pub mod http;
 pub mod keys;
+pub mod lifecycle;
 mod logging;
 mod management;
 mod metrics;

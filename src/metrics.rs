@@ -262,7 +262,7 @@ impl CacheMetrics {
 
 /// The `outcome` label values of the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     #[default]
     Allowed,
     MissingCredentials,
@@ -277,7 +277,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::MissingCredentials => "missing_credentials",

@@ -43,8 +43,9 @@ impl UsageRecorder {
         }
     }
 
-    /// Counts one admitted request. The id string is only copied the first time a key is
-    /// seen since the last flush.
+    /// Counts one admitted request. A key already counted since the last flush takes only
+    /// the shard's read lock (`get`); only a key new since then takes the write lock and
+    /// copies its id string (`entry`).
     pub fn record(&self, id_number: u128, id: &str, now: i64) {
         if let Some(entry) = self.pending.get(&id_number) {
             entry.1.count.fetch_add(1, Ordering::Relaxed);

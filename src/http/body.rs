@@ -12,20 +12,20 @@ use crate::error::GatewayError;
 /// The largest chunked body keygate buffers. Pingora 0.9 hands a body read in a hook back
 /// to the proxy only through its retry buffer, which holds 64 KiB; a bigger chunked body
 /// is refused with 413 rather than forwarded unchecked.
-pub const CHUNKED_BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const CHUNKED_BODY_LIMIT: usize = 64 * 1024;
 
 /// The largest management API body (JSON, a few hundred bytes in practice). Equal to
 /// `CHUNKED_BODY_LIMIT` by coincidence, not by design.
-pub const MANAGEMENT_BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const MANAGEMENT_BODY_LIMIT: usize = 64 * 1024;
 
 /// Refused bodies up to this size are read to their end before the answer, so that the
 /// client gets to read it; beyond it the answer comes at once and the connection closes
 /// (and the client may only see the close).
-pub const DRAIN_LIMIT: usize = 1024 * 1024;
+pub(crate) const DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// How a request's body is framed, as far as forwarding it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// No body, or one with a `Content-Length`: streamed through.
     Plain,
     /// `Transfer-Encoding: chunked`: read whole first.
@@ -35,7 +35,7 @@ pub enum Framing {
 /// The request's framing. Only a lone `chunked` coding is accepted: keygate forwards a
 /// body it has read with a `Content-Length`, which would present `gzip, chunked` bytes to
 /// the upstream as a plain body. (Pingora has already refused any other final coding.)
-pub fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayError> {
+pub(crate) fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayError> {
     let mut codings = req.headers.get_all(http::header::TRANSFER_ENCODING).iter();
     match (codings.next(), codings.next()) {
         (None, _) => Ok(Framing::Plain),
@@ -53,7 +53,7 @@ pub fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, GatewayErr
 
 /// The upstream request for a body keygate has already read: its length instead of the
 /// chunked coding (and no `Expect`, which keygate has answered itself).
-pub fn frame_as_buffered(
+pub(crate) fn frame_as_buffered(
     req: &mut pingora::http::RequestHeader,
     length: usize,
 ) -> pingora::Result<()> {

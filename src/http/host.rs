@@ -2,14 +2,16 @@
 
 /// A Host header that is not a plain host name or IP literal (with an optional port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidHost;
+pub(crate) struct InvalidHost;
 
 /// The request's host from its Host header (which `gateway` fills in from an absolute-form
 /// URL that came without one): without port, brackets or a fully qualified name's root dot
 /// (`api.example.` is `api.example` to every upstream). Anything but a plain name, an IPv4
 /// address or a bracketed IPv6 address is refused: `[public.example]junk` must not be
 /// routed as `public.example` while the upstream reads something else.
-pub fn request_host(req: &pingora::http::RequestHeader) -> Result<Option<&str>, InvalidHost> {
+pub(crate) fn request_host(
+    req: &pingora::http::RequestHeader,
+) -> Result<Option<&str>, InvalidHost> {
     let Some(value) = req.headers.get(http::header::HOST) else {
         return Ok(None);
     };
@@ -50,7 +52,7 @@ pub fn request_host(req: &pingora::http::RequestHeader) -> Result<Option<&str>, 
 }
 
 /// Dot-separated labels of letters, digits, `-` and `_` (an IPv4 address is such a name).
-pub fn is_host_name(name: &str) -> bool {
+pub(crate) fn is_host_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

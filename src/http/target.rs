@@ -9,7 +9,7 @@ use crate::error::GatewayError;
 use crate::http::path;
 
 /// Bytes of the request line and header block, as received (give or take separators).
-pub fn header_size(req: &RequestHeader) -> usize {
+pub(crate) fn header_size(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.uri.path_and_query().map_or(1, |p| p.as_str().len());
     req.headers.iter().fold(line + 12, |total, (name, value)| {
         total + name.as_str().len() + value.len() + 4
@@ -18,7 +18,7 @@ pub fn header_size(req: &RequestHeader) -> usize {
 
 /// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else a
 /// fresh ULID.
-pub fn request_id(headers: &HeaderMap) -> String {
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v: &HeaderValue| v.to_str().ok())
@@ -31,7 +31,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// http://host/p`) becomes `/p`, with `Host` taken from the URL when the client sent none
 /// (Pingora has already refused a different one). Any other form is refused: Pingora
 /// would route it as `/` but forward it as sent, for the upstream to read as it likes.
-pub fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
+pub(crate) fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
     let target = req.raw_path();
     let (origin, authority) = if target.first() == Some(&b'/') || target == b"*" {
         (target, None)

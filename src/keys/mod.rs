@@ -1,11 +1,10 @@
-//! API keys: their format, hash and ids, the scope grammar, the persisted record with the
-//! rules every store applies to it, and the lifecycle operations over a store.
+//! API keys: their format, hash and ids, the scope grammar, and the persisted record with
+//! the rules every store applies to it.
 
 mod format;
 mod hash;
 mod id;
-pub mod lifecycle;
-pub mod scope;
+pub(crate) mod scope;
 
 pub use format::{KeyFormat, KeyFormatError};
 pub use hash::KeyHash;

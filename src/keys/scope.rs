@@ -1,7 +1,7 @@
 //! The grammar of scopes and owners, and what holding a scope means.
 
 /// Scope grammar of the contract: `[a-z0-9:._-]{1,64}`.
-pub fn valid_scope(scope: &str) -> bool {
+pub(crate) fn valid_scope(scope: &str) -> bool {
     !scope.is_empty()
         && scope.len() <= 64
         && scope
@@ -10,7 +10,7 @@ pub fn valid_scope(scope: &str) -> bool {
 }
 
 /// Owner grammar: 1 to 128 characters of `A-Za-z0-9._:@-`.
-pub fn valid_owner(owner: &str) -> bool {
+pub(crate) fn valid_owner(owner: &str) -> bool {
     (1..=128).contains(&owner.len())
         && owner
             .bytes()
@@ -18,7 +18,7 @@ pub fn valid_owner(owner: &str) -> bool {
 }
 
 /// Whether `held` grants every scope in `required`.
-pub fn has_scopes(held: &[String], required: &[String]) -> bool {
+pub(crate) fn has_scopes(held: &[String], required: &[String]) -> bool {
     required.iter().all(|scope| held.iter().any(|h| h == scope))
 }
 

@@ -5,8 +5,17 @@ use http::Method;
 use super::error::ApiError;
 use crate::ratelimit::ManagementBudget;
 
+/// A call as parsed: the two answered without credentials, or one that needs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Call {
+    OpenApi,
+    Signup,
+    Keyed(KeyedCall),
+}
+
+/// A call made by the admin or a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum KeyedCall {
     Create,
     List,
     Get(String),
@@ -14,8 +23,6 @@ pub(super) enum Call {
     RevokeByValue,
     Rotate(String),
     Audit,
-    Signup,
-    OpenApi,
 }
 
 impl Call {
@@ -34,24 +41,28 @@ impl Call {
                 Err(ApiError::MethodNotAllowed(allowed))
             }
         };
-        match segments.as_slice() {
-            ["openapi.json"] => only("GET", Call::OpenApi),
-            ["signup"] if signup_enabled => only("POST", Call::Signup),
+        use KeyedCall as K;
+        let keyed = match segments.as_slice() {
+            ["openapi.json"] => return only("GET", Call::OpenApi),
+            ["signup"] if signup_enabled => return only("POST", Call::Signup),
             ["keys"] => match *method {
-                Method::POST => Ok(Call::Create),
-                Method::GET => Ok(Call::List),
-                _ => Err(ApiError::MethodNotAllowed("GET, POST")),
+                Method::POST => K::Create,
+                Method::GET => K::List,
+                _ => return Err(ApiError::MethodNotAllowed("GET, POST")),
             },
-            ["keys", "revoke"] => only("POST", Call::RevokeByValue),
+            ["keys", "revoke"] => return only("POST", Call::Keyed(K::RevokeByValue)),
             ["keys", id] if !id.is_empty() => match *method {
-                Method::GET => Ok(Call::Get(id.to_string())),
-                Method::DELETE => Ok(Call::Revoke(id.to_string())),
-                _ => Err(ApiError::MethodNotAllowed("GET, DELETE")),
+                Method::GET => K::Get(id.to_string()),
+                Method::DELETE => K::Revoke(id.to_string()),
+                _ => return Err(ApiError::MethodNotAllowed("GET, DELETE")),
             },
-            ["keys", id, "rotate"] if !id.is_empty() => only("POST", Call::Rotate(id.to_string())),
-            ["audit"] => only("GET", Call::Audit),
-            _ => Err(ApiError::NotFound),
-        }
+            ["keys", id, "rotate"] if !id.is_empty() => {
+                return only("POST", Call::Keyed(K::Rotate(id.to_string())));
+            }
+            ["audit"] => return only("GET", Call::Keyed(K::Audit)),
+            _ => return Err(ApiError::NotFound),
+        };
+        Ok(Call::Keyed(keyed))
     }
 
     /// Whether a path is answered without credentials (the document and sign-up), so that
@@ -63,25 +74,27 @@ impl Call {
     /// The `operation` label of `keygate_management_requests_total`.
     pub(super) fn label(&self) -> &'static str {
         match self {
-            Call::Create => "create",
-            Call::List => "list",
-            Call::Get(_) => "get",
-            Call::Revoke(_) => "revoke",
-            Call::RevokeByValue => "revoke_by_value",
-            Call::Rotate(_) => "rotate",
-            Call::Audit => "audit",
-            Call::Signup => "signup",
             Call::OpenApi => "openapi",
+            Call::Signup => "signup",
+            Call::Keyed(KeyedCall::Create) => "create",
+            Call::Keyed(KeyedCall::List) => "list",
+            Call::Keyed(KeyedCall::Get(_)) => "get",
+            Call::Keyed(KeyedCall::Revoke(_)) => "revoke",
+            Call::Keyed(KeyedCall::RevokeByValue) => "revoke_by_value",
+            Call::Keyed(KeyedCall::Rotate(_)) => "rotate",
+            Call::Keyed(KeyedCall::Audit) => "audit",
         }
     }
+}
 
+impl KeyedCall {
     /// Which per-owner budget a key's call spends (the admin's spend none).
     pub(super) fn budget(&self) -> Option<ManagementBudget> {
         match self {
-            Call::Create | Call::Rotate(_) => Some(ManagementBudget::Create),
-            Call::List | Call::Get(_) => Some(ManagementBudget::List),
-            Call::Revoke(_) | Call::RevokeByValue => Some(ManagementBudget::Revoke),
-            Call::Audit | Call::Signup | Call::OpenApi => None,
+            KeyedCall::Create | KeyedCall::Rotate(_) => Some(ManagementBudget::Create),
+            KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
+            KeyedCall::Revoke(_) | KeyedCall::RevokeByValue => Some(ManagementBudget::Revoke),
+            KeyedCall::Audit => None,
         }
     }
 
@@ -89,7 +102,7 @@ impl Call {
     pub(super) fn takes_body(&self) -> bool {
         matches!(
             self,
-            Call::Create | Call::RevokeByValue | Call::Rotate(_) | Call::Signup
+            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_)
         )
     }
 }
@@ -104,23 +117,29 @@ mod tests {
 
     #[test]
     fn routes_and_methods() {
-        assert!(matches!(parse("/keys", Method::POST), Ok(Call::Create)));
-        assert!(matches!(parse("/keys", Method::GET), Ok(Call::List)));
+        assert!(matches!(
+            parse("/keys", Method::POST),
+            Ok(Call::Keyed(KeyedCall::Create))
+        ));
+        assert!(matches!(
+            parse("/keys", Method::GET),
+            Ok(Call::Keyed(KeyedCall::List))
+        ));
         assert!(matches!(
             parse("/keys", Method::PUT),
             Err(ApiError::MethodNotAllowed("GET, POST"))
         ));
         assert!(matches!(
             parse("/keys/revoke", Method::POST),
-            Ok(Call::RevokeByValue)
+            Ok(Call::Keyed(KeyedCall::RevokeByValue))
         ));
         assert!(matches!(
             parse("/keys/abc", Method::DELETE),
-            Ok(Call::Revoke(_))
+            Ok(Call::Keyed(KeyedCall::Revoke(_)))
         ));
         assert!(matches!(
             parse("/keys/abc/rotate", Method::POST),
-            Ok(Call::Rotate(_))
+            Ok(Call::Keyed(KeyedCall::Rotate(_)))
         ));
         assert!(matches!(
             parse("/keys/abc/rotate", Method::GET),

@@ -14,7 +14,7 @@ use crate::auth::Authenticator;
 use crate::error::GatewayError;
 use crate::http::credentials::bearer_token;
 use crate::keys::KeyRecord;
-use crate::keys::lifecycle::Actor;
+use crate::lifecycle::Actor;
 use crate::store::CachedKey;
 
 /// The scope that lets a key manage its owner's keys.

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::error::{GatewayError, code, error_body};
 use crate::http::body::MANAGEMENT_BODY_LIMIT;
-use crate::keys::lifecycle::{FieldErrors, LifecycleError};
+use crate::lifecycle::{FieldErrors, LifecycleError};
 use crate::session::respond::Reply;
 use crate::store::StoreError;
 

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use crate::clock::parse_rfc3339;
 use crate::keys::RateLimit;
-use crate::keys::lifecycle::{FieldErrors, MAX_GRACE_SECONDS, MAX_TTL_SECONDS, add_error};
+use crate::lifecycle::{FieldErrors, MAX_GRACE_SECONDS, MAX_TTL_SECONDS, add_error};
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works); an
 /// empty body is an empty object.

@@ -11,9 +11,9 @@ use super::error::ApiError;
 use super::fields::{self, CreateKey};
 use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
-use crate::keys::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
 use crate::keys::new_key_id;
 use crate::keys::scope::has_scopes;
+use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
 use crate::session::respond::Reply;
 use crate::store::KeyWithUsage;
 

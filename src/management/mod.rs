@@ -21,15 +21,16 @@ use serde_json::Map;
 
 use crate::clock::unix_now;
 use crate::gateway::{RequestCtx, management_rest};
-use crate::keys::lifecycle::Lifecycle;
+use crate::lifecycle::Lifecycle;
 use crate::ratelimit::{ManagementBudget, ManagementLimiters};
 use crate::session::body::{BodyError, read_management_body};
 use crate::session::respond::{self, Reply};
 use crate::state::Shared;
-use call::Call;
+use call::{Call, KeyedCall};
 use caller::{Caller, client_ip};
 use error::ApiError;
 use handlers::{ApiResult, Request};
+use openapi::DOCUMENT;
 
 /// The management API's own state, next to the state it shares with the request path.
 pub(crate) struct Management {
@@ -101,15 +102,14 @@ impl Management {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> ApiResult {
-        if Call::is_public_path(rest) {
-            return match call? {
-                Call::OpenApi => Ok(Reply::json(
-                    200,
-                    Bytes::from_static(openapi::DOCUMENT.as_bytes()),
-                )),
-                _ => self.signup(session).await,
-            };
-        }
+        let call = match call {
+            Ok(Call::OpenApi) => return Ok(Reply::json(200, Bytes::from_static(DOCUMENT))),
+            Ok(Call::Signup) => return self.signup(session).await,
+            Ok(Call::Keyed(call)) => Ok(call),
+            // A path that takes no credentials says what is wrong without asking for them.
+            Err(e) if Call::is_public_path(rest) => return Err(e),
+            Err(e) => Err(e),
+        };
         let headers = &session.req_header().headers;
         let token = self.admin_token.as_deref();
         let caller = Caller::authenticate(headers, token, &self.shared.auth).await?;
@@ -117,6 +117,7 @@ impl Management {
         let call = call?;
         authorize(&call, &caller)?;
         self.spend(&call, &caller)?;
+        // Usage counts management calls too (contract section 6: "proxied or management").
         if let Some(key) = caller.key() {
             self.shared.usage.record(key.id_number, &key.id, unix_now());
         }
@@ -137,7 +138,7 @@ impl Management {
     }
 
     /// A key's call spends its owner's budget for that kind of call; the admin's none.
-    fn spend(&self, call: &Call, caller: &Caller) -> Result<(), ApiError> {
+    fn spend(&self, call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
         match (call.budget(), caller.owner()) {
             (Some(budget), Some(owner)) => self.limit(budget, owner),
             _ => Ok(()),
@@ -163,27 +164,25 @@ impl Management {
 
 /// Without `keys:manage` a key may only revoke itself by value; the audit log is the
 /// admin's alone.
-fn authorize(call: &Call, caller: &Caller) -> Result<(), ApiError> {
-    if !caller.can_manage() && *call != Call::RevokeByValue {
+fn authorize(call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
+    if !caller.can_manage() && *call != KeyedCall::RevokeByValue {
         return Err(crate::error::GatewayError::InsufficientScope.into());
     }
-    if *call == Call::Audit && !matches!(caller, Caller::Admin) {
+    if *call == KeyedCall::Audit && !matches!(caller, Caller::Admin) {
         return Err(ApiError::Forbidden("the audit log is for the admin only"));
     }
     Ok(())
 }
 
-async fn dispatch(call: Call, request: Request<'_>) -> ApiResult {
+async fn dispatch(call: KeyedCall, request: Request<'_>) -> ApiResult {
     match call {
-        Call::Create => handlers::create(request).await,
-        Call::List => handlers::list(request).await,
-        Call::Get(id) => handlers::get(request, &id).await,
-        Call::Revoke(id) => handlers::revoke(request, &id).await,
-        Call::RevokeByValue => handlers::revoke_by_value(request).await,
-        Call::Rotate(id) => handlers::rotate(request, &id).await,
-        Call::Audit => handlers::audit(request).await,
-        // Answered before authentication.
-        Call::Signup | Call::OpenApi => Err(ApiError::NotFound),
+        KeyedCall::Create => handlers::create(request).await,
+        KeyedCall::List => handlers::list(request).await,
+        KeyedCall::Get(id) => handlers::get(request, &id).await,
+        KeyedCall::Revoke(id) => handlers::revoke(request, &id).await,
+        KeyedCall::RevokeByValue => handlers::revoke_by_value(request).await,
+        KeyedCall::Rotate(id) => handlers::rotate(request, &id).await,
+        KeyedCall::Audit => handlers::audit(request).await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The OpenAPI 3.1 document of the management API, served at `<path>/openapi.json`.
 
-pub(super) const DOCUMENT: &str = include_str!("openapi.json");
+pub(super) const DOCUMENT: &[u8] = include_bytes!("openapi.json");
 
 #[cfg(test)]
 mod tests {
@@ -12,7 +12,7 @@ mod tests {
 
     #[test]
     fn openapi_document_describes_exactly_the_served_api() {
-        let doc: Value = serde_json::from_str(DOCUMENT).expect("valid JSON");
+        let doc: Value = serde_json::from_slice(DOCUMENT).expect("valid JSON");
         assert!(
             doc["openapi"]
                 .as_str()

@@ -5,8 +5,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::clock::rfc3339;
-use crate::keys::lifecycle::{Created, Page};
 use crate::keys::{KeyRecord, RateLimit, Usage};
+use crate::lifecycle::{Created, Page};
 use crate::store::{AuditEntry, KeyWithUsage};
 
 /// A key as the API and the CLI show it. `key` is set only in the response that creates it.

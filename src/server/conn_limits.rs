@@ -75,7 +75,10 @@ pub(crate) struct HeaderDeadline<A> {
     header_timeout: Duration,
     keepalive_timeout: Duration,
     /// Connections between two requests (by stream id): their next header may first wait
-    /// out the keep-alive idle time.
+    /// out the keep-alive idle time. The stream id is the raw fd, which the OS reuses once
+    /// a connection closes; that is safe only because Pingora calls `process_new_http`
+    /// again at once on a reused stream (pingora-core `apps/mod.rs`), which removes the
+    /// entry before the fd can be closed and handed to a new connection.
     idle: DashSet<i32>,
 }
 

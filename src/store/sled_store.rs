@@ -11,7 +11,9 @@ use crate::keys::{KeyHash, KeyRecord, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
-/// The embedded store. Reads go straight to sled (lock-free). Writes run one at a time on
+/// The embedded store. Reads go straight to sled, on the calling (proxy worker) thread:
+/// they are lock-free and served from sled's page cache, and they never wait on a flush.
+/// Writes run one at a time on
 /// one writer thread: sled 0.34 can deadlock when transactions run concurrently with flushes
 /// (sled issues #1308, #1241), and a stuck sled call must never occupy a proxy worker
 /// thread. A write is acknowledged only after a flush that covers it; writes that queue up

@@ -3,7 +3,7 @@
 //! one.
 #![no_main]
 
-use keygate::keys::lifecycle::{FieldErrors, validate_new_key};
+use keygate::lifecycle::{FieldErrors, validate_new_key};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::scope::{valid_owner, valid_scope};
-use super::{DEFAULT_NAME, KeyFormat, KeyHash, KeyRecord, RateLimit, new_key_id};
 use crate::clock::unix_now;
+use crate::keys::scope::{valid_owner, valid_scope};
+use crate::keys::{DEFAULT_NAME, KeyFormat, KeyHash, KeyRecord, RateLimit, new_key_id};
 use crate::store::{AuditEntry, KeyCache, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::usage::UsageRecorder;
 
