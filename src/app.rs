@@ -14,6 +14,7 @@ use pingora::services::background::{BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config::{Config, StoreBackend};
+use crate::drain::Drain;
 use crate::gateway::Gateway;
 use crate::management::Management;
 use crate::metrics::Metrics;
@@ -29,13 +30,15 @@ use crate::usage::UsageRecorder;
 const UPSTREAM_KEEPALIVE_POOL: usize = 256;
 /// How often recovered rate-limit state is dropped.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
-/// Pingora's own wait for services to stop once the grace period is over; keygate's final
-/// usage flush runs after it.
-const SERVICE_STOP_TIMEOUT_SECONDS: u64 = 1;
 
-/// SIGTERM and SIGINT both stop gracefully (Pingora treats SIGINT as a fast shutdown);
-/// either way `main` then writes the pending usage counts.
-struct StopSignals;
+/// SIGTERM, SIGINT and SIGQUIT all stop gracefully: new connections are closed and the
+/// process stops once no request is in flight, within `shutdown_grace_seconds` (see
+/// `drain`); `main` then writes the pending usage counts. Pingora is told to stop fast
+/// because the drain has already happened (its graceful stop would sleep the whole grace).
+struct StopSignals {
+    drain: &'static Drain,
+    grace: Duration,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for StopSignals {
@@ -49,13 +52,23 @@ impl ShutdownSignalWatch for StopSignals {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = quit.recv() => {}
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => "SIGQUIT",
+        };
+        let in_flight = self.drain.in_flight();
+        tracing::info!(
+            signal = name,
+            in_flight,
+            grace_seconds = self.grace.as_secs(),
+            "{name} received: finishing the requests in flight, then stopping"
+        );
+        let left = self.drain.drain(self.grace).await;
+        if left > 0 {
+            tracing::warn!(left, "the grace period ended with requests still in flight");
         }
-        tracing::info!("stop signal received, shutting down");
-        ShutdownSignal::GracefulTerminate
+        ShutdownSignal::FastShutdown
     }
 }
 
@@ -148,8 +161,12 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
         routes = config.routes.len(),
         "keygate started"
     );
+    let stop = StopSignals {
+        drain: shared.drain,
+        grace: config.server.shutdown_grace,
+    };
     server.run(RunArgs {
-        shutdown_signal: Box::new(StopSignals),
+        shutdown_signal: Box::new(stop),
     });
 
     final_flush(&shared.usage, store.as_ref(), &shared.metrics)?;
@@ -205,8 +222,9 @@ fn admin_token(config: &Config) -> Option<Vec<u8>> {
 fn server_conf(config: &Config) -> ServerConf {
     ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(config.server.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(SERVICE_STOP_TIMEOUT_SECONDS),
+        // Stops are drained by keygate itself (`StopSignals`) and then fast for Pingora.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(0),
         upstream_keepalive_pool_size: UPSTREAM_KEEPALIVE_POOL,
         ..ServerConf::default()
     }
@@ -277,7 +295,7 @@ fn proxy_service(
         server_config.header_read_timeout,
         server_config.keepalive_timeout,
     );
-    let capped = ConnectionCap::new(deadline, server_config.max_connections);
+    let capped = ConnectionCap::new(deadline, server_config.max_connections, shared.drain);
     let mut service = Service::new("keygate proxy".to_string(), capped);
     service.add_tcp(&server_config.listen.to_string());
     service

@@ -14,6 +14,7 @@
 //! - `routing`    routes, longest-prefix matching, upstream pools and health checks
 //! - `lifecycle`  create, list, revoke, rotate, audit: the rules of keys over store and cache
 //! - `auth`       who a request's key belongs to (credentials, format, cache, expiry)
+//! - `drain`      requests in flight, and a stop that waits for them and no longer
 //! - `state`      `Shared`: what the request path, the management API and the ops listener share
 //! - `session`    what keygate reads from and writes to a Pingora session: bodies, responses
 //! - `gateway`    the request path, top to bottom, and the per-request context
@@ -28,6 +29,7 @@ mod auth;
 pub mod cli;
 mod clock;
 pub mod config;
+mod drain;
 mod error;
 mod gateway;
 pub mod http;

@@ -12,8 +12,10 @@ use crate::config::AccessLog;
 
 /// Keep the returned guard alive: dropping it flushes the access log.
 pub(crate) fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
+    // Pingora's server module logs its own (and, for keygate's drained stops, misleading)
+    // account of signals at info; keygate logs the stop itself.
     let app_filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .unwrap_or_else(|_| EnvFilter::new("info,pingora_core::server=warn"))
         .add_directive(
             format!("{}=off", crate::server::access::TARGET)
                 .parse()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::keys::KeyFormat;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyLimits;
@@ -22,6 +23,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub rate_limits: KeyLimits,
     pub auth: Authenticator,
+    /// Requests in flight, and whether the gateway is stopping.
+    pub drain: &'static Drain,
 }
 
 impl Shared {
@@ -36,6 +39,7 @@ impl Shared {
         Shared {
             auth: Authenticator::new(format, Arc::clone(&cache), &metrics),
             rate_limits: KeyLimits::default(),
+            drain: Drain::leak(),
             config,
             router,
             cache,

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::drain::InFlight;
 use crate::http::credentials::CredentialSources;
 use crate::metrics::Outcome;
 use crate::ratelimit::Decision;
@@ -41,11 +42,13 @@ pub(crate) struct RequestCtx {
     pub error_code: Option<&'static str>,
     /// The length of a chunked body read whole before forwarding (see `http::body`).
     pub buffered_body: Option<usize>,
+    /// Counts this request as in flight until the context is dropped, after logging.
+    _in_flight: InFlight,
 }
 
 impl RequestCtx {
     /// A request that has just arrived (the clock starts now).
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(in_flight: InFlight) -> Self {
         RequestCtx {
             started: Instant::now(),
             request_id: String::new(),
@@ -60,6 +63,7 @@ impl RequestCtx {
             rate_limit: None,
             error_code: None,
             buffered_body: None,
+            _in_flight: in_flight,
         }
     }
 

@@ -20,6 +20,8 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::ShutdownWatch;
 use tokio::sync::{Semaphore, oneshot};
 
+use crate::drain::Drain;
+
 tokio::task_local! {
     /// Set while a request is processed; taken once its header is parsed.
     static HEADER_PARSED: RefCell<Option<oneshot::Sender<()>>>;
@@ -36,17 +38,20 @@ pub(crate) fn header_parsed() {
 }
 
 /// At most `max_connections` connections at once; over the cap a new connection is closed
-/// at once rather than queued (queued sockets still cost memory).
+/// at once rather than queued (queued sockets still cost memory). While the gateway stops,
+/// every new connection is closed.
 pub(crate) struct ConnectionCap<A> {
     inner: Arc<A>,
     permits: Arc<Semaphore>,
+    drain: &'static Drain,
 }
 
 impl<A> ConnectionCap<A> {
-    pub(crate) fn new(inner: A, max_connections: usize) -> Self {
+    pub(crate) fn new(inner: A, max_connections: usize, drain: &'static Drain) -> Self {
         ConnectionCap {
             inner: Arc::new(inner),
             permits: Arc::new(Semaphore::new(max_connections)),
+            drain,
         }
     }
 }
@@ -58,6 +63,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if self.drain.is_draining() {
+            return None;
+        }
         let _permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
         self.inner.process_new(session, shutdown).await
     }

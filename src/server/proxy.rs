@@ -58,7 +58,7 @@ impl ProxyHttp for KeygateProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.gateway.shared.drain.enter())
     }
 
     async fn early_request_filter(
@@ -70,7 +70,10 @@ impl ProxyHttp for KeygateProxy {
         // Pingora keeps idle downstream connections forever unless told otherwise. Where it
         // has already decided to close (HTTP/1.0, `Connection: close`, both
         // `Transfer-Encoding` and `Content-Length`: a smuggling attempt), that stands.
-        if session.get_keepalive().is_some() {
+        if self.gateway.shared.drain.is_draining() {
+            // Stopping: this response is the connection's last.
+            session.set_keepalive(None);
+        } else if session.get_keepalive().is_some() {
             let keepalive = self.gateway.shared.config.server.keepalive_timeout;
             session.set_keepalive(Some(keepalive.as_secs()));
         }
