@@ -27,19 +27,30 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`, shared by every command.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The TOML configuration file (see the README's "Configuration").
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway.
+    /// Run the gateway: the proxy on `server.listen`, /metrics, /healthz and /readyz on
+    /// `server.admin_listen`. Stops gracefully on SIGTERM or SIGINT.
     Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
-    /// Validate the configuration; print every problem and exit non-zero if there are any.
+    /// Validate the configuration: print every problem as `field.path: reason` and exit 2,
+    /// or print `PATH: ok` and exit 0.
     Check {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
-    /// Manage keys offline, in the store the configuration names (the gateway must be stopped).
+    /// Manage keys offline, in the store the configuration names. A sled store must not be
+    /// in use by a running gateway; use the management API then.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -48,30 +59,38 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Create a key and print its record, the key itself included (shown only this once).
+    /// Create a key and print its record as JSON, the key itself included in `key` (shown
+    /// only this once: store it now).
     Create {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Who the key belongs to: 1 to 128 characters of A-Za-z0-9._:@-.
         #[arg(long)]
         owner: String,
+        /// A name for people (1 to 100 characters); default "default".
         #[arg(long)]
         name: Option<String>,
-        #[arg(long = "scope")]
+        /// A scope the key holds (a-z0-9:._-, up to 64 characters); repeat the option for
+        /// several: `--scope read --scope write`.
+        #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
-        #[arg(long)]
+        /// The key expires this many seconds from now (1 to 315360000); default never.
+        #[arg(long, value_name = "SECONDS")]
         ttl_seconds: Option<i64>,
     },
-    /// Print key records as JSON.
+    /// Print every key record (masked, with usage) as one JSON array.
     List {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this owner's keys.
         #[arg(long)]
         owner: Option<String>,
     },
-    /// Revoke a key by id.
+    /// Revoke a key at once; print `{"id", "revoked": true, "revoked_at"}`.
     Revoke {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The key's id (from `keys list` or the create answer), not the key itself.
         id: String,
     },
 }
@@ -79,8 +98,8 @@ enum KeysCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => crate::app::serve(&config),
-        Command::Check { config } => return check(&config),
+        Command::Serve { config } => crate::app::serve(&config.config),
+        Command::Check { config } => return check(&config.config),
         Command::Keys { command } => keys(command),
     };
     match result {
@@ -169,9 +188,9 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 name,
                 scopes,
                 ttl_seconds,
-            } => create(&config, owner, name, scopes, ttl_seconds).await,
-            KeysCommand::List { config, owner } => list(&config, owner.as_deref()).await,
-            KeysCommand::Revoke { config, id } => revoke(&config, &id).await,
+            } => create(&config.config, owner, name, scopes, ttl_seconds).await,
+            KeysCommand::List { config, owner } => list(&config.config, owner.as_deref()).await,
+            KeysCommand::Revoke { config, id } => revoke(&config.config, &id).await,
         }
     })
 }

@@ -44,10 +44,11 @@ impl Caller {
         }
         match auth.authenticate(headers).await {
             Ok((key, _)) => Ok(Caller::Key(key)),
-            // A Bearer token that is neither a key nor the admin token: a wrong admin token.
-            Err(GatewayError::MissingCredentials) if has_foreign_bearer(headers) => {
-                Err(GatewayError::InvalidKey.into())
-            }
+            Err(GatewayError::MissingCredentials) => Err(hint_for(headers)),
+            Err(GatewayError::InvalidKey) => Err(ApiError::Unauthenticated(
+                GatewayError::InvalidKey,
+                "the API key is not valid (the management API takes a key holding keys:manage, or the admin token)",
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -95,11 +96,36 @@ pub(super) fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-fn has_foreign_bearer(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(http::header::AUTHORIZATION)
+/// What a caller without a usable credential probably meant. The same answers whether or
+/// not an admin token is configured, so they tell nothing about it.
+fn hint_for(headers: &HeaderMap) -> ApiError {
+    let authorization = headers.get_all(http::header::AUTHORIZATION);
+    let (refusal, hint) = if authorization
         .iter()
         .any(|v| bearer_token(v.as_bytes()).is_some())
+    {
+        // A Bearer token that is neither a key nor the admin token.
+        (
+            GatewayError::InvalidKey,
+            "the Bearer token is neither the admin token nor an API key",
+        )
+    } else if authorization.iter().next().is_some() {
+        (
+            GatewayError::MissingCredentials,
+            "send the admin token as `Authorization: Bearer <token>` (the Bearer scheme is required)",
+        )
+    } else if headers.contains_key("x-api-key") || headers.contains_key("key") {
+        (
+            GatewayError::MissingCredentials,
+            "the x-api-key or key header holds no API key; the admin token goes in `Authorization: Bearer <token>`",
+        )
+    } else {
+        (
+            GatewayError::MissingCredentials,
+            "send a key holding keys:manage in x-api-key, or the admin token as `Authorization: Bearer <token>`",
+        )
+    };
+    ApiError::Unauthenticated(refusal, hint)
 }
 
 /// Constant-time comparison; hashing first makes it independent of the lengths too.

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::error::{GatewayError, code, error_body};
 use crate::http::body::MANAGEMENT_BODY_LIMIT;
 use crate::lifecycle::{FieldErrors, LifecycleError};
+use crate::metrics::Outcome;
 use crate::session::respond::Reply;
 use crate::store::StoreError;
 
@@ -16,6 +17,9 @@ pub(super) enum ApiError {
     /// A refusal the request path gives too.
     #[error("{0}")]
     Refused(GatewayError),
+    /// A 401 whose message says what the caller probably meant.
+    #[error("{1}")]
+    Unauthenticated(GatewayError, &'static str),
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -62,7 +66,7 @@ impl ApiError {
     /// The `error.code` of the answer (also logged in the access log).
     pub(super) fn code(&self) -> &'static str {
         match self {
-            ApiError::Refused(e) => e.code(),
+            ApiError::Refused(e) | ApiError::Unauthenticated(e, _) => e.code(),
             ApiError::NotFound => code::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => code::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => code::PAYLOAD_TOO_LARGE,
@@ -73,6 +77,22 @@ impl ApiError {
         }
     }
 
+    /// The `outcome` label of `keygate_requests_total` (route `_management`): refusals
+    /// shared with the request path count as there; a 403 as `insufficient_scope`; every
+    /// other mistake of the caller's (404, 405, 400, 409, 413, 422) as `bad_request`.
+    pub(super) fn outcome(&self) -> Outcome {
+        match self {
+            ApiError::Refused(e) | ApiError::Unauthenticated(e, _) => e.outcome(),
+            ApiError::Forbidden(_) => Outcome::InsufficientScope,
+            ApiError::NotFound
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::PayloadTooLarge
+            | ApiError::InvalidJson(_)
+            | ApiError::Validation(_)
+            | ApiError::Conflict { .. } => Outcome::BadRequest,
+        }
+    }
+
     pub(super) fn reply(&self, request_id: &str) -> Reply {
         let code = self.code();
         let plain = |status, message: &str| {
@@ -80,6 +100,7 @@ impl ApiError {
         };
         match self {
             ApiError::Refused(e) => Reply::gateway_error(*e, request_id),
+            ApiError::Unauthenticated(e, message) => Reply::refusal(*e, message, request_id),
             ApiError::NotFound => plain(404, "no such resource"),
             ApiError::MethodNotAllowed(allow) => plain(405, &format!("this path accepts {allow}"))
                 .with_header("allow", HeaderValue::from_static(allow)),

@@ -79,9 +79,7 @@ impl Management {
             .answer(&rest, call, session, ctx)
             .await
             .unwrap_or_else(|e| {
-                if let ApiError::Refused(refusal) = &e {
-                    ctx.outcome = refusal.outcome();
-                }
+                ctx.outcome = e.outcome();
                 ctx.error_code = Some(e.code());
                 e.reply(&ctx.request_id)
             });

@@ -42,10 +42,14 @@ impl Reply {
 
     /// The JSON error for a refusal, with `WWW-Authenticate` on 401 and `Retry-After` on 429.
     pub(crate) fn gateway_error(error: GatewayError, request_id: &str) -> Self {
-        let message = error.to_string();
+        Reply::refusal(error, &error.to_string(), request_id)
+    }
+
+    /// As `gateway_error`, with a message of the caller's (the same code and headers).
+    pub(crate) fn refusal(error: GatewayError, message: &str, request_id: &str) -> Self {
         let reply = Reply::json(
             error.status(),
-            error_body(error.code(), &message, request_id, None),
+            error_body(error.code(), message, request_id, None),
         );
         match error {
             GatewayError::MissingCredentials => reply.with_header(
