@@ -13,9 +13,12 @@ use crate::config::AccessLog;
 /// Keep the returned guard alive: dropping it flushes the access log.
 pub(crate) fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
     // Pingora's server module logs its own (and, for keygate's drained stops, misleading)
-    // account of signals at info; keygate logs the stop itself.
+    // account of signals at info, and its load balancer a line of every peer option when
+    // an upstream goes down; keygate logs both itself, in one line.
     let app_filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,pingora_core::server=warn"))
+        .unwrap_or_else(|_| {
+            EnvFilter::new("info,pingora_core::server=warn,pingora_load_balancing=error")
+        })
         .add_directive(
             format!("{}=off", crate::server::access::TARGET)
                 .parse()

@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::lb::Backend;
 use pingora::lb::LoadBalancer;
-use pingora::lb::health_check::{HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::health_check::{
+    HealthObserve, HealthObserveCallback, HttpHealthCheck, TcpHealthCheck,
+};
 use pingora::lb::selection::RoundRobin;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::tls::CaType;
@@ -68,6 +71,30 @@ impl Route {
     }
 }
 
+/// Logs an upstream's health changes as one line naming its route (Pingora's own line
+/// spells out every peer option; the default log filter hides it).
+struct HealthLog {
+    route: String,
+}
+
+#[async_trait::async_trait]
+impl HealthObserve for HealthLog {
+    async fn observe(&self, target: &Backend, healthy: bool) {
+        let upstream = target.addr.to_string();
+        if healthy {
+            tracing::info!(route = %self.route, %upstream, "upstream {upstream} of route {} is healthy again", self.route);
+        } else {
+            tracing::warn!(route = %self.route, %upstream, "upstream {upstream} of route {} failed its health check", self.route);
+        }
+    }
+}
+
+fn observer(config: &RouteConfig) -> HealthObserveCallback {
+    Box::new(HealthLog {
+        route: config.name.clone(),
+    })
+}
+
 /// Builds a route's balancer. The caller must also run it as a background service, or
 /// its health checks never run.
 pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
@@ -101,6 +128,7 @@ pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
             req.insert_header("User-Agent", "keygate-health-check")
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             check.req = req;
+            check.health_changed_callback = Some(observer(&config));
             balancer.set_health_check(Box::new(check));
         }
         None => {
@@ -111,6 +139,7 @@ pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
             };
             check.peer_template.options.connection_timeout = Some(config.connect_timeout);
             check.peer_template.options.ca = trust.clone();
+            check.health_changed_callback = Some(observer(&config));
             balancer.set_health_check(check);
         }
     }

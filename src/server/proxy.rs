@@ -53,6 +53,21 @@ fn classify(error: &Error) -> Option<GatewayError> {
     }
 }
 
+/// The error as Pingora will log it: one line naming the route, the upstream and the root
+/// cause, instead of the peer's whole option set.
+fn upstream_error(error: Box<Error>, ctx: &RequestCtx) -> Box<Error> {
+    let route = ctx.route().map_or(gateway::NO_ROUTE_LABEL, |r| r.name());
+    let upstream = ctx.upstream.map(|u| u.to_string()).unwrap_or_default();
+    let reason = error.root_cause().to_string();
+    let mut short = Error::explain(
+        error.etype().clone(),
+        format!("route {route}, upstream {upstream}: {reason}"),
+    );
+    short.esource = error.esource().clone();
+    short.retry = error.retry;
+    short
+}
+
 #[async_trait]
 impl ProxyHttp for KeygateProxy {
     type CTX = RequestCtx;
@@ -130,8 +145,9 @@ impl ProxyHttp for KeygateProxy {
         _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut RequestCtx,
-        mut error: Box<Error>,
+        error: Box<Error>,
     ) -> Box<Error> {
+        let mut error = upstream_error(error, ctx);
         // A refused or failed connect sent nothing upstream: try the route's next upstream,
         // each at most once, before giving up.
         let upstreams = ctx.route().map_or(0, |r| r.config.upstreams.len());
@@ -144,13 +160,13 @@ impl ProxyHttp for KeygateProxy {
     /// reused connection), plus: the retry avoids the upstream that just failed.
     fn error_while_proxy(
         &self,
-        peer: &HttpPeer,
+        _peer: &HttpPeer,
         session: &mut Session,
         error: Box<Error>,
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut error = error.more_context(format!("Peer: {peer}"));
+        let mut error = upstream_error(error, ctx);
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
         {
             error.set_retry(false);
