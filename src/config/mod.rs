@@ -1,9 +1,11 @@
-//! Configuration: the TOML file as written (`raw`, serde) mapped onto a validated, typed
-//! `Config` (`validate`, with the DNS and file reads it needs in `resolve`). Validation
-//! collects every problem with its field path instead of stopping at the first, so
-//! `keygate check` can report them all at once.
+//! Configuration: the TOML file as written (`raw`, read field by field by `read`) mapped
+//! onto a validated, typed `Config` (`validate`, with the DNS and file reads it needs in
+//! `resolve`). Reading and validation collect every problem (wrong types, unknown fields,
+//! bad values) with its field path instead of stopping at the first, so `keygate check`
+//! can report them all at once.
 
 mod raw;
+mod read;
 mod resolve;
 mod validate;
 
@@ -15,6 +17,8 @@ use std::time::Duration;
 use crate::keys::RateLimit;
 
 use raw::RawConfig;
+use read::Fields;
+use validate::Problems;
 pub use validate::{RATE_LIMIT_MAX_REQUESTS, RATE_LIMIT_MAX_WINDOW_SECONDS, valid_scope};
 
 /// One configuration problem: where, and why.
@@ -172,54 +176,19 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigErrors(vec![ConfigProblem {
-                path: "(file)".into(),
-                reason: format!("not valid TOML: {}", e.message()),
-            }])
-        })?;
-        let mut problems = Vec::new();
-        let raw: Result<RawConfig, _> =
-            serde_ignored::deserialize(toml::Value::Table(table), |path| {
-                problems.push(ConfigProblem {
-                    path: render_path(&path),
-                    reason: "unknown field".into(),
-                })
-            });
-        let raw = match raw {
-            Ok(raw) => raw,
-            Err(e) => {
-                problems.push(ConfigProblem {
-                    path: "(file)".into(),
-                    reason: e.to_string(),
-                });
-                return Err(ConfigErrors(problems));
-            }
-        };
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigErrors(vec![read::syntax_error(text, &e)]))?;
+        let mut problems = Problems::default();
+        let mut fields = Fields::root(table, &mut problems);
+        let raw = RawConfig::read(&mut fields);
+        fields.finish();
         let config = validate::validate(raw, &mut problems);
+        let problems = problems.into_vec();
         if problems.is_empty() {
             Ok(config)
         } else {
             Err(ConfigErrors(problems))
-        }
-    }
-}
-
-fn render_path(path: &serde_ignored::Path<'_>) -> String {
-    use serde_ignored::Path as P;
-    match path {
-        P::Root => String::new(),
-        P::Seq { parent, index } => format!("{}[{index}]", render_path(parent)),
-        P::Map { parent, key } => {
-            let head = render_path(parent);
-            if head.is_empty() {
-                key.clone()
-            } else {
-                format!("{head}.{key}")
-            }
-        }
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-            render_path(parent)
         }
     }
 }

@@ -1,11 +1,11 @@
-//! The configuration file as written: one serde struct per TOML table, each field
-//! defaulted, so a file naming only some fields still reads. Nothing here is checked;
-//! `validate` maps these onto the typed `Config`.
+//! The configuration file as written: one struct per TOML table, each field defaulted, so
+//! a file naming only some fields still reads, and each read field by field (`read`), so a
+//! wrong type or an unknown name is reported without hiding the rest. Nothing here is
+//! checked; `validate` maps these onto the typed `Config`.
 
-use serde::Deserialize;
+use super::read::Fields;
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(default)]
+#[derive(Debug, Default)]
 pub(super) struct RawConfig {
     pub(super) server: RawServer,
     pub(super) store: RawStore,
@@ -15,8 +15,22 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<RawRoute>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawConfig {
+    pub(super) fn read(f: &mut Fields<'_>) -> Self {
+        RawConfig {
+            server: f.table("server", RawServer::read).unwrap_or_default(),
+            store: f.table("store", RawStore::read).unwrap_or_default(),
+            keys: f.table("keys", RawKeys::read).unwrap_or_default(),
+            management: f
+                .table("management", RawManagement::read)
+                .unwrap_or_default(),
+            signup: f.table("signup", RawSignup::read).unwrap_or_default(),
+            routes: f.tables("routes", RawRoute::read),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawServer {
     pub(super) listen: String,
     pub(super) admin_listen: String,
@@ -45,8 +59,26 @@ impl Default for RawServer {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawServer {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawServer {
+            listen: f.string("listen", d.listen),
+            admin_listen: f.string("admin_listen", d.admin_listen),
+            threads: f.int("threads", d.threads),
+            shutdown_grace_seconds: f.int("shutdown_grace_seconds", d.shutdown_grace_seconds),
+            access_log: f.string("access_log", d.access_log),
+            keepalive_timeout_seconds: f
+                .int("keepalive_timeout_seconds", d.keepalive_timeout_seconds),
+            header_read_timeout_seconds: f
+                .int("header_read_timeout_seconds", d.header_read_timeout_seconds),
+            max_connections: f.int("max_connections", d.max_connections),
+            max_header_bytes: f.int("max_header_bytes", d.max_header_bytes),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawStore {
     pub(super) backend: String,
     pub(super) path: String,
@@ -77,8 +109,26 @@ impl Default for RawStore {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawStore {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawStore {
+            backend: f.string("backend", d.backend),
+            path: f.string("path", d.path),
+            url_env: f.opt_string("url_env").or(d.url_env),
+            pool_size: f.int("pool_size", d.pool_size),
+            connect_timeout_seconds: f.int("connect_timeout_seconds", d.connect_timeout_seconds),
+            cache_capacity: f.int("cache_capacity", d.cache_capacity),
+            cache_ttl_seconds: f.int("cache_ttl_seconds", d.cache_ttl_seconds),
+            negative_cache_capacity: f.int("negative_cache_capacity", d.negative_cache_capacity),
+            negative_cache_ttl_seconds: f
+                .int("negative_cache_ttl_seconds", d.negative_cache_ttl_seconds),
+            usage_flush_interval_ms: f.int("usage_flush_interval_ms", d.usage_flush_interval_ms),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawKeys {
     pub(super) prefix: String,
 }
@@ -91,8 +141,16 @@ impl Default for RawKeys {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawKeys {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawKeys {
+            prefix: f.string("prefix", d.prefix),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawManagement {
     pub(super) path: String,
     pub(super) admin_token_env: Option<String>,
@@ -109,8 +167,20 @@ impl Default for RawManagement {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawManagement {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawManagement {
+            path: f.string("path", d.path),
+            admin_token_env: f.opt_string("admin_token_env").or(d.admin_token_env),
+            limits: f
+                .table("limits", RawManagementLimits::read)
+                .unwrap_or(d.limits),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawManagementLimits {
     pub(super) create_per_hour: i64,
     pub(super) list_per_minute: i64,
@@ -127,8 +197,18 @@ impl Default for RawManagementLimits {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawManagementLimits {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawManagementLimits {
+            create_per_hour: f.int("create_per_hour", d.create_per_hour),
+            list_per_minute: f.int("list_per_minute", d.list_per_minute),
+            revoke_per_minute: f.int("revoke_per_minute", d.revoke_per_minute),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawSignup {
     pub(super) enabled: bool,
     pub(super) per_client_per_hour: i64,
@@ -143,8 +223,17 @@ impl Default for RawSignup {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(default)]
+impl RawSignup {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawSignup {
+            enabled: f.bool("enabled", d.enabled),
+            per_client_per_hour: f.int("per_client_per_hour", d.per_client_per_hour),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawRoute {
     pub(super) name: String,
     pub(super) path_prefix: String,
@@ -187,8 +276,44 @@ impl Default for RawRoute {
     }
 }
 
-#[derive(Debug, Deserialize)]
+impl RawRoute {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawRoute {
+            name: f.string("name", d.name),
+            path_prefix: f.string("path_prefix", d.path_prefix),
+            host: f.opt_string("host"),
+            upstreams: f.strings("upstreams"),
+            auth: f.string("auth", d.auth),
+            scopes: f.strings("scopes"),
+            strip_prefix: f.bool("strip_prefix", d.strip_prefix),
+            tls: f.bool("tls", d.tls),
+            sni: f.opt_string("sni"),
+            ca_file: f.opt_string("ca_file"),
+            connect_timeout_ms: f.int("connect_timeout_ms", d.connect_timeout_ms),
+            read_timeout_ms: f.int("read_timeout_ms", d.read_timeout_ms),
+            write_timeout_ms: f.int("write_timeout_ms", d.write_timeout_ms),
+            health_check_path: f.opt_string("health_check_path"),
+            health_check_interval_ms: f.int("health_check_interval_ms", d.health_check_interval_ms),
+            rate_limit: f.table("rate_limit", RawRateLimit::read).flatten(),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub(super) struct RawRateLimit {
     pub(super) requests: i64,
     pub(super) window_seconds: i64,
+}
+
+impl RawRateLimit {
+    /// Both fields are required: `None` when either is missing or not an integer.
+    fn read(f: &mut Fields<'_>) -> Option<Self> {
+        let requests = f.required_int("requests");
+        let window_seconds = f.required_int("window_seconds");
+        Some(RawRateLimit {
+            requests: requests?,
+            window_seconds: window_seconds?,
+        })
+    }
 }

@@ -36,15 +36,42 @@ const CACHE_TTL_SECONDS: RangeInclusive<i64> = 1..=86_400;
 /// Upper bound of the millisecond-counted intervals and timeouts: one hour.
 const MAX_INTERVAL_MS: i64 = 3_600_000;
 
-/// The collector every section writes its problems into.
-pub(super) struct Problems<'a>(pub(super) &'a mut Vec<ConfigProblem>);
+/// The collector that reading and every section write their problems into.
+#[derive(Debug, Default)]
+pub(super) struct Problems {
+    found: Vec<ConfigProblem>,
+    /// Fields that could not be read (wrong type, missing). Validation sees a stand-in
+    /// there, so nothing more is said about them or anything under them.
+    unreadable: Vec<String>,
+}
 
-impl Problems<'_> {
-    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(ConfigProblem {
-            path: path.into(),
+impl Problems {
+    pub(super) fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        let path = path.into();
+        if self
+            .unreadable
+            .iter()
+            .any(|field| is_at_or_under(&path, field))
+        {
+            return;
+        }
+        self.found.push(ConfigProblem {
+            path,
             reason: reason.into(),
         });
+    }
+
+    /// A field whose value could not be read: reported, and silenced from then on.
+    pub(super) fn unreadable(&mut self, path: String, reason: impl Into<String>) {
+        self.found.push(ConfigProblem {
+            path: path.clone(),
+            reason: reason.into(),
+        });
+        self.unreadable.push(path);
+    }
+
+    pub(super) fn into_vec(self) -> Vec<ConfigProblem> {
+        self.found
     }
 
     /// `value` if it lies in `bounds`; otherwise a problem, and the lower bound (at least 0).
@@ -75,13 +102,18 @@ impl Problems<'_> {
     }
 }
 
-pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
-    let mut p = Problems(problems);
-    let server = validate_server(raw.server, &mut p);
-    let store = validate_store(raw.store, &mut p);
-    let keys = validate_keys(raw.keys, &mut p);
-    let management = validate_management(raw.management, &mut p);
-    let signup = validate_signup(raw.signup, &mut p);
+/// Whether `path` names `field` or something inside it (`field.x`, `field[0]`).
+fn is_at_or_under(path: &str, field: &str) -> bool {
+    path.strip_prefix(field)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
+    let server = validate_server(raw.server, p);
+    let store = validate_store(raw.store, p);
+    let keys = validate_keys(raw.keys, p);
+    let management = validate_management(raw.management, p);
+    let signup = validate_signup(raw.signup, p);
     if raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is needed");
     }
@@ -90,7 +122,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
         .routes
         .into_iter()
         .enumerate()
-        .map(|(i, route)| validate_route(i, route, &mut seen, &mut p))
+        .map(|(i, route)| validate_route(i, route, &mut seen, p))
         .collect();
     Config {
         server,
@@ -102,7 +134,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
     }
 }
 
-fn validate_server(raw: RawServer, p: &mut Problems<'_>) -> ServerConfig {
+fn validate_server(raw: RawServer, p: &mut Problems) -> ServerConfig {
     let listen = p.socket_addr("server.listen", &raw.listen);
     let admin_listen = p.socket_addr("server.admin_listen", &raw.admin_listen);
     if listen == admin_listen && listen.port() != 0 {
@@ -149,7 +181,7 @@ fn validate_server(raw: RawServer, p: &mut Problems<'_>) -> ServerConfig {
     }
 }
 
-fn validate_store(raw: RawStore, p: &mut Problems<'_>) -> StoreConfig {
+fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
     let backend = store_backend(&raw, p);
     if raw.url_env.is_some() && raw.backend == "sled" {
         p.add("store.url_env", "only used by the postgres backend");
@@ -180,7 +212,7 @@ fn validate_store(raw: RawStore, p: &mut Problems<'_>) -> StoreConfig {
     }
 }
 
-fn store_backend(raw: &RawStore, p: &mut Problems<'_>) -> StoreBackend {
+fn store_backend(raw: &RawStore, p: &mut Problems) -> StoreBackend {
     match raw.backend.as_str() {
         "sled" => {
             if raw.path.trim().is_empty() {
@@ -220,7 +252,7 @@ fn store_backend(raw: &RawStore, p: &mut Problems<'_>) -> StoreBackend {
     }
 }
 
-fn validate_keys(raw: RawKeys, p: &mut Problems<'_>) -> KeysConfig {
+fn validate_keys(raw: RawKeys, p: &mut Problems) -> KeysConfig {
     let prefix = raw.prefix;
     if prefix.is_empty()
         || prefix.len() > MAX_KEY_PREFIX_LEN
@@ -234,7 +266,7 @@ fn validate_keys(raw: RawKeys, p: &mut Problems<'_>) -> KeysConfig {
     KeysConfig { prefix }
 }
 
-fn validate_management(raw: RawManagement, p: &mut Problems<'_>) -> ManagementConfig {
+fn validate_management(raw: RawManagement, p: &mut Problems) -> ManagementConfig {
     let path = raw.path;
     if !path.starts_with('/')
         || path.len() < 2
@@ -276,7 +308,7 @@ fn validate_management(raw: RawManagement, p: &mut Problems<'_>) -> ManagementCo
     }
 }
 
-fn validate_signup(raw: RawSignup, p: &mut Problems<'_>) -> SignupConfig {
+fn validate_signup(raw: RawSignup, p: &mut Problems) -> SignupConfig {
     SignupConfig {
         enabled: raw.enabled,
         per_client_per_hour: p.ranged(
@@ -298,7 +330,7 @@ fn validate_route(
     i: usize,
     route: RawRoute,
     seen: &mut SeenRoutes,
-    p: &mut Problems<'_>,
+    p: &mut Problems,
 ) -> RouteConfig {
     let at = |field: &str| format!("routes[{i}].{field}");
     check_route_name(&route.name, &at("name"), &mut seen.names, p);
@@ -362,7 +394,7 @@ fn validate_route(
     }
 }
 
-fn check_route_name(name: &str, at: &str, names: &mut HashSet<String>, p: &mut Problems<'_>) {
+fn check_route_name(name: &str, at: &str, names: &mut HashSet<String>, p: &mut Problems) {
     if name.is_empty() {
         p.add(at, "every route needs a name");
     } else if !name
@@ -379,7 +411,7 @@ fn check_route_name(name: &str, at: &str, names: &mut HashSet<String>, p: &mut P
     }
 }
 
-fn check_path_prefix(prefix: &str, at: &str, p: &mut Problems<'_>) {
+fn check_path_prefix(prefix: &str, at: &str, p: &mut Problems) {
     if !prefix.starts_with('/') {
         p.add(at, "must start with '/'");
     } else if prefix.split('/').any(|s| s == "." || s == "..") {
@@ -395,7 +427,7 @@ fn check_path_prefix(prefix: &str, at: &str, p: &mut Problems<'_>) {
 }
 
 /// Hosts are matched without case and without a fully qualified name's root dot.
-fn route_host(host: Option<&str>, at: &str, p: &mut Problems<'_>) -> Option<String> {
+fn route_host(host: Option<&str>, at: &str, p: &mut Problems) -> Option<String> {
     let host = host.map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase());
     if let Some(h) = &host
         && !crate::upstream::is_host_name(h)
@@ -408,7 +440,7 @@ fn route_host(host: Option<&str>, at: &str, p: &mut Problems<'_>) -> Option<Stri
     host
 }
 
-fn route_upstreams(i: usize, names: &[String], p: &mut Problems<'_>) -> Vec<UpstreamAddr> {
+fn route_upstreams(i: usize, names: &[String], p: &mut Problems) -> Vec<UpstreamAddr> {
     if names.is_empty() {
         p.add(
             format!("routes[{i}].upstreams"),
@@ -432,7 +464,7 @@ fn route_upstreams(i: usize, names: &[String], p: &mut Problems<'_>) -> Vec<Upst
 }
 
 /// The route's `auth`, with its `scopes` checked against it.
-fn route_auth(i: usize, route: &RawRoute, p: &mut Problems<'_>) -> AuthMode {
+fn route_auth(i: usize, route: &RawRoute, p: &mut Problems) -> AuthMode {
     let auth = match route.auth.as_str() {
         "required" => AuthMode::Required,
         "none" => AuthMode::None,
@@ -462,7 +494,7 @@ fn route_auth(i: usize, route: &RawRoute, p: &mut Problems<'_>) -> AuthMode {
 }
 
 /// The name sent as TLS SNI: `sni`, or the first upstream's host.
-fn route_sni(route: &RawRoute, at: &str, p: &mut Problems<'_>) -> String {
+fn route_sni(route: &RawRoute, at: &str, p: &mut Problems) -> String {
     // `tls = true` needs no build check: keygate always builds Pingora with rustls
     // (Cargo.toml), so a TLS peer never silently connects to nothing.
     match (&route.sni, route.tls) {
@@ -485,7 +517,7 @@ fn route_sni(route: &RawRoute, at: &str, p: &mut Problems<'_>) -> String {
     }
 }
 
-fn route_ca_certificates(route: &RawRoute, at: &str, p: &mut Problems<'_>) -> Option<Vec<Vec<u8>>> {
+fn route_ca_certificates(route: &RawRoute, at: &str, p: &mut Problems) -> Option<Vec<Vec<u8>>> {
     match (&route.ca_file, route.tls) {
         (Some(_), false) => {
             p.add(at, "only used when tls = true");
@@ -502,7 +534,7 @@ fn route_ca_certificates(route: &RawRoute, at: &str, p: &mut Problems<'_>) -> Op
     }
 }
 
-fn route_rate_limit(at: &str, raw: RawRateLimit, p: &mut Problems<'_>) -> RateLimit {
+fn route_rate_limit(at: &str, raw: RawRateLimit, p: &mut Problems) -> RateLimit {
     RateLimit {
         requests: p.ranged(
             &format!("{at}.requests"),
