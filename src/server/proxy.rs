@@ -55,7 +55,7 @@ fn classify(error: &Error) -> Option<GatewayError> {
 
 /// The error as Pingora will log it: one line naming the route, the upstream and the root
 /// cause, instead of the peer's whole option set.
-fn upstream_error(error: Box<Error>, ctx: &RequestCtx) -> Box<Error> {
+fn upstream_error(error: &Error, ctx: &RequestCtx) -> Box<Error> {
     let route = ctx.route().map_or(gateway::NO_ROUTE_LABEL, |r| r.name());
     let upstream = ctx.upstream.map(|u| u.to_string()).unwrap_or_default();
     let reason = error.root_cause().to_string();
@@ -147,7 +147,7 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
         error: Box<Error>,
     ) -> Box<Error> {
-        let mut error = upstream_error(error, ctx);
+        let mut error = upstream_error(&error, ctx);
         // A refused or failed connect sent nothing upstream: try the route's next upstream,
         // each at most once, before giving up.
         let upstreams = ctx.route().map_or(0, |r| r.config.upstreams.len());
@@ -166,7 +166,7 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut error = upstream_error(error, ctx);
+        let mut error = upstream_error(&error, ctx);
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
         {
             error.set_retry(false);

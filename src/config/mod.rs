@@ -1,0 +1,196 @@
+//! Configuration: the TOML file as written (`raw`, read field by field by `read`) mapped
+//! onto a validated, typed `Config` (`validate`, with the DNS and file reads it needs in
+//! `resolve`). Reading and validation collect every problem (wrong types, unknown fields,
+//! bad values) with its field path instead of stopping at the first, so `keygate check`
+//! can report them all at once.
+
+mod raw;
+mod read;
+mod resolve;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::keys::RateLimit;
+
+use raw::RawConfig;
+use read::Fields;
+use validate::Problems;
+
+/// One configuration problem: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub keys: KeysConfig,
+    pub management: ManagementConfig,
+    pub signup: SignupConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub access_log: AccessLog,
+    pub keepalive_timeout: Duration,
+    /// Time a client gets to send a whole request header (after any keep-alive idle time).
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    /// Largest request line + header block accepted (431 beyond; Pingora itself stops
+    /// reading at 1 MiB).
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    Sled {
+        path: PathBuf,
+    },
+    Postgres {
+        url_env: String,
+        pool_size: usize,
+        connect_timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub cache_capacity: u64,
+    pub cache_ttl: Duration,
+    pub negative_cache_capacity: u64,
+    pub negative_cache_ttl: Duration,
+    pub usage_flush_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagementConfig {
+    pub path: String,
+    pub admin_token_env: Option<String>,
+    pub limits: ManagementLimits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ManagementLimits {
+    pub create_per_hour: u32,
+    pub list_per_minute: u32,
+    pub revoke_per_minute: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SignupConfig {
+    pub enabled: bool,
+    pub per_client_per_hour: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamAddr {
+    /// As written in the file, for logs, metrics labels and the default SNI.
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    pub host: Option<String>,
+    pub upstreams: Vec<UpstreamAddr>,
+    pub auth: AuthMode,
+    pub scopes: Vec<String>,
+    pub strip_prefix: bool,
+    pub tls: bool,
+    pub sni: String,
+    /// DER certificates to trust for this route's upstreams instead of the system roots.
+    pub ca_certificates: Option<Vec<Vec<u8>>>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub health_check_path: Option<String>,
+    pub health_check_interval: Duration,
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigProblem {
+                path: path.display().to_string(),
+                reason: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigErrors(vec![read::syntax_error(text, &e)]))?;
+        let mut problems = Problems::default();
+        let mut fields = Fields::root(table, &mut problems);
+        let raw = RawConfig::read(&mut fields);
+        fields.finish();
+        let config = validate::validate(raw, &mut problems);
+        let problems = problems.into_vec();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

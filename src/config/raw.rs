@@ -1,0 +1,319 @@
+//! The configuration file as written: one struct per TOML table, each field defaulted, so
+//! a file naming only some fields still reads, and each read field by field (`read`), so a
+//! wrong type or an unknown name is reported without hiding the rest. Nothing here is
+//! checked; `validate` maps these onto the typed `Config`.
+
+use super::read::Fields;
+
+#[derive(Debug, Default)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    pub(super) store: RawStore,
+    pub(super) keys: RawKeys,
+    pub(super) management: RawManagement,
+    pub(super) signup: RawSignup,
+    pub(super) routes: Vec<RawRoute>,
+}
+
+impl RawConfig {
+    pub(super) fn read(f: &mut Fields<'_>) -> Self {
+        RawConfig {
+            server: f.table("server", RawServer::read).unwrap_or_default(),
+            store: f.table("store", RawStore::read).unwrap_or_default(),
+            keys: f.table("keys", RawKeys::read).unwrap_or_default(),
+            management: f
+                .table("management", RawManagement::read)
+                .unwrap_or_default(),
+            signup: f.table("signup", RawSignup::read).unwrap_or_default(),
+            routes: f.tables("routes", RawRoute::read),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawServer {
+    pub(super) listen: String,
+    pub(super) admin_listen: String,
+    pub(super) threads: i64,
+    pub(super) shutdown_grace_seconds: i64,
+    pub(super) access_log: String,
+    pub(super) keepalive_timeout_seconds: i64,
+    pub(super) header_read_timeout_seconds: i64,
+    pub(super) max_connections: i64,
+    pub(super) max_header_bytes: i64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9180".into(),
+            threads: 2,
+            shutdown_grace_seconds: 5,
+            access_log: "stdout".into(),
+            keepalive_timeout_seconds: 60,
+            header_read_timeout_seconds: 10,
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl RawServer {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawServer {
+            listen: f.string("listen", d.listen),
+            admin_listen: f.string("admin_listen", d.admin_listen),
+            threads: f.int("threads", d.threads),
+            shutdown_grace_seconds: f.int("shutdown_grace_seconds", d.shutdown_grace_seconds),
+            access_log: f.string("access_log", d.access_log),
+            keepalive_timeout_seconds: f
+                .int("keepalive_timeout_seconds", d.keepalive_timeout_seconds),
+            header_read_timeout_seconds: f
+                .int("header_read_timeout_seconds", d.header_read_timeout_seconds),
+            max_connections: f.int("max_connections", d.max_connections),
+            max_header_bytes: f.int("max_header_bytes", d.max_header_bytes),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawStore {
+    pub(super) backend: String,
+    pub(super) path: String,
+    pub(super) url_env: Option<String>,
+    pub(super) pool_size: i64,
+    pub(super) connect_timeout_seconds: i64,
+    pub(super) cache_capacity: i64,
+    pub(super) cache_ttl_seconds: i64,
+    pub(super) negative_cache_capacity: i64,
+    pub(super) negative_cache_ttl_seconds: i64,
+    pub(super) usage_flush_interval_ms: i64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: "sled".into(),
+            path: "data/keygate".into(),
+            url_env: None,
+            pool_size: 8,
+            connect_timeout_seconds: 5,
+            cache_capacity: 100_000,
+            cache_ttl_seconds: 300,
+            negative_cache_capacity: 10_000,
+            negative_cache_ttl_seconds: 30,
+            usage_flush_interval_ms: 1000,
+        }
+    }
+}
+
+impl RawStore {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawStore {
+            backend: f.string("backend", d.backend),
+            path: f.string("path", d.path),
+            url_env: f.opt_string("url_env").or(d.url_env),
+            pool_size: f.int("pool_size", d.pool_size),
+            connect_timeout_seconds: f.int("connect_timeout_seconds", d.connect_timeout_seconds),
+            cache_capacity: f.int("cache_capacity", d.cache_capacity),
+            cache_ttl_seconds: f.int("cache_ttl_seconds", d.cache_ttl_seconds),
+            negative_cache_capacity: f.int("negative_cache_capacity", d.negative_cache_capacity),
+            negative_cache_ttl_seconds: f
+                .int("negative_cache_ttl_seconds", d.negative_cache_ttl_seconds),
+            usage_flush_interval_ms: f.int("usage_flush_interval_ms", d.usage_flush_interval_ms),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawKeys {
+    pub(super) prefix: String,
+}
+
+impl Default for RawKeys {
+    fn default() -> Self {
+        RawKeys {
+            prefix: "kg".into(),
+        }
+    }
+}
+
+impl RawKeys {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawKeys {
+            prefix: f.string("prefix", d.prefix),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawManagement {
+    pub(super) path: String,
+    pub(super) admin_token_env: Option<String>,
+    pub(super) limits: RawManagementLimits,
+}
+
+impl Default for RawManagement {
+    fn default() -> Self {
+        RawManagement {
+            path: "/_keygate".into(),
+            admin_token_env: Some("KEYGATE_ADMIN_TOKEN".into()),
+            limits: RawManagementLimits::default(),
+        }
+    }
+}
+
+impl RawManagement {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawManagement {
+            path: f.string("path", d.path),
+            admin_token_env: f.opt_string("admin_token_env").or(d.admin_token_env),
+            limits: f
+                .table("limits", RawManagementLimits::read)
+                .unwrap_or(d.limits),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawManagementLimits {
+    pub(super) create_per_hour: i64,
+    pub(super) list_per_minute: i64,
+    pub(super) revoke_per_minute: i64,
+}
+
+impl Default for RawManagementLimits {
+    fn default() -> Self {
+        RawManagementLimits {
+            create_per_hour: 5,
+            list_per_minute: 100,
+            revoke_per_minute: 10,
+        }
+    }
+}
+
+impl RawManagementLimits {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawManagementLimits {
+            create_per_hour: f.int("create_per_hour", d.create_per_hour),
+            list_per_minute: f.int("list_per_minute", d.list_per_minute),
+            revoke_per_minute: f.int("revoke_per_minute", d.revoke_per_minute),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawSignup {
+    pub(super) enabled: bool,
+    pub(super) per_client_per_hour: i64,
+}
+
+impl Default for RawSignup {
+    fn default() -> Self {
+        RawSignup {
+            enabled: false,
+            per_client_per_hour: 5,
+        }
+    }
+}
+
+impl RawSignup {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawSignup {
+            enabled: f.bool("enabled", d.enabled),
+            per_client_per_hour: f.int("per_client_per_hour", d.per_client_per_hour),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawRoute {
+    pub(super) name: String,
+    pub(super) path_prefix: String,
+    pub(super) host: Option<String>,
+    pub(super) upstreams: Vec<String>,
+    pub(super) auth: String,
+    pub(super) scopes: Vec<String>,
+    pub(super) strip_prefix: bool,
+    pub(super) tls: bool,
+    pub(super) sni: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) connect_timeout_ms: i64,
+    pub(super) read_timeout_ms: i64,
+    pub(super) write_timeout_ms: i64,
+    pub(super) health_check_path: Option<String>,
+    pub(super) health_check_interval_ms: i64,
+    pub(super) rate_limit: Option<RawRateLimit>,
+}
+
+impl Default for RawRoute {
+    fn default() -> Self {
+        RawRoute {
+            name: String::new(),
+            path_prefix: "/".into(),
+            host: None,
+            upstreams: Vec::new(),
+            auth: "required".into(),
+            scopes: Vec::new(),
+            strip_prefix: false,
+            tls: false,
+            sni: None,
+            ca_file: None,
+            connect_timeout_ms: 2_000,
+            read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            health_check_path: None,
+            health_check_interval_ms: 2_000,
+            rate_limit: None,
+        }
+    }
+}
+
+impl RawRoute {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawRoute {
+            name: f.string("name", d.name),
+            path_prefix: f.string("path_prefix", d.path_prefix),
+            host: f.opt_string("host"),
+            upstreams: f.strings("upstreams"),
+            auth: f.string("auth", d.auth),
+            scopes: f.strings("scopes"),
+            strip_prefix: f.bool("strip_prefix", d.strip_prefix),
+            tls: f.bool("tls", d.tls),
+            sni: f.opt_string("sni"),
+            ca_file: f.opt_string("ca_file"),
+            connect_timeout_ms: f.int("connect_timeout_ms", d.connect_timeout_ms),
+            read_timeout_ms: f.int("read_timeout_ms", d.read_timeout_ms),
+            write_timeout_ms: f.int("write_timeout_ms", d.write_timeout_ms),
+            health_check_path: f.opt_string("health_check_path"),
+            health_check_interval_ms: f.int("health_check_interval_ms", d.health_check_interval_ms),
+            rate_limit: f.table("rate_limit", RawRateLimit::read).flatten(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawRateLimit {
+    pub(super) requests: i64,
+    pub(super) window_seconds: i64,
+}
+
+impl RawRateLimit {
+    /// Both fields are required: `None` when either is missing or not an integer.
+    fn read(f: &mut Fields<'_>) -> Option<Self> {
+        let requests = f.required_int("requests");
+        let window_seconds = f.required_int("window_seconds");
+        Some(RawRateLimit {
+            requests: requests?,
+            window_seconds: window_seconds?,
+        })
+    }
+}

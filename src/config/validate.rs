@@ -1,0 +1,552 @@
+//! The raw file onto the typed `Config`, one function per section. Each records every
+//! problem it finds (with its field path) and goes on with a stand-in value, so that one
+//! mistake never hides the next.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{
+    RawConfig, RawKeys, RawManagement, RawRateLimit, RawRoute, RawServer, RawSignup, RawStore,
+};
+use super::resolve::{load_ca_file, resolve};
+use super::{
+    AccessLog, AuthMode, Config, ConfigProblem, KeysConfig, ManagementConfig, ManagementLimits,
+    RouteConfig, ServerConfig, SignupConfig, StoreBackend, StoreConfig, UpstreamAddr,
+};
+use crate::keys::RateLimit;
+use crate::keys::scope::valid_scope;
+
+/// Longest scope, route name and key prefix, in bytes (all ASCII).
+const MAX_SCOPE_LEN: usize = 64;
+const MAX_ROUTE_NAME_LEN: usize = 64;
+const MAX_KEY_PREFIX_LEN: usize = 16;
+/// Bounds of the management and sign-up limits (calls per hour or per minute).
+const MANAGEMENT_LIMIT: RangeInclusive<i64> = 1..=1_000_000;
+/// Bounds of the second-counted server timeouts.
+const SERVER_TIMEOUT_SECONDS: RangeInclusive<i64> = 1..=3600;
+/// Bounds of the cache capacities and the cache lifetimes.
+const CACHE_CAPACITY: RangeInclusive<i64> = 1..=100_000_000;
+const CACHE_TTL_SECONDS: RangeInclusive<i64> = 1..=86_400;
+/// Upper bound of the millisecond-counted intervals and timeouts: one hour.
+const MAX_INTERVAL_MS: i64 = 3_600_000;
+
+/// The collector that reading and every section write their problems into.
+#[derive(Debug, Default)]
+pub(super) struct Problems {
+    found: Vec<ConfigProblem>,
+    /// Fields that could not be read (wrong type, missing). Validation sees a stand-in
+    /// there, so nothing more is said about them or anything under them.
+    unreadable: Vec<String>,
+}
+
+impl Problems {
+    pub(super) fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        let path = path.into();
+        if self
+            .unreadable
+            .iter()
+            .any(|field| is_at_or_under(&path, field))
+        {
+            return;
+        }
+        self.found.push(ConfigProblem {
+            path,
+            reason: reason.into(),
+        });
+    }
+
+    /// A field whose value could not be read: reported, and silenced from then on.
+    pub(super) fn unreadable(&mut self, path: String, reason: impl Into<String>) {
+        self.found.push(ConfigProblem {
+            path: path.clone(),
+            reason: reason.into(),
+        });
+        self.unreadable.push(path);
+    }
+
+    pub(super) fn into_vec(self) -> Vec<ConfigProblem> {
+        self.found
+    }
+
+    /// `value` if it lies in `bounds`; otherwise a problem, and the lower bound (at least 0).
+    fn ranged(&mut self, path: &str, value: i64, bounds: RangeInclusive<i64>) -> u64 {
+        let (min, max) = (*bounds.start(), *bounds.end());
+        if bounds.contains(&value) {
+            value as u64
+        } else {
+            self.add(
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+            min.max(0) as u64
+        }
+    }
+
+    fn socket_addr(&mut self, path: &str, value: &str) -> SocketAddr {
+        match value.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                self.add(
+                    path,
+                    format!("`{value}` is not an IP address with a port, e.g. 127.0.0.1:8080"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+}
+
+/// Whether `path` names `field` or something inside it (`field.x`, `field[0]`).
+fn is_at_or_under(path: &str, field: &str) -> bool {
+    path.strip_prefix(field)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
+    let server = validate_server(raw.server, p);
+    let store = validate_store(raw.store, p);
+    let keys = validate_keys(raw.keys, p);
+    let management = validate_management(raw.management, p);
+    let signup = validate_signup(raw.signup, p);
+    if raw.routes.is_empty() {
+        p.add("routes", "at least one [[routes]] entry is needed");
+    }
+    let mut seen = SeenRoutes::default();
+    let routes = raw
+        .routes
+        .into_iter()
+        .enumerate()
+        .map(|(i, route)| validate_route(i, route, &mut seen, p))
+        .collect();
+    Config {
+        server,
+        store,
+        keys,
+        management,
+        signup,
+        routes,
+    }
+}
+
+fn validate_server(raw: RawServer, p: &mut Problems) -> ServerConfig {
+    let listen = p.socket_addr("server.listen", &raw.listen);
+    let admin_listen = p.socket_addr("server.admin_listen", &raw.admin_listen);
+    if listen == admin_listen && listen.port() != 0 {
+        p.add("server.admin_listen", "must differ from server.listen");
+    }
+    ServerConfig {
+        listen,
+        admin_listen,
+        threads: p.ranged("server.threads", raw.threads, 1..=256) as usize,
+        shutdown_grace: Duration::from_secs(p.ranged(
+            "server.shutdown_grace_seconds",
+            raw.shutdown_grace_seconds,
+            0..=3600,
+        )),
+        access_log: match raw.access_log.as_str() {
+            "off" => AccessLog::Off,
+            "stdout" => AccessLog::Stdout,
+            "" => {
+                p.add(
+                    "server.access_log",
+                    "must be \"stdout\", \"off\" or a file path",
+                );
+                AccessLog::Off
+            }
+            path => AccessLog::File(PathBuf::from(path)),
+        },
+        keepalive_timeout: Duration::from_secs(p.ranged(
+            "server.keepalive_timeout_seconds",
+            raw.keepalive_timeout_seconds,
+            SERVER_TIMEOUT_SECONDS,
+        )),
+        header_read_timeout: Duration::from_secs(p.ranged(
+            "server.header_read_timeout_seconds",
+            raw.header_read_timeout_seconds,
+            SERVER_TIMEOUT_SECONDS,
+        )),
+        max_connections: p.ranged("server.max_connections", raw.max_connections, 1..=1_000_000)
+            as usize,
+        max_header_bytes: p.ranged(
+            "server.max_header_bytes",
+            raw.max_header_bytes,
+            1024..=1024 * 1024,
+        ) as usize,
+    }
+}
+
+fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
+    let backend = store_backend(&raw, p);
+    if raw.url_env.is_some() && raw.backend == "sled" {
+        p.add("store.url_env", "only used by the postgres backend");
+    }
+    StoreConfig {
+        backend,
+        cache_capacity: p.ranged("store.cache_capacity", raw.cache_capacity, CACHE_CAPACITY),
+        cache_ttl: Duration::from_secs(p.ranged(
+            "store.cache_ttl_seconds",
+            raw.cache_ttl_seconds,
+            CACHE_TTL_SECONDS,
+        )),
+        negative_cache_capacity: p.ranged(
+            "store.negative_cache_capacity",
+            raw.negative_cache_capacity,
+            CACHE_CAPACITY,
+        ),
+        negative_cache_ttl: Duration::from_secs(p.ranged(
+            "store.negative_cache_ttl_seconds",
+            raw.negative_cache_ttl_seconds,
+            CACHE_TTL_SECONDS,
+        )),
+        usage_flush_interval: Duration::from_millis(p.ranged(
+            "store.usage_flush_interval_ms",
+            raw.usage_flush_interval_ms,
+            10..=MAX_INTERVAL_MS,
+        )),
+    }
+}
+
+fn store_backend(raw: &RawStore, p: &mut Problems) -> StoreBackend {
+    match raw.backend.as_str() {
+        "sled" => {
+            if raw.path.trim().is_empty() {
+                p.add("store.path", "must name a directory for the sled store");
+            }
+            StoreBackend::Sled {
+                path: PathBuf::from(&raw.path),
+            }
+        }
+        "postgres" => {
+            let url_env = raw.url_env.clone().unwrap_or_default();
+            if url_env.is_empty() {
+                p.add(
+                    "store.url_env",
+                    "the postgres backend needs the name of the environment variable holding the connection string",
+                );
+            }
+            StoreBackend::Postgres {
+                url_env,
+                pool_size: p.ranged("store.pool_size", raw.pool_size, 1..=1024) as usize,
+                connect_timeout: Duration::from_secs(p.ranged(
+                    "store.connect_timeout_seconds",
+                    raw.connect_timeout_seconds,
+                    1..=600,
+                )),
+            }
+        }
+        other => {
+            p.add(
+                "store.backend",
+                format!("must be \"sled\" or \"postgres\", got \"{other}\""),
+            );
+            StoreBackend::Sled {
+                path: PathBuf::new(),
+            }
+        }
+    }
+}
+
+fn validate_keys(raw: RawKeys, p: &mut Problems) -> KeysConfig {
+    let prefix = raw.prefix;
+    if prefix.is_empty()
+        || prefix.len() > MAX_KEY_PREFIX_LEN
+        || !prefix.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        p.add(
+            "keys.prefix",
+            format!("must be 1 to {MAX_KEY_PREFIX_LEN} characters of A-Za-z0-9"),
+        );
+    }
+    KeysConfig { prefix }
+}
+
+fn validate_management(raw: RawManagement, p: &mut Problems) -> ManagementConfig {
+    let path = raw.path;
+    if !path.starts_with('/')
+        || path.len() < 2
+        || path.ends_with('/')
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
+        || path.split('/').any(|s| s == "." || s == "..")
+    {
+        p.add(
+            "management.path",
+            "must start with '/', not end with '/', and hold only A-Za-z0-9/_-. (e.g. \"/_keygate\")",
+        );
+    }
+    if let Some(env) = &raw.admin_token_env
+        && env.is_empty()
+    {
+        p.add(
+            "management.admin_token_env",
+            "must not be empty; omit it to disable the admin",
+        );
+    }
+    let mut limit = |field: &str, value: i64| {
+        p.ranged(
+            &format!("management.limits.{field}"),
+            value,
+            MANAGEMENT_LIMIT,
+        ) as u32
+    };
+    let limits = ManagementLimits {
+        create_per_hour: limit("create_per_hour", raw.limits.create_per_hour),
+        list_per_minute: limit("list_per_minute", raw.limits.list_per_minute),
+        revoke_per_minute: limit("revoke_per_minute", raw.limits.revoke_per_minute),
+    };
+    ManagementConfig {
+        path,
+        admin_token_env: raw.admin_token_env,
+        limits,
+    }
+}
+
+fn validate_signup(raw: RawSignup, p: &mut Problems) -> SignupConfig {
+    SignupConfig {
+        enabled: raw.enabled,
+        per_client_per_hour: p.ranged(
+            "signup.per_client_per_hour",
+            raw.per_client_per_hour,
+            MANAGEMENT_LIMIT,
+        ) as u32,
+    }
+}
+
+/// What the routes validated so far have claimed: names, and (path prefix, host) matchers.
+#[derive(Default)]
+struct SeenRoutes {
+    names: HashSet<String>,
+    matchers: HashSet<(String, Option<String>)>,
+}
+
+fn validate_route(
+    i: usize,
+    route: RawRoute,
+    seen: &mut SeenRoutes,
+    p: &mut Problems,
+) -> RouteConfig {
+    let at = |field: &str| format!("routes[{i}].{field}");
+    check_route_name(&route.name, &at("name"), &mut seen.names, p);
+    check_path_prefix(&route.path_prefix, &at("path_prefix"), p);
+    let host = route_host(route.host.as_deref(), &at("host"), p);
+    // Prefixes differing only in case would make every request to either one
+    // ambiguous (see `path`).
+    if !seen
+        .matchers
+        .insert((route.path_prefix.to_ascii_lowercase(), host.clone()))
+    {
+        p.add(
+            at("path_prefix"),
+            "another route already has this path_prefix (ignoring case) and host",
+        );
+    }
+    let upstreams = route_upstreams(i, &route.upstreams, p);
+    let auth = route_auth(i, &route, p);
+    let sni = route_sni(&route, &at("sni"), p);
+    let ca_certificates = route_ca_certificates(&route, &at("ca_file"), p);
+    if let Some(path) = &route.health_check_path
+        && !path.starts_with('/')
+    {
+        p.add(at("health_check_path"), "must start with '/'");
+    }
+    let rate_limit = route
+        .rate_limit
+        .map(|rl| route_rate_limit(&at("rate_limit"), rl, p));
+    let mut millis = |field: &str, value: i64, bounds: RangeInclusive<i64>| {
+        Duration::from_millis(p.ranged(&at(field), value, bounds))
+    };
+    RouteConfig {
+        connect_timeout: millis("connect_timeout_ms", route.connect_timeout_ms, 1..=600_000),
+        read_timeout: millis(
+            "read_timeout_ms",
+            route.read_timeout_ms,
+            1..=MAX_INTERVAL_MS,
+        ),
+        write_timeout: millis(
+            "write_timeout_ms",
+            route.write_timeout_ms,
+            1..=MAX_INTERVAL_MS,
+        ),
+        health_check_interval: millis(
+            "health_check_interval_ms",
+            route.health_check_interval_ms,
+            100..=MAX_INTERVAL_MS,
+        ),
+        name: route.name,
+        path_prefix: route.path_prefix,
+        host,
+        upstreams,
+        auth,
+        scopes: route.scopes,
+        strip_prefix: route.strip_prefix,
+        tls: route.tls,
+        sni,
+        ca_certificates,
+        health_check_path: route.health_check_path,
+        rate_limit,
+    }
+}
+
+fn check_route_name(name: &str, at: &str, names: &mut HashSet<String>, p: &mut Problems) {
+    if name.is_empty() {
+        p.add(at, "every route needs a name");
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        || name.len() > MAX_ROUTE_NAME_LEN
+    {
+        p.add(
+            at,
+            format!("must be 1 to {MAX_ROUTE_NAME_LEN} characters of A-Za-z0-9_-."),
+        );
+    } else if !names.insert(name.to_string()) {
+        p.add(at, format!("duplicate route name \"{name}\""));
+    }
+}
+
+fn check_path_prefix(prefix: &str, at: &str, p: &mut Problems) {
+    if !prefix.starts_with('/') {
+        p.add(at, "must start with '/'");
+    } else if prefix.split('/').any(|s| s == "." || s == "..") {
+        p.add(at, "must not contain . or .. segments");
+    } else if !prefix.bytes().all(is_plain_path_byte) || prefix.contains("//") {
+        // Requests are routed on their decoded, unambiguous path (see `path`): a
+        // prefix with escapes, `;` or `//` would never match one.
+        p.add(
+            at,
+            "must be a plain path: letters, digits, / and -._~!$&'()*+,=:@ (no %-escapes, ';' or '//')",
+        );
+    }
+}
+
+/// Hosts are matched without case and without a fully qualified name's root dot.
+fn route_host(host: Option<&str>, at: &str, p: &mut Problems) -> Option<String> {
+    let host = host.map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase());
+    if let Some(h) = &host
+        && !crate::http::host::is_host_name(h)
+    {
+        p.add(
+            at,
+            "must be a host name such as api.example.com (no port; requests match on the host alone)",
+        );
+    }
+    host
+}
+
+fn route_upstreams(i: usize, names: &[String], p: &mut Problems) -> Vec<UpstreamAddr> {
+    if names.is_empty() {
+        p.add(
+            format!("routes[{i}].upstreams"),
+            "needs at least one upstream address",
+        );
+    }
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(j, name)| match resolve(name) {
+            Ok(addr) => Some(UpstreamAddr {
+                name: name.clone(),
+                addr,
+            }),
+            Err(reason) => {
+                p.add(format!("routes[{i}].upstreams[{j}]"), reason);
+                None
+            }
+        })
+        .collect()
+}
+
+/// The route's `auth`, with its `scopes` checked against it.
+fn route_auth(i: usize, route: &RawRoute, p: &mut Problems) -> AuthMode {
+    let auth = match route.auth.as_str() {
+        "required" => AuthMode::Required,
+        "none" => AuthMode::None,
+        other => {
+            p.add(
+                format!("routes[{i}].auth"),
+                format!("must be \"required\" or \"none\", got \"{other}\""),
+            );
+            AuthMode::Required
+        }
+    };
+    for (j, scope) in route.scopes.iter().enumerate() {
+        if !valid_scope(scope) {
+            p.add(
+                format!("routes[{i}].scopes[{j}]"),
+                format!("a scope is 1 to {MAX_SCOPE_LEN} characters of a-z0-9:._-"),
+            );
+        }
+    }
+    if auth == AuthMode::None && !route.scopes.is_empty() {
+        p.add(
+            format!("routes[{i}].scopes"),
+            "a route with auth = \"none\" cannot require scopes",
+        );
+    }
+    auth
+}
+
+/// The name sent as TLS SNI: `sni`, or the first upstream's host.
+fn route_sni(route: &RawRoute, at: &str, p: &mut Problems) -> String {
+    // `tls = true` needs no build check: keygate always builds Pingora with rustls
+    // (Cargo.toml), so a TLS peer never silently connects to nothing.
+    match (&route.sni, route.tls) {
+        (Some(_), false) => {
+            p.add(at, "only used when tls = true");
+            String::new()
+        }
+        (Some(sni), true) if sni.is_empty() => {
+            p.add(at, "must not be empty");
+            String::new()
+        }
+        (Some(sni), true) => sni.clone(),
+        (None, true) => route
+            .upstreams
+            .first()
+            .and_then(|u| u.rsplit_once(':'))
+            .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
+            .unwrap_or_default(),
+        (None, false) => String::new(),
+    }
+}
+
+fn route_ca_certificates(route: &RawRoute, at: &str, p: &mut Problems) -> Option<Vec<Vec<u8>>> {
+    match (&route.ca_file, route.tls) {
+        (Some(_), false) => {
+            p.add(at, "only used when tls = true");
+            None
+        }
+        (Some(path), true) => match load_ca_file(path) {
+            Ok(certs) => Some(certs),
+            Err(reason) => {
+                p.add(at, reason);
+                None
+            }
+        },
+        (None, _) => None,
+    }
+}
+
+fn route_rate_limit(at: &str, raw: RawRateLimit, p: &mut Problems) -> RateLimit {
+    RateLimit {
+        requests: p.ranged(
+            &format!("{at}.requests"),
+            raw.requests,
+            1..=i64::from(RateLimit::MAX_REQUESTS),
+        ) as u32,
+        window_seconds: p.ranged(
+            &format!("{at}.window_seconds"),
+            raw.window_seconds,
+            1..=i64::from(RateLimit::MAX_WINDOW_SECONDS),
+        ) as u32,
+    }
+}
+
+/// RFC 3986 path characters other than `%` (escapes) and `;` (parameters).
+fn is_plain_path_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"/-._~!$&'()*+,=:@".contains(&byte)
+}
