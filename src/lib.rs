@@ -2,6 +2,7 @@
 //!
 //! Layout (each module uses only those listed above it, except `cli` and `app` on top):
 //! - `clock`      Unix time and RFC 3339
+//! - `hint`       the nearest known name for a mistyped one
 //! - `metrics`    Prometheus families in keygate's own registry; the `outcome` label
 //! - `error`      the request path's refusals, the error codes, the JSON error body
 //! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules
@@ -32,6 +33,7 @@ pub mod config;
 mod drain;
 mod error;
 mod gateway;
+mod hint;
 pub mod http;
 pub mod keys;
 pub mod lifecycle;

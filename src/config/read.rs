@@ -8,9 +8,6 @@ use toml::{Table, Value};
 use super::ConfigProblem;
 use super::validate::Problems;
 
-/// A suggestion is made only for a name this close (a transposition counts as one edit).
-const MAX_HINT_DISTANCE: usize = 2;
-
 /// One TOML table being read. Each accessor takes its field out of the table and records
 /// the name as known; `finish` reports what is left as unknown.
 pub(super) struct Fields<'p> {
@@ -191,10 +188,7 @@ impl<'p> Fields<'p> {
     /// Reports every field left in the table, that is, every field no accessor asked for.
     pub(super) fn finish(self) {
         for key in self.table.keys() {
-            let reason = match nearest(key, &self.known) {
-                Some(known) => format!("unknown field; did you mean \"{known}\"?"),
-                None => "unknown field".to_string(),
-            };
+            let reason = crate::hint::unknown_field(key, &self.known);
             let path = self.at(key);
             self.problems.add(path, reason);
         }
@@ -212,18 +206,6 @@ fn mismatch(expected: &str, got: &Value) -> String {
         Value::Table(_) => "a table",
     };
     format!("expected {expected}, got {got}")
-}
-
-/// The known name nearest to `key`, if it is close enough to be a likely typo: at most
-/// `MAX_HINT_DISTANCE` edits, and fewer than half of the longer name's length (so that
-/// "ab" suggests nothing).
-fn nearest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
-    known
-        .iter()
-        .map(|k| (strsim::osa_distance(key, k), *k))
-        .filter(|&(d, k)| d <= MAX_HINT_DISTANCE && 2 * d < k.len().max(key.len()))
-        .min_by_key(|&(d, _)| d)
-        .map(|(_, k)| k)
 }
 
 /// A TOML syntax error as a problem of the file, with the line and column it starts at.

@@ -37,7 +37,11 @@ impl Fields {
         let mut errors = FieldErrors::new();
         for field in map.keys() {
             if !allowed.contains(&field.as_str()) {
-                add_error(&mut errors, field, "unknown field");
+                add_error(
+                    &mut errors,
+                    field,
+                    crate::hint::unknown_field(field, allowed),
+                );
             }
         }
         Fields { map, errors }
