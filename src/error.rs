@@ -82,6 +82,8 @@ pub(crate) enum GatewayError {
     BodyTimeout,
     #[error("only the chunked transfer coding is accepted")]
     UnsupportedTransferCoding,
+    #[error("a request may carry Content-Length or Transfer-Encoding, not both")]
+    ConflictingFraming,
     #[error("CONNECT tunnels are not served")]
     ConnectNotAllowed,
     #[error("the request header is too large")]
@@ -100,6 +102,7 @@ impl GatewayError {
             | GatewayError::MissingHost
             | GatewayError::InvalidHost
             | GatewayError::UnsupportedTransferCoding
+            | GatewayError::ConflictingFraming
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody => 400,
@@ -138,7 +141,8 @@ impl GatewayError {
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
             | GatewayError::InvalidHost
-            | GatewayError::UnsupportedTransferCoding => code::BAD_REQUEST,
+            | GatewayError::UnsupportedTransferCoding
+            | GatewayError::ConflictingFraming => code::BAD_REQUEST,
             GatewayError::ChunkedBodyTooLarge => code::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout => code::REQUEST_TIMEOUT,
             GatewayError::ConnectNotAllowed => code::METHOD_NOT_ALLOWED,
@@ -157,6 +161,7 @@ impl GatewayError {
                 | GatewayError::ChunkedBodyTooLarge
                 | GatewayError::BodyTimeout
                 | GatewayError::UnsupportedTransferCoding
+                | GatewayError::ConflictingFraming
         )
     }
 
@@ -172,6 +177,7 @@ impl GatewayError {
             | GatewayError::MissingHost
             | GatewayError::InvalidHost
             | GatewayError::UnsupportedTransferCoding
+            | GatewayError::ConflictingFraming
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
             | GatewayError::MalformedBody

@@ -102,10 +102,18 @@ impl Gateway {
         Ok(Admission::Forward) // 10: `prepare_upstream_request`
     }
 
-    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`.
+    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`;
+    /// a body is framed one way only (both ways is how requests are smuggled past a proxy
+    /// that reads the other one; nginx answers 400 too).
     fn check_request_line(&self, req: &RequestHeader) -> Result<(), GatewayError> {
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
+        }
+        let headers = &req.headers;
+        if headers.contains_key(http::header::CONTENT_LENGTH)
+            && headers.contains_key(http::header::TRANSFER_ENCODING)
+        {
+            return Err(GatewayError::ConflictingFraming);
         }
         if target::header_size(req) > self.shared.config.server.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge);

@@ -1,8 +1,11 @@
 //! Reading a call's JSON body strictly into a typed request, collecting every bad field
 //! (serde would stop at the first; the contract's 422 names them all).
 
+use std::fmt;
+
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use super::error::ApiError;
 use crate::clock::parse_rfc3339;
@@ -10,12 +13,14 @@ use crate::keys::RateLimit;
 use crate::lifecycle::{FieldErrors, MAX_GRACE_SECONDS, MAX_TTL_SECONDS, add_error};
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works); an
-/// empty body is an empty object.
+/// empty body is an empty object. A key repeated in any object is refused: parsers keep
+/// either the first or the last, so a proxy in front and keygate could read different
+/// requests.
 pub(super) fn parse_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    match serde_json::from_slice::<Value>(body) {
+    match serde_json::from_slice::<Strict>(body).map(|strict| strict.0) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::InvalidJson(
             "the body must be a JSON object".into(),
@@ -23,6 +28,76 @@ pub(super) fn parse_object(body: &Bytes) -> Result<Map<String, Value>, ApiError>
         Err(e) => Err(ApiError::InvalidJson(format!(
             "the body is not valid JSON: {e}"
         ))),
+    }
+}
+
+/// A JSON value in which no object repeats a key.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON has no NaN or infinity, so every parsed float is a number.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!(
+                    "the field \"{key}\" appears twice"
+                )));
+            }
+            let Strict(value) = map.next_value()?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -52,14 +127,26 @@ impl Fields {
     }
 
     fn present(&self, field: &str) -> bool {
-        self.map.get(field).is_some_and(|v| !v.is_null())
+        self.map.contains_key(field)
+    }
+
+    /// The field's value; None when absent. `null` is refused: the API declares no field
+    /// nullable (leave an optional field out instead).
+    fn value(&mut self, field: &str) -> Option<Value> {
+        match self.map.get(field) {
+            None => None,
+            Some(Value::Null) => {
+                self.bad(field, "must not be null; leave the field out instead");
+                None
+            }
+            Some(value) => Some(value.clone()),
+        }
     }
 
     pub(super) fn string(&mut self, field: &str) -> Option<String> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => {
+        match self.value(field)? {
+            Value::String(s) => Some(s),
+            _ => {
                 self.bad(field, "must be a string");
                 None
             }
@@ -67,7 +154,7 @@ impl Fields {
     }
 
     pub(super) fn integer(&mut self, field: &str, min: i64, max: i64) -> Option<i64> {
-        let value = self.map.get(field).filter(|v| !v.is_null())?;
+        let value = self.value(field)?;
         match value.as_i64() {
             Some(n) if (min..=max).contains(&n) => Some(n),
             Some(_) => {
@@ -82,7 +169,7 @@ impl Fields {
     }
 
     fn strings(&mut self, field: &str) -> Option<Vec<String>> {
-        let value = self.map.get(field).filter(|v| !v.is_null())?;
+        let value = self.value(field)?;
         let items = value.as_array().and_then(|items| {
             items
                 .iter()
@@ -96,8 +183,8 @@ impl Fields {
     }
 
     fn rate_limit(&mut self) -> Option<RateLimit> {
-        let value = self.map.get("rate_limit").filter(|v| !v.is_null())?;
-        match serde_json::from_value::<RateLimit>(value.clone()) {
+        let value = self.value("rate_limit")?;
+        match serde_json::from_value::<RateLimit>(value) {
             Ok(rl) => Some(rl),
             Err(_) => {
                 self.bad(
@@ -110,10 +197,9 @@ impl Fields {
     }
 
     fn object(&mut self, field: &str) -> Option<Map<String, Value>> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(m)) => Some(m.clone()),
-            Some(_) => {
+        match self.value(field)? {
+            Value::Object(m) => Some(m),
+            _ => {
                 self.bad(field, "must be a JSON object");
                 None
             }
@@ -216,4 +302,41 @@ pub(super) fn read_signup(body: Map<String, Value>) -> (Option<String>, Fields) 
     let mut f = Fields::new(body, &["name"]);
     let name = f.string("name");
     (name, f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Map<String, Value>, ApiError> {
+        parse_object(&Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_at_any_depth() {
+        for text in [
+            r#"{"owner": "a", "owner": "b"}"#,
+            r#"{"metadata": {"x": 1, "x": 2}}"#,
+            r#"{"a": [{"k": 1, "k": 1}]}"#,
+        ] {
+            assert!(
+                matches!(parse(text), Err(ApiError::InvalidJson(_))),
+                "{text}"
+            );
+        }
+        let fine =
+            parse(r#"{"a": 1.5, "b": [true, null, "x", -3, 18446744073709551615], "c": {"a": 1}}"#);
+        let map = fine.expect("valid");
+        assert_eq!(map["b"][4], serde_json::json!(18446744073709551615u64));
+        assert_eq!(map["a"], serde_json::json!(1.5));
+    }
+
+    #[test]
+    fn null_is_refused_and_named() {
+        let map = parse(r#"{"metadata": null, "grace_seconds": null}"#).expect("valid");
+        let mut f = Fields::new(map, &["metadata", "grace_seconds"]);
+        assert!(f.object("metadata").is_none());
+        assert!(f.integer("grace_seconds", 0, 10).is_none());
+        assert_eq!(f.errors.len(), 2);
+    }
 }

@@ -12,7 +12,7 @@ use super::fields::{self, CreateKey};
 use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
 use crate::keys::new_key_id;
-use crate::keys::scope::has_scopes;
+use crate::keys::scope::{has_scopes, valid_owner};
 use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
 use crate::session::respond::Reply;
 use crate::store::KeyWithUsage;
@@ -122,6 +122,17 @@ pub(super) async fn list(request: Request<'_>) -> ApiResult {
         Caller::Admin => request.query.get("owner").map(String::as_str),
         Caller::Key(key) => Some(key.owner.as_str()),
     };
+    if let Some(owner) = owner
+        && !valid_owner(owner)
+    {
+        let mut errors = FieldErrors::new();
+        add_error(
+            &mut errors,
+            "owner",
+            "must be 1 to 128 characters of A-Za-z0-9._:@-",
+        );
+        return Err(ApiError::Validation(errors));
+    }
     let page = request.keys.list(owner, cursor, limit).await?;
     json_reply(200, &PageBody::<KeyView>::of(page))
 }

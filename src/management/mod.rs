@@ -30,7 +30,6 @@ use call::{Call, KeyedCall};
 use caller::{Caller, client_ip};
 use error::ApiError;
 use handlers::{ApiResult, Request};
-use openapi::DOCUMENT;
 
 /// The management API's own state, next to the state it shares with the request path.
 pub(crate) struct Management {
@@ -39,6 +38,8 @@ pub(crate) struct Management {
     limiters: ManagementLimiters,
     /// The admin token's bytes; None = no admin access.
     admin_token: Option<Vec<u8>>,
+    /// The OpenAPI document as served (it lists sign-up only when that is on).
+    openapi: Bytes,
 }
 
 impl Management {
@@ -52,6 +53,7 @@ impl Management {
                 shared.auth.format().clone(),
             ),
             limiters: ManagementLimiters::new(limits, config.signup.per_client_per_hour),
+            openapi: openapi::document(config.signup.enabled),
             admin_token,
             shared,
         }
@@ -101,7 +103,7 @@ impl Management {
         ctx: &mut RequestCtx,
     ) -> ApiResult {
         let call = match call {
-            Ok(Call::OpenApi) => return Ok(Reply::json(200, Bytes::from_static(DOCUMENT))),
+            Ok(Call::OpenApi) => return Ok(Reply::json(200, self.openapi.clone())),
             Ok(Call::Signup) => return self.signup(session).await,
             Ok(Call::Keyed(call)) => Ok(call),
             // A path that takes no credentials says what is wrong without asking for them.

@@ -1,6 +1,23 @@
 //! The OpenAPI 3.1 document of the management API, served at `<path>/openapi.json`.
 
-pub(super) const DOCUMENT: &[u8] = include_bytes!("openapi.json");
+use bytes::Bytes;
+
+const DOCUMENT: &[u8] = include_bytes!("openapi.json");
+
+/// The document as this gateway serves it: without `/signup` while sign-up is off, so
+/// that it describes exactly what answers.
+pub(super) fn document(signup_enabled: bool) -> Bytes {
+    if signup_enabled {
+        return Bytes::from_static(DOCUMENT);
+    }
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(DOCUMENT) else {
+        return Bytes::from_static(DOCUMENT);
+    };
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        paths.remove("/signup");
+    }
+    serde_json::to_vec(&doc).map_or(Bytes::from_static(DOCUMENT), Bytes::from)
+}
 
 #[cfg(test)]
 mod tests {
@@ -9,6 +26,18 @@ mod tests {
 
     use super::DOCUMENT;
     use crate::management::call::Call;
+
+    #[test]
+    fn the_document_drops_signup_while_it_is_off() {
+        let off: Value = serde_json::from_slice(&super::document(false)).expect("JSON");
+        let on: Value = serde_json::from_slice(&super::document(true)).expect("JSON");
+        assert!(off["paths"].get("/signup").is_none());
+        assert!(on["paths"].get("/signup").is_some());
+        assert_eq!(
+            off["paths"].as_object().map(|p| p.len() + 1),
+            on["paths"].as_object().map(|p| p.len())
+        );
+    }
 
     #[test]
     fn openapi_document_describes_exactly_the_served_api() {
