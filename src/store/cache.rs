@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use moka::sync::Cache;
+use parking_lot::RwLock;
 
 use super::{KeyStore, StoreError};
 use crate::keys::{KeyHash, KeyRecord, RateLimit};
@@ -74,9 +75,13 @@ pub struct KeyCache {
     store: Arc<dyn KeyStore>,
     positive: Cache<KeyHash, Arc<CachedKey>>,
     negative: Cache<KeyHash, ()>,
-    /// Bumped by every invalidation. A fill that raced with one undoes itself, so a revoked
-    /// key can never be re-inserted from a read that predates the revoke.
+    /// Bumped by every invalidation. A fill whose store read raced with one is dropped, so
+    /// a revoked key can never be re-inserted from a read that predates the revoke.
     generation: AtomicU64,
+    /// Makes "the generation is unchanged, insert" one step as seen by an invalidation:
+    /// fills take it shared, invalidations exclusively. Only misses and invalidations
+    /// take it; a cache hit never does.
+    fill_guard: RwLock<()>,
 }
 
 pub struct CacheSettings {
@@ -99,6 +104,7 @@ impl KeyCache {
                 .time_to_live(settings.negative_ttl)
                 .build(),
             generation: AtomicU64::new(0),
+            fill_guard: RwLock::new(()),
         }
     }
 
@@ -136,15 +142,15 @@ impl KeyCache {
             }
             _ => None,
         };
-        match &key {
-            Some(key) => {
-                self.positive.insert(*hash, Arc::clone(key));
-                if self.generation.load(Ordering::SeqCst) != generation {
-                    // An invalidation ran while we read: our record may predate it.
-                    self.positive.invalidate(hash);
+        {
+            let _no_invalidation_meanwhile = self.fill_guard.read();
+            // An invalidation that ran while we read may postdate our record: keep it out.
+            if self.generation.load(Ordering::SeqCst) == generation {
+                match &key {
+                    Some(key) => self.positive.insert(*hash, Arc::clone(key)),
+                    None => self.negative.insert(*hash, ()),
                 }
             }
-            None => self.negative.insert(*hash, ()),
         }
         Ok(Resolved {
             key,
@@ -155,12 +161,14 @@ impl KeyCache {
     /// Makes every later look-up of `hash` miss the positive cache. Call after the change
     /// (revoke, expiry) is durable in the store.
     pub fn invalidate(&self, hash: &KeyHash) {
+        let _no_fill_meanwhile = self.fill_guard.write();
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.positive.invalidate(hash);
     }
 
     /// Drops every cached entry (e.g. when cross-instance invalidations may have been missed).
     pub fn clear(&self) {
+        let _no_fill_meanwhile = self.fill_guard.write();
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.positive.invalidate_all();
         self.negative.invalidate_all();
@@ -168,6 +176,66 @@ impl KeyCache {
 
     /// A key just created: forget any negative entry for its hash.
     pub fn forget_negative(&self, hash: &KeyHash) {
+        // A fill that read "unknown" before the key was stored must not put that back.
+        let _no_fill_meanwhile = self.fill_guard.write();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.negative.invalidate(hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::keys::{KeyFormat, KeyRecord};
+    use crate::store::SledStore;
+
+    /// A revoke races cache fills that read the record just before it: once `invalidate`
+    /// has returned, no look-up may see the key again. (Filling first and checking for an
+    /// invalidation after left a window in which a look-up could; that window is too
+    /// short for this stress test to hit reliably, so it guards the rule, not the old bug.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn no_look_up_after_an_invalidation_sees_the_revoked_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn KeyStore> = Arc::new(SledStore::open(dir.path()).expect("sled"));
+        let settings = CacheSettings {
+            capacity: 1000,
+            ttl: Duration::from_secs(60),
+            negative_capacity: 1000,
+            negative_ttl: Duration::from_secs(60),
+        };
+        let cache = Arc::new(KeyCache::new(Arc::clone(&store), settings));
+        let format = KeyFormat::new("kg");
+        for round in 0..40 {
+            let raw = format.generate().expect("rng");
+            let record = KeyRecord::for_key(&format, &raw, "alice", 0);
+            store.insert(&record).await.expect("insert");
+            let hash = KeyHash::of(raw.as_bytes());
+            let stop = Arc::new(AtomicBool::new(false));
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (cache, stop) = (Arc::clone(&cache), Arc::clone(&stop));
+                    tokio::spawn(async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            let _ = cache.resolve(&hash).await;
+                            // A cache hit never awaits: let the revoking task run too.
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_micros(300)).await;
+            store.revoke(&record.id, 1).await.expect("revoke");
+            cache.invalidate(&hash);
+            for _ in 0..20_000 {
+                let seen = cache.cached(&hash).and_then(|r| r.key);
+                assert!(seen.is_none(), "round {round}: the revoked key was served");
+            }
+            stop.store(true, Ordering::Relaxed);
+            for reader in readers {
+                reader.await.expect("reader");
+            }
+        }
     }
 }
