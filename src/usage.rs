@@ -3,6 +3,7 @@
 //! deltas to the store in one batch every `usage_flush_interval_ms`, and a final flush runs
 //! after the server stops.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,8 +24,9 @@ struct Pending {
 pub struct UsageRecorder {
     /// ULID as u128 -> (id string for the store, pending counts).
     pending: DashMap<u128, (Arc<str>, Pending)>,
-    /// Deltas taken out for a flush that failed: kept until a flush succeeds.
-    retry: parking_lot::Mutex<Vec<(String, Usage)>>,
+    /// Deltas taken out for a flush that failed, merged per key (so an outage of any
+    /// length holds one entry a key): kept until a flush succeeds.
+    retry: parking_lot::Mutex<HashMap<String, Usage>>,
     flush_lock: tokio::sync::Mutex<()>,
 }
 
@@ -38,7 +40,7 @@ impl UsageRecorder {
     pub fn new() -> Self {
         UsageRecorder {
             pending: DashMap::new(),
-            retry: parking_lot::Mutex::new(Vec::new()),
+            retry: parking_lot::Mutex::new(HashMap::new()),
             flush_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -71,15 +73,14 @@ impl UsageRecorder {
                 last_used: entry.1.last_used.load(Ordering::Relaxed),
             });
         }
-        for (retry_id, delta) in self.retry.lock().iter() {
-            if retry_id == id {
-                usage.merge(*delta);
-            }
+        if let Some(delta) = self.retry.lock().get(id) {
+            usage.merge(*delta);
         }
         usage
     }
 
-    /// Keys with counts waiting to be written.
+    /// Keys with counts waiting to be written (a key both pending and held for a retry
+    /// counts twice; this is a gauge, not a bill).
     pub fn pending_keys(&self) -> usize {
         self.pending.len() + self.retry.lock().len()
     }
@@ -104,18 +105,27 @@ impl UsageRecorder {
     }
 
     /// Writes all pending deltas to the store. On failure they are kept for the next try,
-    /// so a store outage delays counts but loses or doubles none.
+    /// so a store outage delays counts but loses none. Counting is at least once: a write
+    /// that the store applied but reported as failed (a timeout after PostgreSQL's commit)
+    /// is written again by the retry. Losing a count is worse than counting one twice for
+    /// usage that bills or alerts, and the window is one flush.
     pub async fn flush(&self, store: &dyn KeyStore) -> Result<usize, StoreError> {
         let _one_flush_at_a_time = self.flush_lock.lock().await;
-        let mut batch = std::mem::take(&mut *self.retry.lock());
-        batch.extend(self.drain());
-        if batch.is_empty() {
+        let mut merged = std::mem::take(&mut *self.retry.lock());
+        for (id, delta) in self.drain() {
+            merged.entry(id).or_default().merge(delta);
+        }
+        if merged.is_empty() {
             return Ok(0);
         }
+        let batch: Vec<(String, Usage)> = merged.into_iter().collect();
         match store.add_usage(&batch).await {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
-                self.retry.lock().extend(batch);
+                let mut retry = self.retry.lock();
+                for (id, delta) in batch {
+                    retry.entry(id).or_default().merge(delta);
+                }
                 Err(e)
             }
         }
@@ -155,5 +165,96 @@ impl UsageRecorder {
             }
         }
         metrics.usage_pending.set(self.pending_keys() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::keys::{KeyHash, KeyRecord};
+    use crate::store::{AuditEntry, KeyWithUsage, ListQuery};
+
+    /// A store whose usage writes fail while `down` is set, and which records the batches
+    /// it accepts. Nothing else of it is used.
+    #[derive(Default)]
+    struct FlakyUsageStore {
+        down: AtomicBool,
+        written: parking_lot::Mutex<Vec<Vec<(String, Usage)>>>,
+    }
+
+    fn unused<T>() -> Result<T, StoreError> {
+        Err(StoreError::Io("not used by this test".into()))
+    }
+
+    #[async_trait]
+    impl KeyStore for FlakyUsageStore {
+        async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
+            unused()
+        }
+        async fn get(&self, _: &str) -> Result<Option<KeyWithUsage>, StoreError> {
+            unused()
+        }
+        async fn find_by_hash(&self, _: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+            unused()
+        }
+        async fn list(&self, _: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
+            unused()
+        }
+        async fn revoke(&self, _: &str, _: i64) -> Result<Option<KeyRecord>, StoreError> {
+            unused()
+        }
+        async fn retire(&self, _: &str, _: i64) -> Result<Option<KeyRecord>, StoreError> {
+            unused()
+        }
+        async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(StoreError::Io("down".into()));
+            }
+            self.written.lock().push(deltas.to_vec());
+            Ok(())
+        }
+        async fn count(&self) -> Result<u64, StoreError> {
+            unused()
+        }
+        async fn append_audit(&self, _: &AuditEntry) -> Result<(), StoreError> {
+            unused()
+        }
+        async fn list_audit(
+            &self,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<Vec<AuditEntry>, StoreError> {
+            unused()
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            unused()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_holds_one_merged_entry_a_key_and_loses_nothing() {
+        let store = FlakyUsageStore::default();
+        store.down.store(true, Ordering::Relaxed);
+        let usage = UsageRecorder::new();
+        let id = crate::keys::new_key_id();
+        let number = u128::from(ulid::Ulid::from_string(&id).expect("ulid"));
+        for second in 1..=100 {
+            usage.record(number, &id, second);
+            assert!(usage.flush(&store).await.is_err());
+        }
+        assert_eq!(usage.retry.lock().len(), 1);
+        let expected = Usage {
+            count: 100,
+            last_used: 100,
+        };
+        assert_eq!(usage.pending_for(&id), expected);
+        store.down.store(false, Ordering::Relaxed);
+        assert_eq!(usage.flush(&store).await.expect("flush"), 1);
+        assert_eq!(*store.written.lock(), vec![vec![(id.clone(), expected)]]);
+        assert_eq!(usage.pending_for(&id), Usage::default());
     }
 }
