@@ -88,13 +88,14 @@ impl Call {
 }
 
 impl KeyedCall {
-    /// Which per-owner budget a key's call spends (the admin's spend none).
+    /// Which per-owner budget a key's call spends before it runs (the admin's spend none).
+    /// A revoke by value spends its budgets in its handler, once it knows whose key it is.
     pub(super) fn budget(&self) -> Option<ManagementBudget> {
         match self {
             KeyedCall::Create | KeyedCall::Rotate(_) => Some(ManagementBudget::Create),
             KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
-            KeyedCall::Revoke(_) | KeyedCall::RevokeByValue => Some(ManagementBudget::Revoke),
-            KeyedCall::Audit => None,
+            KeyedCall::Revoke(_) => Some(ManagementBudget::Revoke),
+            KeyedCall::RevokeByValue | KeyedCall::Audit => None,
         }
     }
 

@@ -11,9 +11,11 @@ use super::error::ApiError;
 use super::fields::{self, CreateKey};
 use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
+use crate::error::GatewayError;
 use crate::keys::new_key_id;
 use crate::keys::scope::{has_scopes, valid_owner};
 use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
+use crate::ratelimit::{ManagementBudget, ManagementLimiters};
 use crate::session::respond::Reply;
 use crate::store::KeyWithUsage;
 
@@ -22,6 +24,7 @@ pub(super) type ApiResult = Result<Reply, ApiError>;
 /// What every authenticated handler knows of its call.
 pub(super) struct Request<'a> {
     pub keys: &'a Lifecycle,
+    pub limiters: &'a ManagementLimiters,
     pub caller: &'a Caller,
     pub actor: Actor,
     pub client: Option<String>,
@@ -50,7 +53,7 @@ impl Request<'_> {
 pub(super) fn json_reply(status: u16, value: &impl serde::Serialize) -> ApiResult {
     serde_json::to_vec(value)
         .map(|body| Reply::json(status, Bytes::from(body)))
-        .map_err(|_| crate::error::GatewayError::Internal.into())
+        .map_err(|_| GatewayError::Internal.into())
 }
 
 pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
@@ -157,24 +160,43 @@ pub(super) async fn revoke(request: Request<'_>, id: &str) -> ApiResult {
 }
 
 /// The admin, a `keys:manage` key of the same owner, or the key itself; any other key is
-/// told "not found", as for an unknown one.
+/// told "not found", as for an unknown one. A key's every attempt spends that key's own
+/// revoke budget (so junk attempts wear out only the key that makes them); a revoke of
+/// another key of the owner's also spends the owner's budget, and only then.
 pub(super) async fn revoke_by_value(mut request: Request<'_>) -> ApiResult {
     let raw = fields::read_revoke_by_value(std::mem::take(&mut request.body))?;
+    if let Caller::Key(own) = request.caller {
+        spend(
+            request.limiters,
+            ManagementBudget::Revoke,
+            &format!("key:{}", own.id),
+        )?;
+    }
     let record = request
         .keys
         .find_by_key(&raw)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let allowed = match request.caller {
-        Caller::Admin => true,
-        Caller::Key(own) => {
-            own.id == record.id || (request.caller.can_manage() && own.owner == record.owner)
+    match request.caller {
+        Caller::Admin => {}
+        Caller::Key(own) if own.id == record.id => {}
+        Caller::Key(own) if request.caller.can_manage() && own.owner == record.owner => {
+            spend(request.limiters, ManagementBudget::Revoke, &own.owner)?;
         }
-    };
-    if !allowed {
-        return Err(ApiError::NotFound);
+        Caller::Key(_) => return Err(ApiError::NotFound),
     }
     revoke_owned(&request, &record.id, "revoke_by_value").await
+}
+
+/// Spends one call of `who`'s `budget`: 429 `rate_limited` once it is spent.
+pub(super) fn spend(
+    limiters: &ManagementLimiters,
+    budget: ManagementBudget,
+    who: &str,
+) -> Result<(), ApiError> {
+    limiters
+        .check(budget, who)
+        .map_err(|retry_after| GatewayError::RateLimited { retry_after }.into())
 }
 
 pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {

@@ -128,6 +128,7 @@ impl Management {
         };
         let request = Request {
             keys: &self.keys,
+            limiters: &self.limiters,
             actor: caller.actor(),
             caller: &caller,
             client: client_ip(session).map(|ip| ip.to_string()),
@@ -146,9 +147,7 @@ impl Management {
     }
 
     fn limit(&self, budget: ManagementBudget, who: &str) -> Result<(), ApiError> {
-        self.limiters
-            .check(budget, who)
-            .map_err(|retry_after| crate::error::GatewayError::RateLimited { retry_after }.into())
+        handlers::spend(&self.limiters, budget, who)
     }
 
     async fn signup(&self, session: &mut Session) -> ApiResult {
