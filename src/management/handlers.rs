@@ -12,8 +12,8 @@ use super::fields::{self, CreateKey};
 use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
 use crate::error::GatewayError;
-use crate::keys::new_key_id;
 use crate::keys::scope::{has_scopes, valid_owner};
+use crate::keys::{KeyRecord, RateLimit, new_key_id};
 use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
 use crate::ratelimit::{ManagementBudget, ManagementLimiters};
 use crate::session::respond::Reply;
@@ -86,15 +86,59 @@ pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
     };
     new.check(&mut f.errors);
     f.finish()?;
-    if let Caller::Key(key) = request.caller
-        && !has_scopes(&key.scopes, &new.scopes)
-    {
-        return Err(ApiError::Forbidden(
-            "a key can only grant scopes it holds itself",
-        ));
+    let mut new = new;
+    if let Caller::Key(key) = request.caller {
+        if !has_scopes(&key.scopes, &new.scopes) {
+            return Err(ApiError::Forbidden(
+                "a key can only grant scopes it holds itself",
+            ));
+        }
+        new.expires_at = Some(new.expires_at)
+            .filter(|asked| !outlives(*asked, key.expires_at))
+            .ok_or(ApiError::Forbidden(
+                "a key can only create keys that expire no later than itself",
+            ))?
+            .or(key.expires_at);
+        new.rate_limit = Some(new.rate_limit)
+            .filter(|asked| !looser(*asked, key.rate_limit))
+            .ok_or(ApiError::Forbidden(
+                "a key can only create keys whose rate limit is no looser than its own",
+            ))?
+            .or(key.rate_limit);
     }
     let created = request.keys.create(new, request.audit("create")).await?;
     json_reply(201, &KeyView::created(created))
+}
+
+/// Whether a key expiring at `asked` (None: never) would outlive a creator expiring at
+/// `cap`. A key with no expiry asked for gets its creator's, so it outlives nothing.
+fn outlives(asked: Option<i64>, cap: Option<i64>) -> bool {
+    matches!((asked, cap), (Some(asked), Some(cap)) if asked > cap)
+}
+
+/// Whether `asked` allows more than `cap`: a bigger burst or a faster rate. No limit asked
+/// for gets the creator's.
+fn looser(asked: Option<RateLimit>, cap: Option<RateLimit>) -> bool {
+    let (Some(asked), Some(cap)) = (asked, cap) else {
+        return false;
+    };
+    let rate =
+        |rl: RateLimit, other: RateLimit| u64::from(rl.requests) * u64::from(other.window_seconds);
+    asked.requests > cap.requests || rate(asked, cap) > rate(cap, asked)
+}
+
+/// The settings a rotation by a key hands on: the old key's, capped at the caller's own
+/// expiry and rate limit (a short-lived key must not mint a long-lived successor).
+fn capped_for(caller: &Caller, mut old: KeyRecord) -> KeyRecord {
+    if let Caller::Key(key) = caller {
+        if outlives(old.expires_at, key.expires_at) || old.expires_at.is_none() {
+            old.expires_at = key.expires_at.or(old.expires_at);
+        }
+        if looser(old.rate_limit, key.rate_limit) || old.rate_limit.is_none() {
+            old.rate_limit = key.rate_limit.or(old.rate_limit);
+        }
+    }
+    old
 }
 
 /// `?limit=` (1 to 1000, default 100) and `?cursor=` (an id this API returned).
@@ -229,9 +273,10 @@ pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
             "a key can only rotate keys whose scopes it holds itself",
         ));
     }
+    let settings = capped_for(request.caller, old);
     let created = request
         .keys
-        .rotate(&old, grace, request.audit("rotate"))
+        .rotate(&settings, grace, request.audit("rotate"))
         .await?;
     json_reply(201, &KeyView::created(created))
 }
@@ -267,4 +312,31 @@ pub(super) async fn signup(
     };
     let created = keys.create(new, audit).await?;
     json_reply(201, &KeyView::created(created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rl(requests: u32, window_seconds: u32) -> Option<RateLimit> {
+        Some(RateLimit {
+            requests,
+            window_seconds,
+        })
+    }
+
+    #[test]
+    fn delegated_limits_are_no_looser_than_the_creators() {
+        assert!(!outlives(Some(10), Some(20)));
+        assert!(outlives(Some(30), Some(20)));
+        assert!(!outlives(None, Some(20)));
+        assert!(!outlives(Some(30), None));
+        assert!(!looser(rl(10, 60), rl(10, 60)));
+        assert!(!looser(rl(5, 60), rl(10, 60)));
+        assert!(looser(rl(11, 60), rl(10, 60)));
+        // 10 a second is faster than 10 a minute, though the burst is the same.
+        assert!(looser(rl(10, 1), rl(10, 60)));
+        assert!(!looser(None, rl(10, 60)));
+        assert!(!looser(rl(1000, 1), None));
+    }
 }
