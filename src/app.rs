@@ -147,8 +147,9 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     check_port_free("server.listen", config.server.listen)?;
     check_port_free("server.admin_listen", config.server.admin_listen)?;
 
+    let admin_token = admin_token(&config)?;
     let (shared, store) = build_state(Arc::clone(&config))?;
-    let management = Arc::new(Management::new(Arc::clone(&shared), admin_token(&config)));
+    let management = Arc::new(Management::new(Arc::clone(&shared), admin_token));
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
     add_background_services(&mut server, &shared, &store, &management)?;
@@ -204,19 +205,16 @@ fn build_state(config: Arc<Config>) -> anyhow::Result<(Arc<Shared>, Arc<dyn KeyS
     Ok((Arc::new(shared), store))
 }
 
-/// The admin token from the environment variable the config names; None = no admin.
-fn admin_token(config: &Config) -> Option<Vec<u8>> {
+/// The admin token; None = no admin. A token too short to be safe stops the start.
+fn admin_token(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
     let token = config
         .management
-        .admin_token_env
-        .as_deref()
-        .and_then(|name| std::env::var(name).ok())
-        .filter(|token| !token.is_empty())
-        .map(String::into_bytes);
+        .admin_token()
+        .map_err(|problem| anyhow::anyhow!("{problem}"))?;
     if token.is_none() {
         tracing::info!("no admin token set: the management API accepts keys:manage keys only");
     }
-    token
+    Ok(token)
 }
 
 fn server_conf(config: &Config) -> ServerConf {

@@ -112,19 +112,19 @@ pub fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(_) => {
-            println!("{}: ok", path.display());
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
-            for problem in &errors.0 {
-                eprintln!("  {problem}");
-            }
-            ExitCode::from(2)
-        }
+    let problems = match Config::load(path) {
+        Ok(config) => config.environment_problems(),
+        Err(errors) => errors.0,
+    };
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
     }
+    eprintln!("{}: {} problem(s)", path.display(), problems.len());
+    for problem in &problems {
+        eprintln!("  {problem}");
+    }
+    ExitCode::from(2)
 }
 
 /// The lifecycle over the configured store, for a command that runs without a gateway.

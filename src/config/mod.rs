@@ -33,6 +33,9 @@ impl fmt::Display for ConfigProblem {
     }
 }
 
+/// The shortest admin token accepted: guessing one must be hopeless.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
 /// Every problem found in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigProblem>);
@@ -121,6 +124,9 @@ pub struct ManagementLimits {
     pub create_per_hour: u32,
     pub list_per_minute: u32,
     pub revoke_per_minute: u32,
+    /// Wrong admin tokens or keys a client may present to the management API in a
+    /// minute before its further calls are refused for the rest of the minute.
+    pub auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +169,37 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+impl ManagementConfig {
+    /// The admin token from the environment variable the config names: None when it is
+    /// not named, unset or empty (no admin); a problem when it is too short to be safe.
+    pub fn admin_token(&self) -> Result<Option<Vec<u8>>, ConfigProblem> {
+        let Some(name) = self.admin_token_env.as_deref() else {
+            return Ok(None);
+        };
+        let token = std::env::var(name).unwrap_or_default();
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let chars = token.chars().count();
+        if chars < MIN_ADMIN_TOKEN_CHARS {
+            return Err(ConfigProblem {
+                path: "management.admin_token_env".into(),
+                reason: format!(
+                    "the admin token in {name} has {chars} characters; at least {MIN_ADMIN_TOKEN_CHARS} are required (e.g. `head -c 32 /dev/urandom | base64`)"
+                ),
+            });
+        }
+        Ok(Some(token.into_bytes()))
+    }
+}
+
 impl Config {
+    /// Problems of the environment this configuration reads at start-up (the admin
+    /// token), for `keygate check` and `keygate serve` alike.
+    pub fn environment_problems(&self) -> Vec<ConfigProblem> {
+        self.management.admin_token().err().into_iter().collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigProblem {

@@ -185,6 +185,7 @@ pub(super) struct RawManagementLimits {
     pub(super) create_per_hour: i64,
     pub(super) list_per_minute: i64,
     pub(super) revoke_per_minute: i64,
+    pub(super) auth_failures_per_minute: i64,
 }
 
 impl Default for RawManagementLimits {
@@ -193,6 +194,7 @@ impl Default for RawManagementLimits {
             create_per_hour: 5,
             list_per_minute: 100,
             revoke_per_minute: 10,
+            auth_failures_per_minute: 30,
         }
     }
 }
@@ -204,6 +206,7 @@ impl RawManagementLimits {
             create_per_hour: f.int("create_per_hour", d.create_per_hour),
             list_per_minute: f.int("list_per_minute", d.list_per_minute),
             revoke_per_minute: f.int("revoke_per_minute", d.revoke_per_minute),
+            auth_failures_per_minute: f.int("auth_failures_per_minute", d.auth_failures_per_minute),
         }
     }
 }

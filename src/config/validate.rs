@@ -297,6 +297,10 @@ fn validate_management(raw: RawManagement, p: &mut Problems) -> ManagementConfig
         create_per_hour: limit("create_per_hour", raw.limits.create_per_hour),
         list_per_minute: limit("list_per_minute", raw.limits.list_per_minute),
         revoke_per_minute: limit("revoke_per_minute", raw.limits.revoke_per_minute),
+        auth_failures_per_minute: limit(
+            "auth_failures_per_minute",
+            raw.limits.auth_failures_per_minute,
+        ),
     };
     ManagementConfig {
         path,

@@ -77,6 +77,15 @@ impl ApiError {
         }
     }
 
+    /// Whether the caller presented a credential that is wrong (not one that is missing).
+    pub(super) fn is_wrong_credential(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Refused(GatewayError::InvalidKey)
+                | ApiError::Unauthenticated(GatewayError::InvalidKey, _)
+        )
+    }
+
     /// The `outcome` label of `keygate_requests_total` (route `_management`): refusals
     /// shared with the request path count as there; a 403 as `insufficient_scope`; every
     /// other mistake of the caller's (404, 405, 400, 409, 413, 422) as `bad_request`.

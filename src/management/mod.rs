@@ -20,9 +20,12 @@ use pingora::proxy::Session;
 use serde_json::Map;
 
 use crate::clock::unix_now;
+use crate::error::GatewayError;
 use crate::gateway::{RequestCtx, management_rest};
 use crate::lifecycle::Lifecycle;
-use crate::ratelimit::{ManagementBudget, ManagementLimiters};
+use crate::ratelimit::{
+    FAILURE_WINDOW, FailureThrottle, ManagementBudget, ManagementLimiters, client_bucket,
+};
 use crate::session::body::{BodyError, read_management_body};
 use crate::session::respond::{self, Reply};
 use crate::state::Shared;
@@ -40,6 +43,8 @@ pub(crate) struct Management {
     admin_token: Option<Vec<u8>>,
     /// The OpenAPI document as served (it lists sign-up only when that is on).
     openapi: Bytes,
+    /// Clients that keep presenting wrong credentials are slowed down.
+    failures: FailureThrottle,
 }
 
 impl Management {
@@ -54,6 +59,7 @@ impl Management {
             ),
             limiters: ManagementLimiters::new(limits, config.signup.per_client_per_hour),
             openapi: openapi::document(config.signup.enabled),
+            failures: FailureThrottle::new(limits.auth_failures_per_minute),
             admin_token,
             shared,
         }
@@ -110,9 +116,7 @@ impl Management {
             Err(e) if Call::is_public_path(rest) => return Err(e),
             Err(e) => Err(e),
         };
-        let headers = &session.req_header().headers;
-        let token = self.admin_token.as_deref();
-        let caller = Caller::authenticate(headers, token, &self.shared.auth).await?;
+        let caller = self.authenticate(session).await?;
         ctx.key = caller.key().cloned();
         let call = call?;
         authorize(&call, &caller)?;
@@ -138,6 +142,25 @@ impl Management {
         dispatch(call, request).await
     }
 
+    /// The caller, unless its client has presented too many wrong credentials lately (then
+    /// 429, whatever it presents now, so that guessing cannot tell right from wrong).
+    async fn authenticate(&self, session: &Session) -> Result<Caller, ApiError> {
+        let client = client_ip(session);
+        if client.is_some_and(|ip| self.failures.is_blocked(ip)) {
+            let retry_after = FAILURE_WINDOW.as_secs();
+            return Err(GatewayError::RateLimited { retry_after }.into());
+        }
+        let headers = &session.req_header().headers;
+        let token = self.admin_token.as_deref();
+        let caller = Caller::authenticate(headers, token, &self.shared.auth).await;
+        if let (Err(e), Some(ip)) = (&caller, client)
+            && e.is_wrong_credential()
+        {
+            self.failures.record_failure(ip);
+        }
+        caller
+    }
+
     /// A key's call spends its owner's budget for that kind of call; the admin's none.
     fn spend(&self, call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
         match (call.budget(), caller.owner()) {
@@ -152,12 +175,12 @@ impl Management {
 
     async fn signup(&self, session: &mut Session) -> ApiResult {
         let body = read_json(session).await?;
-        let client = client_ip(session).map(|ip| ip.to_string());
-        self.limit(
-            ManagementBudget::Signup,
-            client.as_deref().unwrap_or("unknown"),
-        )?;
-        handlers::signup(&self.keys, client, body).await
+        let client = client_ip(session);
+        // Per IPv4 address or IPv6 /64: one host can rotate through its whole /64.
+        let bucket =
+            client.map_or_else(|| "unknown".to_string(), |ip| client_bucket(ip).to_string());
+        self.limit(ManagementBudget::Signup, &bucket)?;
+        handlers::signup(&self.keys, client.map(|ip| ip.to_string()), body).await
     }
 }
 
