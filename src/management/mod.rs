@@ -126,7 +126,14 @@ impl Management {
             self.shared.usage.record(key.id_number, &key.id, unix_now());
         }
         let body = if call.takes_body() {
-            read_json(session).await?
+            let deadline = self.shared.config.server.header_read_timeout;
+            let body = read_json(session, deadline).await?;
+            // A body may take its time: a key revoked or expired meanwhile acts no more.
+            if let Caller::Key(_) = caller {
+                let headers = &session.req_header().headers;
+                self.shared.auth.authenticate(headers).await?;
+            }
+            body
         } else {
             Map::new()
         };
@@ -174,7 +181,7 @@ impl Management {
     }
 
     async fn signup(&self, session: &mut Session) -> ApiResult {
-        let body = read_json(session).await?;
+        let body = read_json(session, self.shared.config.server.header_read_timeout).await?;
         let client = client_ip(session);
         // Per IPv4 address or IPv6 /64: one host can rotate through its whole /64.
         let bucket =
@@ -214,11 +221,24 @@ fn parse_query(query: Option<&str>) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn read_json(session: &mut Session) -> Result<Map<String, serde_json::Value>, ApiError> {
-    let body = read_management_body(session).await.map_err(|e| match e {
+/// The call's JSON body, which must arrive whole within `deadline` (Pingora's own timeout
+/// is per read, so a body trickled a byte at a time would otherwise never time out).
+async fn read_json(
+    session: &mut Session,
+    deadline: std::time::Duration,
+) -> Result<Map<String, serde_json::Value>, ApiError> {
+    let read = tokio::time::timeout(deadline, read_management_body(session)).await;
+    let body = match read {
+        Ok(body) => body,
+        Err(_) => {
+            session.set_keepalive(None);
+            return Err(GatewayError::BodyTimeout.into());
+        }
+    };
+    let body = body.map_err(|e| match e {
         BodyError::TooLarge => ApiError::PayloadTooLarge,
         BodyError::Unreadable => ApiError::InvalidJson("the body could not be read".into()),
-        BodyError::Continue => crate::error::GatewayError::Internal.into(),
+        BodyError::Continue => GatewayError::Internal.into(),
     })?;
     fields::parse_object(&body)
 }
