@@ -93,18 +93,26 @@ pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
                 "a key can only grant scopes it holds itself",
             ));
         }
-        new.expires_at = Some(new.expires_at)
-            .filter(|asked| !outlives(*asked, key.expires_at))
-            .ok_or(ApiError::Forbidden(
+        let mut errors = FieldErrors::new();
+        if outlives(new.expires_at, key.expires_at) {
+            add_error(
+                &mut errors,
+                "expires_at",
                 "a key can only create keys that expire no later than itself",
-            ))?
-            .or(key.expires_at);
-        new.rate_limit = Some(new.rate_limit)
-            .filter(|asked| !looser(*asked, key.rate_limit))
-            .ok_or(ApiError::Forbidden(
+            );
+        }
+        if looser(new.rate_limit, key.rate_limit) {
+            add_error(
+                &mut errors,
+                "rate_limit",
                 "a key can only create keys whose rate limit is no looser than its own",
-            ))?
-            .or(key.rate_limit);
+            );
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
+        new.expires_at = new.expires_at.or(key.expires_at);
+        new.rate_limit = new.rate_limit.or(key.rate_limit);
     }
     let created = request.keys.create(new, request.audit("create")).await?;
     json_reply(201, &KeyView::created(created))
