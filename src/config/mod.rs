@@ -76,6 +76,8 @@ pub struct ServerConfig {
     /// Largest request line + header block accepted (431 beyond; Pingora itself stops
     /// reading at 1 MiB).
     pub max_header_bytes: usize,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

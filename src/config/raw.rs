@@ -41,6 +41,7 @@ pub(super) struct RawServer {
     pub(super) header_read_timeout_seconds: i64,
     pub(super) max_connections: i64,
     pub(super) max_header_bytes: i64,
+    pub(super) trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -55,6 +56,7 @@ impl Default for RawServer {
             header_read_timeout_seconds: 10,
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -74,6 +76,7 @@ impl RawServer {
                 .int("header_read_timeout_seconds", d.header_read_timeout_seconds),
             max_connections: f.int("max_connections", d.max_connections),
             max_header_bytes: f.int("max_header_bytes", d.max_header_bytes),
+            trusted_proxies: f.strings("trusted_proxies"),
         }
     }
 }

@@ -175,7 +175,28 @@ fn validate_server(raw: RawServer, p: &mut Problems) -> ServerConfig {
             raw.max_header_bytes,
             1024..=1024 * 1024,
         ) as usize,
+        trusted_proxies: trusted_proxies(&raw.trusted_proxies, p),
     }
+}
+
+/// CIDRs (`10.0.0.0/8`) or single addresses (`10.1.2.3`).
+fn trusted_proxies(raw: &[String], p: &mut Problems) -> Vec<ipnet::IpNet> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    let reason = format!("`{text}` is not an IP address or CIDR, e.g. 10.0.0.0/8");
+                    p.add(format!("server.trusted_proxies[{i}]"), reason);
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {

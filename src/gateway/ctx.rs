@@ -1,6 +1,6 @@
 //! Per-request state shared by the proxy hooks, from the first hook to the access log.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +32,11 @@ pub(crate) struct RequestCtx {
     pub outcome: Outcome,
     pub key: Option<Arc<CachedKey>>,
     pub credential_sources: CredentialSources,
+    /// The TCP peer, and the client as `X-Forwarded-For` from a trusted proxy names it
+    /// (the peer itself otherwise): the address of the access log, the audit log and the
+    /// per-client limits.
+    pub peer: Option<IpAddr>,
+    pub client: Option<IpAddr>,
     pub upstream: Option<SocketAddr>,
     /// The upstream whose connection failed this request, avoided on the retry.
     pub failed_upstream: Option<SocketAddr>,
@@ -56,6 +61,8 @@ impl RequestCtx {
             outcome: Outcome::Allowed,
             key: None,
             credential_sources: CredentialSources::default(),
+            peer: None,
+            client: None,
             upstream: None,
             failed_upstream: None,
             upstream_status: None,

@@ -1,26 +1,40 @@
 //! Step 10 of the request path: the request as the upstream gets it. The key never travels
-//! past keygate, spoofed identity headers are dropped, the real identity is added.
+//! past keygate; spoofed identity and forwarding headers are dropped; the real identity and
+//! keygate's own `X-Forwarded-For`, `-Proto` and `-Host` are added.
 
+use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
 use super::ctx::RequestCtx;
-use crate::http::body;
+use crate::http::{body, forwarded};
 
 pub(crate) fn prepare_upstream_request(
     req: &mut RequestHeader,
     ctx: &RequestCtx,
+    trusted_proxies: &[IpNet],
 ) -> pingora::Result<()> {
+    // Read before the client's forwarding headers go.
+    let forwarded_for = ctx
+        .peer
+        .map(|peer| forwarded::forwarded_for(peer, &req.headers, trusted_proxies));
     for name in ctx.credential_sources.header_names() {
         req.remove_header(name);
     }
-    let spoofed: Vec<http::HeaderName> = req
+    let stripped: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-keygate-"))
+        .filter(|name| forwarded::is_stripped(name.as_str()))
         .cloned()
         .collect();
-    for name in &spoofed {
+    for name in &stripped {
         req.remove_header(name);
+    }
+    if let Some(value) = forwarded_for {
+        req.insert_header("x-forwarded-for", value)?;
+    }
+    req.insert_header("x-forwarded-proto", "http")?;
+    if let Some(host) = req.headers.get(http::header::HOST).cloned() {
+        req.insert_header("x-forwarded-host", host)?;
     }
     if let Some(key) = &ctx.key {
         req.insert_header("x-keygate-key-id", key.id_header.clone())?;

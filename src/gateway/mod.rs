@@ -19,7 +19,7 @@ use pingora::proxy::Session;
 
 use crate::clock::unix_now;
 use crate::error::GatewayError;
-use crate::http::{body, target};
+use crate::http::{body, forwarded, target};
 use crate::keys::scope::has_scopes;
 use crate::metrics::{Outcome, RouteMetrics};
 use crate::ratelimit::{Budget, Decision};
@@ -75,6 +75,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
+        self.identify_client(session, ctx);
         self.check_request_line(session.req_header())?; // 1
         target::normalize_target(session.req_header_mut())?; // 1
         check_host_present(session.req_header())?; // 1
@@ -100,6 +101,18 @@ impl Gateway {
         self.read_chunked_body(session, ctx).await?; // 8
         self.count_usage(ctx); // 9
         Ok(Admission::Forward) // 10: `prepare_upstream_request`
+    }
+
+    /// The peer, and the client behind it when the peer is a trusted proxy.
+    fn identify_client(&self, session: &Session, ctx: &mut RequestCtx) {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let proxies = &self.shared.config.server.trusted_proxies;
+        let headers = &session.req_header().headers;
+        ctx.peer = peer;
+        ctx.client = peer.map(|ip| forwarded::client_address(ip, headers, proxies));
     }
 
     /// CONNECT is not served; the request line and headers must fit `max_header_bytes`;

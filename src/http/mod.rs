@@ -1,8 +1,9 @@
 //! Pure request logic, no Pingora session: the request target, paths as routed and as a
-//! lenient upstream may read them, the Host, credentials, body framing.
+//! lenient upstream may read them, the Host, credentials, forwarding headers, body framing.
 
 pub(crate) mod body;
 pub mod credentials;
+pub(crate) mod forwarded;
 pub(crate) mod host;
 pub mod path;
 pub(crate) mod target;

@@ -1,11 +1,9 @@
 //! Who is calling the management API: the admin (its token, compared in constant time) or
 //! a key, and what each may touch.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use pingora::proxy::Session;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -86,14 +84,6 @@ impl Caller {
     pub(super) fn may_touch(&self, record: &KeyRecord) -> bool {
         self.owner().is_none_or(|owner| owner == record.owner)
     }
-}
-
-/// The client's IP address, as the audit log and the sign-up limit record it.
-pub(super) fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
 }
 
 /// What a caller without a usable credential probably meant. The same answers whether or

@@ -12,6 +12,7 @@ mod openapi;
 pub(crate) mod views;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,7 +31,7 @@ use crate::session::body::{BodyError, read_management_body};
 use crate::session::respond::{self, Reply};
 use crate::state::Shared;
 use call::{Call, KeyedCall};
-use caller::{Caller, client_ip};
+use caller::Caller;
 use error::ApiError;
 use handlers::{ApiResult, Request};
 
@@ -110,13 +111,13 @@ impl Management {
     ) -> ApiResult {
         let call = match call {
             Ok(Call::OpenApi) => return Ok(Reply::json(200, self.openapi.clone())),
-            Ok(Call::Signup) => return self.signup(session).await,
+            Ok(Call::Signup) => return self.signup(session, ctx.client).await,
             Ok(Call::Keyed(call)) => Ok(call),
             // A path that takes no credentials says what is wrong without asking for them.
             Err(e) if Call::is_public_path(rest) => return Err(e),
             Err(e) => Err(e),
         };
-        let caller = self.authenticate(session).await?;
+        let caller = self.authenticate(session, ctx.client).await?;
         ctx.key = caller.key().cloned();
         let call = call?;
         authorize(&call, &caller)?;
@@ -142,7 +143,7 @@ impl Management {
             limiters: &self.limiters,
             actor: caller.actor(),
             caller: &caller,
-            client: client_ip(session).map(|ip| ip.to_string()),
+            client: ctx.client.map(|ip| ip.to_string()),
             query: parse_query(session.req_header().uri.query()),
             body,
         };
@@ -151,8 +152,11 @@ impl Management {
 
     /// The caller, unless its client has presented too many wrong credentials lately (then
     /// 429, whatever it presents now, so that guessing cannot tell right from wrong).
-    async fn authenticate(&self, session: &Session) -> Result<Caller, ApiError> {
-        let client = client_ip(session);
+    async fn authenticate(
+        &self,
+        session: &Session,
+        client: Option<IpAddr>,
+    ) -> Result<Caller, ApiError> {
         if client.is_some_and(|ip| self.failures.is_blocked(ip)) {
             let retry_after = FAILURE_WINDOW.as_secs();
             return Err(GatewayError::RateLimited { retry_after }.into());
@@ -180,9 +184,8 @@ impl Management {
         handlers::spend(&self.limiters, budget, who)
     }
 
-    async fn signup(&self, session: &mut Session) -> ApiResult {
+    async fn signup(&self, session: &mut Session, client: Option<IpAddr>) -> ApiResult {
         let body = read_json(session, self.shared.config.server.header_read_timeout).await?;
-        let client = client_ip(session);
         // Per IPv4 address or IPv6 /64: one host can rotate through its whole /64.
         let bucket =
             client.map_or_else(|| "unknown".to_string(), |ip| client_bucket(ip).to_string());

@@ -38,6 +38,6 @@ pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
         owner = ctx.key.as_ref().map(|k| k.owner.as_str()),
         upstream = ctx.upstream.map(|u| u.to_string()).as_deref(),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
-        client = session.client_addr().map(ToString::to_string).as_deref(),
+        client = ctx.client.map(|ip| ip.to_string()).as_deref(),
     );
 }

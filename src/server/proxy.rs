@@ -183,7 +183,8 @@ impl ProxyHttp for KeygateProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        gateway::prepare_upstream_request(upstream_request, ctx)
+        let proxies = &self.gateway.shared.config.server.trusted_proxies;
+        gateway::prepare_upstream_request(upstream_request, ctx, proxies)
     }
 
     async fn upstream_response_filter(
