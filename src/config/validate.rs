@@ -438,6 +438,13 @@ fn check_path_prefix(prefix: &str, at: &str, p: &mut Problems) {
         p.add(at, "must start with '/'");
     } else if prefix.split('/').any(|s| s == "." || s == "..") {
         p.add(at, "must not contain . or .. segments");
+    } else if prefix.len() > 1 && prefix.ends_with('/') {
+        // `/admin/` would leave `/admin` itself to a shorter prefix, while Express and
+        // Spring serve `/admin` and `/admin/` alike.
+        p.add(
+            at,
+            "must not end with '/' (write \"/admin\": it matches /admin and /admin/...)",
+        );
     } else if !prefix.bytes().all(is_plain_path_byte) || prefix.contains("//") {
         // Requests are routed on their decoded, unambiguous path (see `path`): a
         // prefix with escapes, `;` or `//` would never match one.

@@ -51,11 +51,17 @@ impl Gateway {
         {
             return Err(GatewayError::InvalidPath);
         }
+        let suffixed = path::suffix_reading(as_read);
         let destination = self.destination(host, path, false);
         // Where no route takes the path as sent, nothing is forwarded: 404 whatever the
         // other readings say.
         if !matches!(destination, Destination::NoRoute)
-            && self.reads_elsewhere(host, &destination, lenient.as_deref(), as_read)
+            && self.reads_elsewhere(
+                host,
+                &destination,
+                [lenient.as_deref(), suffixed.as_deref()],
+                as_read,
+            )
         {
             return Err(GatewayError::AmbiguousPath);
         }
@@ -71,13 +77,13 @@ impl Gateway {
         Ok(destination)
     }
 
-    /// Whether the lenient reading, or a comparison regardless of case, leads somewhere
-    /// other than `destination`.
+    /// Whether one of the other `readings` (lenient, suffix), or a comparison regardless
+    /// of case, leads somewhere other than `destination`.
     fn reads_elsewhere(
         &self,
         host: Option<&str>,
         destination: &Destination<'_>,
-        lenient: Option<&str>,
+        readings: [Option<&str>; 2],
         as_read: &str,
     ) -> bool {
         let elsewhere = |read: &str, ignore_case| {
@@ -87,7 +93,10 @@ impl Gateway {
         };
         // The lenient reading can make letters of escapes (`%2541` reads as `A`).
         let compare_case = self.case_matters || as_read.bytes().any(|b| b.is_ascii_uppercase());
-        lenient.is_some_and(|read| elsewhere(read, false))
+        readings
+            .into_iter()
+            .flatten()
+            .any(|read| elsewhere(read, false))
             || (compare_case && elsewhere(as_read, true))
     }
 

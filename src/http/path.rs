@@ -145,6 +145,49 @@ fn read_once(path: &str) -> Option<String> {
     (read != path).then_some(read)
 }
 
+/// The path as servers that read more into a segment may read it: trailing dots and
+/// spaces (`%20`) dropped from every segment (`/admin.` and `/admin%20` are `/admin` to
+/// Windows servers), and a format suffix dropped from the last segment (`/admin.json` is
+/// `/admin` to Rails and older Spring). None when it reads as written, which is every
+/// path without `.` or `%20`.
+pub fn suffix_reading(path: &str) -> Option<String> {
+    if !path.contains('.') && !path.contains("%20") {
+        return None;
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len() - 1;
+    let read: Vec<&str> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, segment)| {
+            let mut segment = *segment;
+            // `.` and `..` are dot segments, refused on their own; keep them as they are.
+            if segment == "." || segment == ".." {
+                return segment;
+            }
+            loop {
+                let trimmed = segment.trim_end_matches(['.', ' ']);
+                let trimmed = trimmed.strip_suffix("%20").unwrap_or(trimmed);
+                if trimmed == segment {
+                    break;
+                }
+                segment = trimmed;
+            }
+            if i == last
+                && let Some((name, format)) = segment.rsplit_once('.')
+                && !name.is_empty()
+                && !format.is_empty()
+                && format.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                segment = name;
+            }
+            segment
+        })
+        .collect();
+    let read = read.join("/");
+    (read != path).then_some(read)
+}
+
 /// Whether the path starts with what some URL parsers take for an authority: `//`, or
 /// a `/` followed by a backslash or an encoded (or twice encoded) slash or backslash.
 pub fn leads_with_authority(path: &str) -> bool {
@@ -179,6 +222,23 @@ pub fn has_dot_segment(path: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn suffixes_dots_and_spaces_are_read_away() {
+        let read = |p: &str| suffix_reading(p);
+        assert_eq!(read("/admin.json").as_deref(), Some("/admin"));
+        assert_eq!(read("/admin.").as_deref(), Some("/admin"));
+        assert_eq!(read("/admin%20").as_deref(), Some("/admin"));
+        assert_eq!(read("/admin.%20.").as_deref(), Some("/admin"));
+        assert_eq!(read("/admin./users").as_deref(), Some("/admin/users"));
+        assert_eq!(
+            read("/files/report.tar.gz").as_deref(),
+            Some("/files/report.tar")
+        );
+        assert_eq!(read("/plain/path"), None);
+        assert_eq!(read("/.well-known"), None);
+        assert_eq!(read("/a/../b"), None);
+    }
 
     #[test]
     fn unreserved_escapes_are_decoded_and_nothing_else() {

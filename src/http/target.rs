@@ -33,6 +33,10 @@ pub(crate) fn request_id(headers: &HeaderMap) -> String {
 /// would route it as `/` but forward it as sent, for the upstream to read as it likes.
 pub(crate) fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
     let target = req.raw_path();
+    // Pingora routes on a lossy UTF-8 reading of the target but forwards its raw bytes.
+    if std::str::from_utf8(target).is_err() {
+        return Err(GatewayError::InvalidPath);
+    }
     let (origin, authority) = if target.first() == Some(&b'/') || target == b"*" {
         (target, None)
     } else {
