@@ -12,18 +12,22 @@ use crate::config::AccessLog;
 
 /// Keep the returned guard alive: dropping it flushes the access log.
 pub(crate) fn init(access_log: &AccessLog) -> anyhow::Result<Option<WorkerGuard>> {
-    // Pingora's server module logs its own (and, for keygate's drained stops, misleading)
-    // account of signals at info, and its load balancer a line of every peer option when
-    // an upstream goes down; keygate logs both itself, in one line.
-    let app_filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| {
-            EnvFilter::new("info,pingora_core::server=warn,pingora_load_balancing=error")
-        })
-        .add_directive(
-            format!("{}=off", crate::server::access::TARGET)
-                .parse()
-                .context("log filter")?,
-        );
+    // Pingora's logs are held at these levels whatever RUST_LOG says. Below info, Pingora
+    // logs a malformed request's raw bytes, keys included; its server module tells of
+    // signals in words that keygate's drained stops make wrong; its load balancer writes
+    // every peer option when an upstream goes down. keygate logs stops and health itself.
+    const PINGORA_LEVELS: [&str; 4] = [
+        "pingora_core=info",
+        "pingora_core::server=warn",
+        "pingora_proxy=info",
+        "pingora_load_balancing=error",
+    ];
+    let mut app_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let access_off = format!("{}=off", crate::server::access::TARGET);
+    for directive in PINGORA_LEVELS.iter().copied().chain([access_off.as_str()]) {
+        app_filter = app_filter.add_directive(directive.parse().context("log filter")?);
+    }
     let app_layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
