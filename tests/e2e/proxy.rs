@@ -1,9 +1,7 @@
 //! End-to-end tests of the request path: the real binary, a real upstream, real HTTP.
 
-mod common;
-
-use common::raw::*;
-use common::*;
+use crate::common::raw::*;
+use crate::common::*;
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};

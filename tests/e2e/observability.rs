@@ -1,13 +1,11 @@
 //! Metrics, the access log, secrets and the Grafana dashboard, checked against a running
 //! gateway.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const ADMIN: &str = "observability-admin-token-3f9a";
 

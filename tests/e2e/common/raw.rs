@@ -1,5 +1,4 @@
 //! Raw HTTP/1.1 over TCP, for requests a real client would normalize or refuse to send.
-#![allow(dead_code)]
 
 use std::time::Duration;
 

@@ -1,9 +1,9 @@
 //! Shared end-to-end test harness: a real upstream (hyper on tokio, recording what it
 //! receives), the real `keygate` binary on free loopback ports with a generated config in a
 //! temp dir, and helpers for the offline CLI.
-#![allow(dead_code)]
 
 pub mod cluster;
+pub mod pg;
 pub mod raw;
 
 use std::convert::Infallible;
@@ -77,7 +77,6 @@ pub enum UpstreamMode {
 /// A tiny HTTP/1.1 upstream on loopback that records every request it receives.
 pub struct Upstream {
     pub addr: SocketAddr,
-    pub name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -157,7 +156,6 @@ impl Upstream {
         });
         Upstream {
             addr,
-            name: name.to_string(),
             seen,
             task,
         }

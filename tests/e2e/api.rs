@@ -1,9 +1,7 @@
 //! End-to-end tests of the management API (contract sections 3, 5, 6 and 7): the real
 //! binary, a real upstream, real HTTP, the admin token from `KEYGATE_ADMIN_TOKEN`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

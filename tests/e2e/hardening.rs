@@ -4,10 +4,8 @@
 //!
 //! Every test runs the real binary against a real upstream; nothing here asserts on speed.
 
-mod common;
-
-use common::raw::*;
-use common::*;
+use crate::common::raw::*;
+use crate::common::*;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,11 +1,9 @@
 //! Per-key rate limits and flood resistance, end to end.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const ADMIN: &str = "limits-admin-token";
 
@@ -367,7 +365,7 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
         .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
-    let first = common::raw::read_next_response(&mut stream, &mut Vec::new())
+    let first = crate::common::raw::read_next_response(&mut stream, &mut Vec::new())
         .await
         .expect("first response");
     assert_eq!(first.status, 200);

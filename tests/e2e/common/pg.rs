@@ -1,7 +1,7 @@
 //! PostgreSQL for tests: one server per test binary, one fresh database per test.
 //!
-//! Use with `mod pg;` in a test file, then `pg::fresh_database()` for a connection URL to a
-//! new, empty, uniquely named database (one per test keeps tests apart).
+//! `common::pg::fresh_database()` gives a connection URL to a new, empty, uniquely named
+//! database (one per test keeps tests apart).
 //!
 //! The server is either
 //! - the one `KEYGATE_TEST_DATABASE_URL` points at (its user must be allowed to
@@ -19,7 +19,6 @@
 //! Durability is off (`fsync=off`): these are throwaway clusters.
 //!
 //! Missing PostgreSQL binaries are a hard failure (run `.ci/setup`), never a silent skip.
-#![allow(dead_code)]
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -44,12 +43,6 @@ static SERVER: LazyLock<Server> = LazyLock::new(|| match std::env::var(DATABASE_
 });
 
 static DATABASES: AtomicU64 = AtomicU64::new(0);
-
-/// Connection URL of the test server's maintenance database (shared by every test: do not
-/// create tables there; use `fresh_database`).
-pub fn server_url() -> &'static str {
-    &SERVER.admin_url
-}
 
 /// Creates a new, empty database with a unique name and returns its connection URL.
 /// Blocking (a few tens of ms; the first call also starts the server, about 2 s); fine to
