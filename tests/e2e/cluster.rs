@@ -4,7 +4,6 @@
 //!
 //! Every test gets a fresh database (`pg::fresh_database`) and its own gateway processes.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::{ADMIN, Instance};

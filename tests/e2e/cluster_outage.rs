@@ -6,7 +6,6 @@
 //! outside), so each test here starts and stops its own throwaway cluster with the same
 //! recipe (`initdb`/`pg_ctl` from Debian's package, through `runuser -u postgres` as root).
 
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

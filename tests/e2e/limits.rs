@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::keys::with_char_changed;
 use crate::common::*;
 
 const ADMIN: &str = "limits-admin-token";
@@ -219,9 +220,7 @@ async fn unknown_keys_reach_the_store_once_and_junk_never() {
 
     // Malformed, bad-checksum and oversized values never reach the store.
     let c = client();
-    let mut bad_checksum = valid.clone().into_bytes();
-    bad_checksum[10] = if bad_checksum[10] == b'a' { b'b' } else { b'a' };
-    let bad_checksum = String::from_utf8(bad_checksum).expect("ascii");
+    let bad_checksum = with_char_changed(&valid, 10);
     let junk = [
         "kg_".to_string(),
         "kg_short".to_string(),
