@@ -1,5 +1,4 @@
 //! Raw HTTP/1.1 over TCP, for requests a real client would normalize or refuse to send.
-#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -26,8 +25,25 @@ impl RawResponse {
         serde_json::from_slice(&self.body).ok()
     }
 
+    /// The `error.code` of keygate's JSON error; None unless the whole envelope is right
+    /// (`envelope::error_envelope`).
     pub fn error_code(&self) -> Option<String> {
-        self.json()?["error"]["code"].as_str().map(str::to_string)
+        let error = super::envelope::error_envelope(self).ok()?;
+        error["code"].as_str().map(str::to_string)
+    }
+}
+
+impl super::envelope::Received for RawResponse {
+    fn status(&self) -> u16 {
+        self.status
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        RawResponse::header(self, name)
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body
     }
 }
 

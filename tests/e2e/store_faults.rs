@@ -2,13 +2,11 @@
 //! then filled, so every store write fails with ENOSPC. Management writes must answer 503
 //! `store_unavailable`, and admitted traffic with cached keys must keep flowing.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const ADMIN: &str = "store-faults-admin-token";
 

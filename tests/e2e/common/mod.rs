@@ -1,10 +1,15 @@
 //! Shared end-to-end test harness: a real upstream (hyper on tokio, recording what it
 //! receives), the real `keygate` binary on free loopback ports with a generated config in a
 //! temp dir, and helpers for the offline CLI.
-#![allow(dead_code)]
 
 pub mod cluster;
+pub mod envelope;
+pub mod keys;
+pub mod management;
+pub mod pg;
 pub mod raw;
+
+pub use envelope::{Received, Reply};
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -77,7 +82,6 @@ pub enum UpstreamMode {
 /// A tiny HTTP/1.1 upstream on loopback that records every request it receives.
 pub struct Upstream {
     pub addr: SocketAddr,
-    pub name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -155,12 +159,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
-            addr,
-            name: name.to_string(),
-            seen,
-            task,
-        }
+        Upstream { addr, seen, task }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -420,7 +419,16 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
-/// The `error.code` of a keygate JSON error response.
+/// A client that opens a new connection for every request.
+pub fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
 /// `GET <management>/keys/{id}` as the admin: the key's record (usage included).
 pub async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::Value {
     let resp = client()
@@ -433,16 +441,12 @@ pub async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::
     resp.json().await.expect("record JSON")
 }
 
+/// The status and `error.code` of a response; from 400 up it must be keygate's JSON error
+/// (`envelope::error_envelope`, else a panic), below that the code is "".
 pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
-    let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    (
-        status,
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
+    let what = format!("{} {}", resp.url().path(), resp.status());
+    let reply = Reply::read(what, resp).await;
+    (reply.status, envelope::code_of(&reply.what, &reply))
 }
 
 /// Polls `check` until it returns true or `timeout` passes.

@@ -1,11 +1,10 @@
 //! Per-key rate limits and flood resistance, end to end.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::keys::with_char_changed;
+use crate::common::*;
 
 const ADMIN: &str = "limits-admin-token";
 
@@ -221,9 +220,7 @@ async fn unknown_keys_reach_the_store_once_and_junk_never() {
 
     // Malformed, bad-checksum and oversized values never reach the store.
     let c = client();
-    let mut bad_checksum = valid.clone().into_bytes();
-    bad_checksum[10] = if bad_checksum[10] == b'a' { b'b' } else { b'a' };
-    let bad_checksum = String::from_utf8(bad_checksum).expect("ascii");
+    let bad_checksum = with_char_changed(&valid, 10);
     let junk = [
         "kg_".to_string(),
         "kg_short".to_string(),
@@ -367,7 +364,7 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
         .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
-    let first = common::raw::read_next_response(&mut stream, &mut Vec::new())
+    let first = crate::common::raw::read_next_response(&mut stream, &mut Vec::new())
         .await
         .expect("first response");
     assert_eq!(first.status, 200);

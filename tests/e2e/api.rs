@@ -1,21 +1,15 @@
 //! End-to-end tests of the management API (contract sections 3, 5, 6 and 7): the real
 //! binary, a real upstream, real HTTP, the admin token from `KEYGATE_ADMIN_TOKEN`.
 
-mod common;
-
-use common::*;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-const ADMIN: &str = "api-test-admin-token-5f1c0e2a";
-
-/// Limits high enough that tests not about them never trip them.
-const GENEROUS: &str = "[management.limits]\ncreate_per_hour = 10000\nlist_per_minute = 10000\nrevoke_per_minute = 10000\n";
+use crate::common::keys::{assert_key_format, with_char_changed};
+use crate::common::management::*;
+use crate::common::*;
 
 /// The fields every record carries (contract section 5).
 const RECORD_FIELDS: &[&str] = &[
@@ -32,365 +26,6 @@ const RECORD_FIELDS: &[&str] = &[
     "rate_limit",
     "metadata",
 ];
-
-// ---------------------------------------------------------------- harness
-
-/// How a request authenticates.
-#[derive(Clone, Copy)]
-enum Cred<'a> {
-    None,
-    Admin,
-    /// `Authorization: Bearer <token>`, for a wrong admin token or a key.
-    Bearer(&'a str),
-    /// `x-api-key: <key>`
-    Key(&'a str),
-    /// `key: <key>`
-    KeyHeader(&'a str),
-}
-
-enum Body {
-    None,
-    Json(Value),
-    Raw(Vec<u8>, &'static str),
-}
-
-/// One management response, with the checks every management response must pass done.
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    text: String,
-    json: Value,
-    what: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Asserts a success status; returns the JSON body.
-    fn ok(&self, status: u16) -> &Value {
-        assert_eq!(
-            self.status, status,
-            "{}: status; body {}",
-            self.what, self.text
-        );
-        &self.json
-    }
-
-    /// Asserts keygate's error envelope with `status` and `code`; returns `error`.
-    fn err(&self, status: u16, code: &str) -> &Value {
-        assert_eq!(
-            self.status, status,
-            "{}: status; body {}",
-            self.what, self.text
-        );
-        let error = &self.json["error"];
-        assert_eq!(
-            error["code"].as_str(),
-            Some(code),
-            "{}: code; body {}",
-            self.what,
-            self.text
-        );
-        error
-    }
-
-    /// A 422 `validation_failed` naming each of `fields` in `details`.
-    fn invalid(&self, fields: &[&str]) -> &Value {
-        let error = self.err(422, "validation_failed");
-        let details = error["details"]
-            .as_object()
-            .unwrap_or_else(|| panic!("{}: no details object: {}", self.what, self.text));
-        for field in fields {
-            let reasons = details.get(*field).and_then(Value::as_array);
-            assert!(
-                reasons.is_some_and(|r| !r.is_empty() && r.iter().all(Value::is_string)),
-                "{}: details does not name {field} with reasons: {}",
-                self.what,
-                self.text
-            );
-        }
-        &error["details"]
-    }
-}
-
-struct Env {
-    upstream: Upstream,
-    config: GatewayConfig,
-    gateway: Gateway,
-    http: reqwest::Client,
-}
-
-impl Env {
-    /// A gateway with `sections` (e.g. [management.limits], [signup]) and one route "/" to a
-    /// fresh upstream, auth required.
-    async fn start(sections: &str) -> Env {
-        Self::start_with(sections, |_| {}).await
-    }
-
-    async fn start_with(sections: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
-        let upstream = Upstream::start("api").await;
-        let mut config = GatewayConfig::with_routes(&format!(
-            "{sections}\n[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nhealth_check_interval_ms = 200\n",
-            upstream.addr
-        ));
-        tweak(&mut config);
-        let gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
-        Env {
-            upstream,
-            config,
-            gateway,
-            http: client(),
-        }
-    }
-
-    async fn send(&self, method: Method, path: &str, cred: Cred<'_>, body: Body) -> Reply {
-        let what = format!("{method} {path}");
-        let mut req = self
-            .http
-            .request(method, format!("{}/_keygate{path}", self.config.base_url()));
-        req = match cred {
-            Cred::None => req,
-            Cred::Admin => req.bearer_auth(ADMIN),
-            Cred::Bearer(t) => req.bearer_auth(t),
-            Cred::Key(k) => req.header("x-api-key", k),
-            Cred::KeyHeader(k) => req.header("key", k),
-        };
-        req = match body {
-            Body::None => req,
-            Body::Json(v) => req.json(&v),
-            Body::Raw(bytes, content_type) => req.header("content-type", content_type).body(bytes),
-        };
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{what}: request failed: {e:?}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp
-            .bytes()
-            .await
-            .unwrap_or_else(|e| panic!("{what}: reading the body failed: {e:?}"));
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        assert_eq!(
-            header("cache-control"),
-            Some("no-store"),
-            "{what}: Cache-Control ({status}, {text})"
-        );
-        let request_id = header("x-request-id").unwrap_or_default().to_string();
-        assert!(!request_id.is_empty(), "{what}: no x-request-id ({status})");
-        assert!(
-            header("content-type").is_some_and(|c| c.starts_with("application/json")),
-            "{what}: Content-Type {:?}",
-            header("content-type")
-        );
-        let json: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
-        if status >= 400 {
-            let error = &json["error"];
-            assert!(
-                error["code"].as_str().is_some_and(|c| !c.is_empty()),
-                "{what}: no error.code: {text}"
-            );
-            assert!(
-                error["message"].as_str().is_some_and(|m| !m.is_empty()),
-                "{what}: no error.message: {text}"
-            );
-            assert_eq!(
-                error["request_id"].as_str(),
-                Some(request_id.as_str()),
-                "{what}: error.request_id differs from x-request-id"
-            );
-        }
-        Reply {
-            status,
-            headers,
-            text,
-            json,
-            what,
-        }
-    }
-
-    async fn get(&self, path: &str, cred: Cred<'_>) -> Reply {
-        self.send(Method::GET, path, cred, Body::None).await
-    }
-
-    async fn post(&self, path: &str, cred: Cred<'_>, body: Value) -> Reply {
-        self.send(Method::POST, path, cred, Body::Json(body)).await
-    }
-
-    async fn delete(&self, path: &str, cred: Cred<'_>) -> Reply {
-        self.send(Method::DELETE, path, cred, Body::None).await
-    }
-
-    /// POST /keys that must answer 201; returns (record, raw key).
-    async fn create(&self, cred: Cred<'_>, body: Value) -> (Value, String) {
-        let reply = self.post("/keys", cred, body).await;
-        let record = reply.ok(201).clone();
-        let key = record["key"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no key in {record}"))
-            .to_string();
-        (record, key)
-    }
-
-    /// The admin creates a key for `owner` with `scopes`.
-    async fn admin_create(&self, owner: &str, scopes: &[&str]) -> (Value, String) {
-        self.create(Cred::Admin, json!({"owner": owner, "scopes": scopes}))
-            .await
-    }
-
-    /// GET /keys/{id} as the admin, 200.
-    async fn record(&self, id: &str) -> Value {
-        self.get(&format!("/keys/{id}"), Cred::Admin)
-            .await
-            .ok(200)
-            .clone()
-    }
-
-    /// A proxied GET with `key` in x-api-key: (status, error code if keygate refused).
-    async fn proxied(&self, key: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(format!("{}/resource", self.config.base_url()))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .expect("proxied request");
-        if resp.status() == 200 {
-            assert_eq!(
-                resp.headers()
-                    .get("x-upstream")
-                    .and_then(|v| v.to_str().ok()),
-                Some("api"),
-                "a 200 that did not come from the upstream"
-            );
-            return (200, String::new());
-        }
-        error_code(resp).await
-    }
-
-    async fn assert_admitted(&self, key: &str, what: &str) {
-        assert_eq!(self.proxied(key).await, (200, String::new()), "{what}");
-    }
-
-    /// Every item of a paginated listing, following `next_cursor`; also returns page sizes.
-    async fn all_pages(
-        &self,
-        path: &str,
-        cred: Cred<'_>,
-        limit: usize,
-    ) -> (Vec<Value>, Vec<usize>) {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let mut items = Vec::new();
-        let mut sizes = Vec::new();
-        let mut cursor: Option<String> = None;
-        for _ in 0..100 {
-            let url = match &cursor {
-                None => format!("{path}{sep}limit={limit}"),
-                Some(c) => format!("{path}{sep}limit={limit}&cursor={c}"),
-            };
-            let page = self.get(&url, cred).await.ok(200).clone();
-            let data = page["data"].as_array().expect("data array").clone();
-            assert!(data.len() <= limit, "{url}: {} items", data.len());
-            sizes.push(data.len());
-            items.extend(data);
-            match &page["next_cursor"] {
-                Value::Null => return (items, sizes),
-                Value::String(c) => cursor = Some(c.clone()),
-                other => panic!("{url}: next_cursor is {other}"),
-            }
-        }
-        panic!("{path}: more than 100 pages");
-    }
-}
-
-fn ids(items: &[Value]) -> Vec<String> {
-    items
-        .iter()
-        .map(|r| r["id"].as_str().expect("id").to_string())
-        .collect()
-}
-
-fn id_of(record: &Value) -> String {
-    record["id"].as_str().expect("id").to_string()
-}
-
-/// RFC 3339 UTC with whole seconds: `YYYY-MM-DDTHH:MM:SSZ`; returns Unix seconds.
-fn whole_second_utc(value: &Value, what: &str) -> i64 {
-    let text = value
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: not a string: {value}"));
-    let shape_ok = text.len() == 20
-        && text.bytes().enumerate().all(|(i, b)| match i {
-            4 | 7 => b == b'-',
-            10 => b == b'T',
-            13 | 16 => b == b':',
-            19 => b == b'Z',
-            _ => b.is_ascii_digit(),
-        });
-    assert!(shape_ok, "{what}: {text:?} is not YYYY-MM-DDTHH:MM:SSZ");
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| panic!("{what}: {text:?} does not parse: {e}"))
-        .unix_timestamp()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-}
-
-const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-
-/// `kg_` + 49 base62 characters whose last 6 are the CRC-32 of what precedes them.
-fn assert_key_format(key: &str) {
-    let body = key
-        .strip_prefix("kg_")
-        .unwrap_or_else(|| panic!("{key:?} does not start with kg_"));
-    assert!(
-        body.len() == 49 && body.bytes().all(|b| b.is_ascii_alphanumeric()),
-        "{key:?} does not match ^kg_[0-9A-Za-z]{{49}}$"
-    );
-    let mut crc = crc32fast::hash(format!("kg_{}", &body[..43]).as_bytes()) as u64;
-    let mut check = [b'0'; 6];
-    for slot in check.iter_mut().rev() {
-        *slot = BASE62[(crc % 62) as usize];
-        crc /= 62;
-    }
-    assert_eq!(
-        &body[43..],
-        std::str::from_utf8(&check).expect("ascii"),
-        "{key:?}: bad checksum"
-    );
-}
-
-/// A key in the right format (valid checksum) that this gateway has never seen: made by the
-/// offline CLI on a store of its own.
-fn foreign_key() -> String {
-    let other = GatewayConfig::with_routes(
-        "[[routes]]\nname = \"x\"\npath_prefix = \"/\"\nupstreams = [\"127.0.0.1:9\"]\n",
-    );
-    other.write();
-    create_key(&other.path(), "stranger", &[], None).1
-}
-
-/// `key` with one body character changed (so the checksum fails).
-fn mistyped(key: &str) -> String {
-    let mut bytes = key.as_bytes().to_vec();
-    bytes[10] = if bytes[10] == b'a' { b'b' } else { b'a' };
-    String::from_utf8(bytes).expect("ascii")
-}
-
-fn retry_after(reply: &Reply) -> u64 {
-    reply
-        .header("retry-after")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{}: no numeric Retry-After", reply.what))
-}
 
 // ---------------------------------------------------------------- 1. create
 
@@ -1221,7 +856,7 @@ async fn revoke_by_value_for_the_key_itself_its_manager_and_the_admin() {
     let foreign = foreign_key();
     for cred in [Cred::Key(&mgr_key), Cred::Admin] {
         for bad in [
-            mistyped(&sibling_key),
+            with_char_changed(&sibling_key, 10),
             "kg_short".to_string(),
             "not-a-key".to_string(),
             foreign.clone(),
@@ -1716,24 +1351,14 @@ async fn bodies_are_json_objects_of_at_most_64_kib_whatever_the_content_type() {
 #[tokio::test]
 async fn create_and_revoke_survive_a_kill_9_right_after_the_answer() {
     let upstream = Upstream::start("api").await;
-    let config = GatewayConfig::with_routes(&format!(
-        "{GENEROUS}\n[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstreams = [\"{}\"]\nhealth_check_interval_ms = 200\n",
-        upstream.addr
-    ));
+    let config = Env::config(GENEROUS, &upstream);
     config.write();
     // Keys made offline, to be revoked and rotated through the API.
     let (doomed, doomed_key) = create_key(&config.path(), "alice", &["read"], None);
     let doomed_id = doomed["id"].as_str().expect("id").to_string();
     let (rotating, rotating_key) = create_key(&config.path(), "alice", &["read"], None);
     let rotating_id = rotating["id"].as_str().expect("id").to_string();
-    let env_vars = [("KEYGATE_ADMIN_TOKEN", ADMIN)];
-
-    let mut env = Env {
-        gateway: Gateway::start_with_env(&config, &env_vars).await,
-        upstream,
-        config,
-        http: client(),
-    };
+    let mut env = Env::on(config, upstream).await;
     env.assert_admitted(&doomed_key, "offline key").await;
     env.assert_admitted(&rotating_key, "offline key").await;
 
@@ -1749,7 +1374,7 @@ async fn create_and_revoke_survive_a_kill_9_right_after_the_answer() {
     let (created, created_key) = env.admin_create("alice", &["read"]).await;
     env.gateway.kill9();
 
-    env.gateway = Gateway::start_with_env(&env.config, &env_vars).await;
+    env.gateway = Env::start_gateway(&env.config).await;
     env.assert_admitted(&created_key, "created key after kill -9")
         .await;
     env.assert_admitted(&rotated_key, "rotated key after kill -9")
@@ -1766,7 +1391,7 @@ async fn create_and_revoke_survive_a_kill_9_right_after_the_answer() {
         .ok(200);
     env.gateway.kill9();
 
-    env.gateway = Gateway::start_with_env(&env.config, &env_vars).await;
+    env.gateway = Env::start_gateway(&env.config).await;
     assert_eq!(
         env.proxied(&doomed_key).await,
         (401, "invalid_key".to_string()),

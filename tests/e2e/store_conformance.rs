@@ -4,8 +4,6 @@
 //! database (`postgres_backend::*`). `postgres_only` adds what only a shared store can do:
 //! several instances on one database, and cross-instance cache invalidation.
 
-mod pg;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +78,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let url = crate::pg::fresh_database();
+                    let url = crate::common::pg::fresh_database();
                     let store = super::pg_store(&url).await;
                     super::bounded(stringify!($name), super::$name(std::sync::Arc::new(store)))
                         .await;
@@ -828,7 +826,7 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn instances_started_together_share_one_schema_and_see_each_others_writes() {
-        let url = crate::pg::fresh_database();
+        let url = crate::common::pg::fresh_database();
         // Three instances migrating at once: the advisory lock makes that safe.
         let (one, two, three) = tokio::join!(pg_store(&url), pg_store(&url), pg_store(&url));
         let client = sql_client(&url).await;
@@ -910,7 +908,7 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn revoke_on_one_instance_invalidates_the_cache_of_another() {
-        let url = crate::pg::fresh_database();
+        let url = crate::common::pg::fresh_database();
         let writer = pg_store(&url).await;
         let index = index_over(pg_store(&url).await);
         let (stop, task) = spawn_listener(&url, &index);
@@ -978,7 +976,7 @@ mod postgres_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn listener_clears_the_cache_when_its_connection_drops_and_resubscribes() {
-        let url = crate::pg::fresh_database();
+        let url = crate::common::pg::fresh_database();
         let writer = pg_store(&url).await;
         let index = index_over(pg_store(&url).await);
         let (stop, task) = spawn_listener(&url, &index);
@@ -1032,7 +1030,7 @@ mod postgres_only {
     async fn listener_retries_an_unreachable_server_and_still_stops_on_shutdown() {
         // Nothing listens on port 1.
         let url = "postgres://keygate@127.0.0.1:1/keygate".to_string();
-        let index = index_over(pg_store(&crate::pg::fresh_database()).await);
+        let index = index_over(pg_store(&crate::common::pg::fresh_database()).await);
         let (stop, task) = spawn_listener(&url, &index);
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(!task.is_finished(), "it keeps retrying");

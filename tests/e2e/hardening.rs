@@ -4,10 +4,10 @@
 //!
 //! Every test runs the real binary against a real upstream; nothing here asserts on speed.
 
-mod common;
-
-use common::raw::*;
-use common::*;
+use crate::common::envelope::check_error;
+use crate::common::keys::{BASE62, checksum, is_well_formed, with_char_changed};
+use crate::common::raw::*;
+use crate::common::*;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,30 +18,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const ADMIN: &str = "hardening-admin-token-5b2e91d4";
-const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 // ---------------------------------------------------------------- key format
-
-/// The contract's checksum: CRC-32 (IEEE) of `text`, as exactly 6 base62 digits.
-fn checksum(text: &str) -> String {
-    let mut n = crc32fast::hash(text.as_bytes());
-    let mut out = [b'0'; 6];
-    for slot in out.iter_mut().rev() {
-        *slot = BASE62[(n % 62) as usize];
-        n /= 62;
-    }
-    String::from_utf8(out.to_vec()).expect("ascii")
-}
-
-/// `kg_` + 43 base62 digits + the checksum of what precedes it.
-fn is_well_formed(key: &str) -> bool {
-    let Some(body) = key.strip_prefix("kg_") else {
-        return false;
-    };
-    body.len() == 49
-        && body.bytes().all(|b| b.is_ascii_alphanumeric())
-        && checksum(&key[..46]) == body[43..]
-}
 
 /// A well-formed key (right length, charset and checksum) that no store has ever seen.
 fn well_formed_unknown_key(rng: &mut XorShift) -> String {
@@ -54,13 +32,6 @@ fn well_formed_unknown_key(rng: &mut XorShift) -> String {
     key.push_str(&sum);
     assert!(is_well_formed(&key));
     key
-}
-
-/// `key` with the character at `index` replaced by another base62 digit.
-fn with_char_changed(key: &str, index: usize) -> String {
-    let mut bytes = key.as_bytes().to_vec();
-    bytes[index] = if bytes[index] == b'A' { b'B' } else { b'A' };
-    String::from_utf8(bytes).expect("ascii")
 }
 
 /// A deterministic xorshift64 generator: the same cases on every run.
@@ -377,33 +348,10 @@ fn judge(
         (Answer::Closed(_), Expect::HttpLayer) => return Ok(()),
         (other, _) => return Err(format!("no response: {}", other.describe())),
     };
-    let keygate_error = |status: u16, code: &str| -> Result<(), String> {
-        if response.status != status {
-            return Err(format!(
-                "expected {status} {code}, got {}",
-                answer.describe()
-            ));
-        }
-        let ct = response.header("content-type").unwrap_or_default();
-        if !ct.starts_with("application/json") {
-            return Err(format!("Content-Type {ct:?}; {}", answer.describe()));
-        }
-        let body = response
-            .json()
-            .ok_or_else(|| format!("not JSON: {}", answer.describe()))?;
-        if body["error"]["code"].as_str() != Some(code) {
-            return Err(format!("expected code {code}, got {}", answer.describe()));
-        }
-        let request_id = body["error"]["request_id"].as_str().unwrap_or_default();
-        if request_id.is_empty() || response.header("x-request-id") != Some(request_id) {
-            return Err(format!(
-                "request id missing or different from x-request-id: {body}"
-            ));
-        }
-        if body["error"]["message"].as_str().is_none_or(str::is_empty) {
-            return Err(format!("no error.message: {body}"));
-        }
-        Ok(())
+    let keygate_error = |status: u16, code: &str| {
+        check_error(response, status, code)
+            .map(drop)
+            .map_err(|why| format!("{why}; {}", answer.describe()))
     };
     match row.expect {
         Expect::Refused(status, code) => keygate_error(status, code)?,
@@ -1829,12 +1777,7 @@ async fn key_in_query_never_reaches_stderr_when_the_upstream_fails() {
     config.write();
     let (_, key) = create_key(&config.path(), "alice", &[], None);
     let mut gateway = Gateway::start(&config).await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
+    let client = unpooled_client();
     // The dead upstream is marked unhealthy by its first check.
     let url = format!("{}/dead/x?api_key={key}", gateway.base);
     assert!(
@@ -2459,12 +2402,7 @@ async fn refused_connect_is_retried_on_the_other_upstream() {
     ));
     let _gateway = Gateway::start(&config).await;
     a.close_after_first_check().await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
+    let client = unpooled_client();
     let mut statuses = Vec::new();
     for i in 0..10 {
         let resp = client

@@ -1,12 +1,10 @@
 //! Usage accounting end to end: exact counts while running, across a graceful stop, within
 //! one flush interval across SIGKILL, and kept through store write failures.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Usage};
 use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
 use keygate::usage::UsageRecorder;

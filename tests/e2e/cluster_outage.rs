@@ -6,16 +6,14 @@
 //! outside), so each test here starts and stops its own throwaway cluster with the same
 //! recipe (`initdb`/`pg_ctl` from Debian's package, through `runuser -u postgres` as root).
 
-mod common;
-mod pg;
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::cluster::Instance;
-use common::*;
+use crate::common::cluster::Instance;
+use crate::common::pg;
+use crate::common::*;
 
 /// A PostgreSQL cluster of this test alone, in a temp dir, on a free loopback port.
 struct PgServer {

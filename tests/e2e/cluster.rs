@@ -4,13 +4,11 @@
 //!
 //! Every test gets a fresh database (`pg::fresh_database`) and its own gateway processes.
 
-mod common;
-mod pg;
-
 use std::time::{Duration, Instant};
 
-use common::cluster::{ADMIN, Instance};
-use common::*;
+use crate::common::cluster::{ADMIN, Instance};
+use crate::common::pg;
+use crate::common::*;
 
 /// Generous bound for cross-instance propagation; the contract wants it "at once".
 const PROPAGATION_LIMIT: Duration = Duration::from_secs(5);

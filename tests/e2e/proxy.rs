@@ -1,9 +1,9 @@
 //! End-to-end tests of the request path: the real binary, a real upstream, real HTTP.
 
-mod common;
-
-use common::raw::*;
-use common::*;
+use crate::common::envelope::assert_error;
+use crate::common::keys::with_char_changed;
+use crate::common::raw::*;
+use crate::common::*;
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -51,68 +51,17 @@ async fn key_in_each_header_is_admitted_and_never_forwarded() {
 
 // ---------------------------------------------------------------- helpers
 
-/// Checks the contract's error envelope: JSON `{"error": {"code", "message", "request_id"}}`,
-/// `Content-Type: application/json`, and an `x-request-id` header equal to
-/// `error.request_id`. Returns the parsed body.
-fn check_envelope(
-    what: &str,
-    content_type: Option<&str>,
-    request_id_header: Option<&str>,
-    body: &[u8],
-    code: &str,
-) -> serde_json::Value {
-    let text = String::from_utf8_lossy(body);
-    let content_type = content_type.unwrap_or_default();
-    assert!(
-        content_type.starts_with("application/json"),
-        "{what}: Content-Type is {content_type:?}; body {text}"
-    );
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {text}"));
-    let error = &value["error"];
-    assert_eq!(error["code"].as_str(), Some(code), "{what}: {value}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{what}: no error.message: {value}"
-    );
-    let request_id = error["request_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: no error.request_id: {value}"));
-    assert!(!request_id.is_empty(), "{what}: empty error.request_id");
-    assert_eq!(
-        request_id_header,
-        Some(request_id),
-        "{what}: x-request-id header differs from error.request_id"
-    );
-    value
-}
-
-/// Asserts that `resp` is keygate's own refusal with `status` and `code`; returns its
-/// headers.
+/// Asserts that `resp` is keygate's own refusal with `status` and `code` (its error
+/// envelope included); returns its headers.
 async fn assert_refusal(
     resp: reqwest::Response,
     status: u16,
     code: &str,
     what: &str,
 ) -> reqwest::header::HeaderMap {
-    let got = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.bytes().await.expect("response body");
-    assert_eq!(
-        got,
-        status,
-        "{what}: status; body {}",
-        String::from_utf8_lossy(&body)
-    );
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    check_envelope(
-        what,
-        header("content-type"),
-        header("x-request-id"),
-        &body,
-        code,
-    );
-    headers
+    let reply = Reply::read(what, resp).await;
+    reply.err(status, code);
+    reply.headers
 }
 
 /// Sends `request` byte for byte (reqwest would normalize the path) on a new connection and
@@ -132,27 +81,11 @@ async fn raw_request(port: u16, request: &str) -> RawResponse {
     .expect("raw request timed out")
 }
 
-/// A client that opens a new connection for every request.
-fn unpooled_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
-}
-
 /// Sum of every sample of a Prometheus counter family on the admin listener.
 async fn metric_sum(admin: &str, family: &str) -> f64 {
-    let text = client()
-        .get(format!("{admin}/metrics"))
-        .send()
+    scrape_metrics(admin)
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.strip_prefix(family)
@@ -182,13 +115,6 @@ fn signal_and_wait(gateway: &mut Gateway, signal: &str) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `key` with the character at `index` replaced by another base62 digit.
-fn with_char_changed(key: &str, index: usize) -> String {
-    let mut bytes = key.as_bytes().to_vec();
-    bytes[index] = if bytes[index] == b'A' { b'B' } else { b'A' };
-    String::from_utf8(bytes).expect("ascii")
 }
 
 fn route(name: &str, prefix: &str, upstreams: &[std::net::SocketAddr], extra: &str) -> String {
@@ -834,13 +760,7 @@ async fn dot_segment_paths_are_refused() {
             "{path}: {}",
             String::from_utf8_lossy(&resp.body)
         );
-        check_envelope(
-            path,
-            resp.header("content-type"),
-            resp.header("x-request-id"),
-            &resp.body,
-            "invalid_path",
-        );
+        assert_error(path, &resp, 400, "invalid_path");
     }
     assert_eq!(public.count(), 0, "public upstream saw a dot-segment path");
     assert_eq!(admin.count(), 0, "admin upstream saw a dot-segment path");
@@ -1104,13 +1024,7 @@ async fn upstream_failure_responses_keep_their_connection_promise() {
                 )
             });
         assert_eq!(second.status, status, "{path}: second request");
-        check_envelope(
-            path,
-            second.header("content-type"),
-            second.header("x-request-id"),
-            &second.body,
-            code,
-        );
+        assert_error(path, &second, status, code);
     }
 }
 

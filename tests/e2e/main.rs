@@ -1,0 +1,18 @@
+//! keygate's integration tests, as one test binary (linked once instead of once per file).
+//!
+//! Most modules run the real `keygate` binary against real upstreams over real HTTP, with
+//! the shared harness in `common`; `store_conformance` and `usage` also drive the library's
+//! stores directly. Run one module with e.g. `cargo test --test e2e proxy::`.
+
+mod common;
+
+mod api;
+mod cluster;
+mod cluster_outage;
+mod hardening;
+mod limits;
+mod observability;
+mod proxy;
+mod store_conformance;
+mod store_faults;
+mod usage;
