@@ -500,7 +500,7 @@ fn scale_check() {
     let upstream = upstream_listener.local_addr().expect("addr");
     runtime.spawn(run_upstream(upstream_listener));
     let (listen, admin) = (free_port(), free_port());
-    let admin_token = "scale-check-admin-token";
+    let admin_token = "scale-check-admin-token-of-32-chars-or-more";
     let started = Instant::now();
     let gateway = start_keygate(
         dir.path(),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const ADMIN: &str = "hardening-admin-token-5b2e91d4";
+const ADMIN: &str = "hardening-admin-token-5b2e91d4-p";
 
 // ---------------------------------------------------------------- key format
 

@@ -20,7 +20,11 @@ fn modules(dir: &Path, prefix: &str, out: &mut BTreeMap<String, PathBuf>) {
         .collect();
     entries.sort();
     for path in entries {
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         let join = |name: &str| {
             if prefix.is_empty() {
                 name.to_string()
@@ -122,7 +126,11 @@ fn folders_use_only_what_the_layout_map_lists_above_them() {
             }
         }
     }
-    assert!(wrong.is_empty(), "edges pointing up the layout map:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "edges pointing up the layout map:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -168,7 +176,11 @@ fn files_form_no_import_cycle() {
     let mut done = BTreeSet::new();
     for node in graph.keys() {
         let cycle = visit(node, &graph, &mut Vec::new(), &mut done);
-        assert!(cycle.is_none(), "import cycle: {}", cycle.unwrap_or_default().join(" -> "));
+        assert!(
+            cycle.is_none(),
+            "import cycle: {}",
+            cycle.unwrap_or_default().join(" -> ")
+        );
     }
 }
 
@@ -183,5 +195,8 @@ fn no_source_file_is_over_600_lines() {
             (lines > MAX_FILE_LINES).then(|| format!("{}: {lines}", path.display()))
         })
         .collect();
-    assert!(long.is_empty(), "files over {MAX_FILE_LINES} lines: {long:?}");
+    assert!(
+        long.is_empty(),
+        "files over {MAX_FILE_LINES} lines: {long:?}"
+    );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::common::keys::with_char_changed;
 use crate::common::*;
 
-const ADMIN: &str = "limits-admin-token";
+const ADMIN: &str = "limits-admin-token-padded-to-32-";
 
 async fn create_via_api(base: &str, body: serde_json::Value) -> (String, String) {
     let resp = client()

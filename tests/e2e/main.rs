@@ -10,6 +10,7 @@ mod api;
 mod cluster;
 mod cluster_outage;
 mod hardening;
+mod layout;
 mod limits;
 mod observability;
 mod proxy;

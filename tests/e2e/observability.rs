@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::common::raw::find;
 use crate::common::*;
 
-const ADMIN: &str = "observability-admin-token-3f9a";
+const ADMIN: &str = "observability-admin-token-3f9a-p";
 
 /// Parses Prometheus text into (series with labels) -> value.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {

@@ -785,8 +785,14 @@ async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
     config.write();
     let (_, reader) = create_key(&config.path(), "alice", &["read"], None);
     let (_, root) = create_key(&config.path(), "alice", &["admin"], None);
-    let _gateway =
-        Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", "paths-admin")]).await;
+    let _gateway = Gateway::start_with_env(
+        &config,
+        &[(
+            "KEYGATE_ADMIN_TOKEN",
+            "paths-admin-token-padded-to-32-chars",
+        )],
+    )
+    .await;
     let get = |path: &str, credential: &str| {
         format!(
             "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{credential}\r\nConnection: close\r\n\r\n"
@@ -868,7 +874,7 @@ async fn encoded_paths_are_routed_as_the_upstream_reads_them() {
         config.listen,
         &get(
             "/%5Fkeygate/keys?limit=1",
-            "authorization: Bearer paths-admin",
+            "authorization: Bearer paths-admin-token-padded-to-32-chars",
         ),
     )
     .await;
@@ -1212,7 +1218,7 @@ async fn tls_upstreams_get_sni_and_a_verified_certificate() {
 /// requests and drops the rest unless pipelining is switched on for the session.)
 #[tokio::test]
 async fn pipelined_requests_are_all_answered_in_order() {
-    const ADMIN: &str = "pipelining-admin-token-3c1f";
+    const ADMIN: &str = "pipelining-admin-token-3c1f-padd";
     let upstream = Upstream::start("u").await;
     let config = GatewayConfig::single_route(&[upstream.addr]);
     config.write();

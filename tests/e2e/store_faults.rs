@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const ADMIN: &str = "store-faults-admin-token";
+const ADMIN: &str = "store-faults-admin-token-padded-";
 
 /// A tmpfs mounted for the test, unmounted on drop.
 struct SmallDisk {

@@ -9,7 +9,7 @@ use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Usage};
 use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
 use keygate::usage::UsageRecorder;
 
-const ADMIN: &str = "test-admin-token";
+const ADMIN: &str = "test-admin-token-padded-to-32-ch";
 
 /// Sends `total` requests with `key` over `connections` concurrent clients; returns the
 /// completion time of each request.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::*;
 
 /// The admin token every cluster instance is started with.
-pub const ADMIN: &str = "cluster-admin-token";
+pub const ADMIN: &str = "cluster-admin-token-padded-to-32";
 
 /// One `keygate serve` on the PostgreSQL store at `db_url`, one route "/" to `upstream`.
 /// Reuses `common::Gateway` for the process (SIGTERM stop, kill on drop) and

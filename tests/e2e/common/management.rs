@@ -10,7 +10,7 @@ use super::envelope::{Reply, error_envelope};
 use super::{Gateway, GatewayConfig, Upstream, client, create_key, error_code};
 
 /// The admin token of every `Env`.
-pub const ADMIN: &str = "api-test-admin-token-5f1c0e2a";
+pub const ADMIN: &str = "api-test-admin-token-5f1c0e2a-pa";
 
 /// Limits high enough that tests not about them never trip them.
 pub const GENEROUS: &str = "[management.limits]\ncreate_per_hour = 10000\nlist_per_minute = 10000\nrevoke_per_minute = 10000\n";
