@@ -146,7 +146,12 @@ impl SledStore {
             .open()
             .map_err(|e| match e {
                 // sled takes an exclusive lock on its directory; a second process fails to.
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled 0.34 reports that as `ErrorKind::Other` with this text, the lock's
+                // own `WouldBlock` only in the message (sled `config.rs`, `try_lock`).
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().starts_with("could not acquire lock") =>
+                {
                     StoreError::Locked(path.display().to_string())
                 }
                 e => StoreError::from(e),
