@@ -247,11 +247,7 @@ fn every_cli_option_is_documented() {
         assert!(out.status.success(), "{command:?}");
         let help = String::from_utf8_lossy(&out.stdout);
         for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
-            let option = line
-                .trim_start()
-                .split_whitespace()
-                .next()
-                .unwrap_or_default();
+            let option = line.split_whitespace().next().unwrap_or_default();
             if option == "--help" {
                 continue;
             }
