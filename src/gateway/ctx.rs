@@ -47,6 +47,9 @@ pub(crate) struct RequestCtx {
     pub error_code: Option<&'static str>,
     /// The length of a chunked body read whole before forwarding (see `http::body`).
     pub buffered_body: Option<usize>,
+    /// The body was framed both with `Content-Length` and `Transfer-Encoding` (found in
+    /// the first hook, before keygate changes the connection's keep-alive).
+    pub framed_both_ways: bool,
     /// Counts this request as in flight until the context is dropped, after logging.
     _in_flight: InFlight,
 }
@@ -70,6 +73,7 @@ impl RequestCtx {
             rate_limit: None,
             error_code: None,
             buffered_body: None,
+            framed_both_ways: false,
             _in_flight: in_flight,
         }
     }

@@ -76,6 +76,9 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
         self.identify_client(session, ctx);
+        if ctx.framed_both_ways {
+            return Err(GatewayError::ConflictingFraming);
+        }
         self.check_request_line(session.req_header())?; // 1
         target::normalize_target(session.req_header_mut())?; // 1
         check_host_present(session.req_header())?; // 1
@@ -115,18 +118,10 @@ impl Gateway {
         ctx.client = peer.map(|ip| forwarded::client_address(ip, headers, proxies));
     }
 
-    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`;
-    /// a body is framed one way only (both ways is how requests are smuggled past a proxy
-    /// that reads the other one; nginx answers 400 too).
+    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`.
     fn check_request_line(&self, req: &RequestHeader) -> Result<(), GatewayError> {
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
-        }
-        let headers = &req.headers;
-        if headers.contains_key(http::header::CONTENT_LENGTH)
-            && headers.contains_key(http::header::TRANSFER_ENCODING)
-        {
-            return Err(GatewayError::ConflictingFraming);
         }
         if target::header_size(req) > self.shared.config.server.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge);

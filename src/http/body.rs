@@ -51,6 +51,30 @@ pub(crate) fn framing(req: &pingora::http::RequestHeader) -> Result<Framing, Gat
     }
 }
 
+/// Whether the client framed its body both ways, `Content-Length` and
+/// `Transfer-Encoding`. Pingora has removed the `Content-Length` by the time any hook
+/// runs (RFC 9112 6.3) and switched keep-alive off for it (6.1); that is the one reason
+/// an HTTP/1.1 request with `Transfer-Encoding` and without `Connection: close` has
+/// keep-alive off before keygate's first hook. Both ways is how requests are smuggled
+/// past a proxy that reads the other one, so keygate refuses it (nginx answers 400 too).
+pub(crate) fn framed_both_ways(req: &pingora::http::RequestHeader, keepalive_off: bool) -> bool {
+    let asks_close = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"));
+    let headers = &req.headers;
+    let both_present = headers.contains_key(http::header::CONTENT_LENGTH)
+        && headers.contains_key(http::header::TRANSFER_ENCODING);
+    let content_length_removed = keepalive_off
+        && req.version == http::Version::HTTP_11
+        && !asks_close
+        && headers.contains_key(http::header::TRANSFER_ENCODING);
+    both_present || content_length_removed
+}
+
 /// The upstream request for a body keygate has already read: its length instead of the
 /// chunked coding (and no `Expect`, which keygate has answered itself).
 pub(crate) fn frame_as_buffered(

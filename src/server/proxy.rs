@@ -10,6 +10,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::error::GatewayError;
 use crate::gateway::{self, Admission, Gateway, RequestCtx};
+use crate::http::body;
 use crate::http::target::request_id;
 use crate::management::Management;
 use crate::ratelimit;
@@ -79,9 +80,11 @@ impl ProxyHttp for KeygateProxy {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         super::conn_limits::header_parsed();
+        let keepalive_off = session.get_keepalive().is_none();
+        ctx.framed_both_ways = body::framed_both_ways(session.req_header(), keepalive_off);
         // Pingora keeps idle downstream connections forever unless told otherwise. Where it
         // has already decided to close (HTTP/1.0, `Connection: close`, both
         // `Transfer-Encoding` and `Content-Length`: a smuggling attempt), that stands.

@@ -15,6 +15,7 @@ mod layout;
 mod limits;
 mod observability;
 mod proxy;
+mod security;
 mod store_conformance;
 mod store_faults;
 mod usage;
