@@ -1255,12 +1255,12 @@ fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
         Answered(201),
     ));
     rows.push(row(
-        "smuggling: CL + chunked with a request hidden after the chunks",
+        "smuggling: CL + chunked with a request hidden after the chunks (contract 9: refused)",
         format!(
             "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
         )
         .into_bytes(),
-        Forwarded,
+        Refused(400, "bad_request"),
     ));
     for (name, codings) in [
         ("gzip, chunked", "Transfer-Encoding: gzip, chunked\r\n"),
