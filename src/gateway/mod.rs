@@ -75,35 +75,36 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, GatewayError> {
+        // 1: who is asking; the request line, its framing, target and Host.
         self.identify_client(session, ctx);
-        if ctx.framed_both_ways {
-            return Err(GatewayError::ConflictingFraming);
-        }
-        self.check_request_line(session.req_header())?; // 1
-        target::normalize_target(session.req_header_mut())?; // 1
-        check_host_present(session.req_header())?; // 1
+        self.check_request_line(session.req_header(), ctx.framed_both_ways)?;
+        target::normalize_target(session.req_header_mut())?;
+        check_host_present(session.req_header())?;
+        // 2-3: where the path leads, read every way an upstream might read it.
         let (index, route) = match self.destination_of(session.req_header())? {
-            // 2
             Destination::Management => {
                 ctx.target = Target::Management;
                 return Ok(Admission::Management);
             }
-            Destination::NoRoute => return Err(GatewayError::NoRoute), // 3
+            Destination::NoRoute => return Err(GatewayError::NoRoute),
             Destination::Route(index, route) => (index, Arc::clone(route)),
         };
         ctx.target = Target::Route {
             index,
             route: Arc::clone(&route),
         };
+        // 4-7: the key, and what it may do here.
         if route.is_public() {
             ctx.outcome = Outcome::Public;
         } else {
-            let key = self.authenticate(session.req_header(), ctx).await?; // 4-6
-            self.authorize(key, &route, index, ctx)?; // 7
+            let key = self.authenticate(session.req_header(), ctx).await?;
+            self.authorize(key, &route, index, ctx)?;
         }
-        self.read_chunked_body(session, ctx).await?; // 8
-        self.count_usage(ctx); // 9
-        Ok(Admission::Forward) // 10: `prepare_upstream_request`
+        // 8-9: a chunked body read whole; usage counted. Step 10, the request as the
+        // upstream gets it, is `prepare_upstream_request`.
+        self.read_chunked_body(session, ctx).await?;
+        self.count_usage(ctx);
+        Ok(Admission::Forward)
     }
 
     /// The peer, and the client behind it when the peer is a trusted proxy.
@@ -118,10 +119,18 @@ impl Gateway {
         ctx.client = peer.map(|ip| forwarded::client_address(ip, headers, proxies));
     }
 
-    /// CONNECT is not served; the request line and headers must fit `max_header_bytes`.
-    fn check_request_line(&self, req: &RequestHeader) -> Result<(), GatewayError> {
+    /// CONNECT is not served; a body is framed one way only (`http::body::framed_both_ways`);
+    /// the request line and headers must fit `max_header_bytes`.
+    fn check_request_line(
+        &self,
+        req: &RequestHeader,
+        framed_both_ways: bool,
+    ) -> Result<(), GatewayError> {
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
+        }
+        if framed_both_ways {
+            return Err(GatewayError::ConflictingFraming);
         }
         if target::header_size(req) > self.shared.config.server.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge);
