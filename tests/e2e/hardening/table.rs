@@ -822,38 +822,38 @@ fn management_routing(k: &Keys<'_>) -> Vec<Row> {
 /// Management requests refused for their parameters or scope.
 fn management_queries(k: &Keys<'_>) -> Vec<Row> {
     let a = k.a;
-    let mut rows = Vec::new();
-    rows.push(row(
-        "audit with a key lacking keys:manage",
-        request("GET", "/_keygate/audit", &[h("x-api-key", a)], None),
-        Refused(403, "insufficient_scope"),
-    ));
-    rows.push(row(
-        "limit=0",
-        admin_get("/_keygate/keys?limit=0"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "limit=99999999999999999999",
-        admin_get("/_keygate/keys?limit=99999999999999999999"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "forged cursor",
-        admin_get("/_keygate/keys?cursor=%00%ff'--"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "unknown key id",
-        admin_get("/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
-        Refused(404, "not_found"),
-    ));
-    rows.push(row(
-        "key id with percent-encoded junk",
-        admin_get("/_keygate/keys/%00%ff%0d%0a"),
-        Refused(404, "not_found"),
-    ));
-    rows
+    vec![
+        row(
+            "audit with a key lacking keys:manage",
+            request("GET", "/_keygate/audit", &[h("x-api-key", a)], None),
+            Refused(403, "insufficient_scope"),
+        ),
+        row(
+            "limit=0",
+            admin_get("/_keygate/keys?limit=0"),
+            Refused(422, "validation_failed"),
+        ),
+        row(
+            "limit=99999999999999999999",
+            admin_get("/_keygate/keys?limit=99999999999999999999"),
+            Refused(422, "validation_failed"),
+        ),
+        row(
+            "forged cursor",
+            admin_get("/_keygate/keys?cursor=%00%ff'--"),
+            Refused(422, "validation_failed"),
+        ),
+        row(
+            "unknown key id",
+            admin_get("/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+            Refused(404, "not_found"),
+        ),
+        row(
+            "key id with percent-encoded junk",
+            admin_get("/_keygate/keys/%00%ff%0d%0a"),
+            Refused(404, "not_found"),
+        ),
+    ]
 }
 
 /// Methods the API does not serve.
