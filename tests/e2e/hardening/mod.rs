@@ -322,36 +322,8 @@ async fn hostile_requests_table() {
     let mut secrets = vec![a.clone(), b.clone(), ADMIN.to_string()];
     let (failures, bodies) = run_rows(config.listen, &rows, &upstream, &secrets).await;
 
-    // The gateway still serves.
+    assert_still_serving(&mut gateway, &upstream, &a).await;
     let client = client();
-    assert_eq!(
-        proxied_status(&client, &gateway.base, &a).await,
-        Ok(200),
-        "a valid request after the table"
-    );
-    let healthz = client
-        .get(format!("{}/healthz", gateway.admin))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(healthz.status(), 200);
-    assert!(
-        gateway
-            .child
-            .as_mut()
-            .expect("running")
-            .try_wait()
-            .expect("wait")
-            .is_none(),
-        "the gateway process died"
-    );
-    assert!(
-        upstream
-            .seen()
-            .iter()
-            .all(|s| !s.path_and_query.contains("smuggled")),
-        "a smuggled request reached the upstream"
-    );
     assert!(
         failures.is_empty(),
         "{} of {} rows failed:\n{}",
@@ -398,6 +370,41 @@ async fn hostile_requests_table() {
     let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop(), "keygate did not exit cleanly");
     assert_no_secrets(&config, &metrics, &error_bodies, &secrets);
+}
+
+/// After the table the gateway still serves: a valid request, /healthz, the process alive, and
+/// no smuggled request reached the upstream.
+async fn assert_still_serving(gateway: &mut Gateway, upstream: &Upstream, a: &str) {
+    // The gateway still serves.
+    let client = client();
+    assert_eq!(
+        proxied_status(&client, &gateway.base, a).await,
+        Ok(200),
+        "a valid request after the table"
+    );
+    let healthz = client
+        .get(format!("{}/healthz", gateway.admin))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(healthz.status(), 200);
+    assert!(
+        gateway
+            .child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the gateway process died"
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|s| !s.path_and_query.contains("smuggled")),
+        "a smuggled request reached the upstream"
+    );
 }
 
 // ---------------------------------------------------------------- found bugs, one each
@@ -574,90 +581,9 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
     let key_id = record["id"].as_str().expect("id").to_string();
     let gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
 
-    // Refused: each answered with keygate's JSON error, nothing reaches the upstream, and
-    // none counts as usage.
-    let big_chunk = "a".repeat(16 * 1024);
-    let five_big_chunks =
-        format!("{:x}\r\n{big_chunk}\r\n", big_chunk.len()).repeat(5) + "0\r\n\r\n";
-    let refused: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
-        (
-            "bad chunk size",
-            chunked_post("/chunky", &key, "", "zz\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "bad chunk after a good one",
-            chunked_post(
-                "/chunky",
-                &key,
-                "",
-                "5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
-            ),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "chunk data longer than its size",
-            chunked_post("/chunky", &key, "", "3\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "body cut off, then EOF",
-            chunked_post("/chunky", &key, "", "5\r\nhello\r\n"),
-            true,
-            400,
-            "bad_request",
-        ),
-        (
-            "bad chunk size on an auth = none route",
-            chunked_post("/open/chunky", &key, "", "zz\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "80 KiB in chunks (over the 64 KiB limit)",
-            chunked_post("/chunky", &key, "", &five_big_chunks),
-            false,
-            413,
-            "payload_too_large",
-        ),
-    ];
-    for (name, bytes, half_close, status, code) in &refused {
-        let answer = exchange(config.listen, bytes, *half_close).await;
-        let Answer::Response(response) = &answer else {
-            panic!("{name}: no answer: {}", answer.describe());
-        };
-        assert_eq!(
-            (response.status, response.error_code().as_deref()),
-            (*status, Some(*code)),
-            "{name}: {}",
-            answer.describe()
-        );
-        assert_eq!(response.header("connection"), Some("close"), "{name}");
-    }
+    bad_chunked_bodies_are_refused(config.listen, &key).await;
 
-    // A body that stalls is answered 408 once header_read_timeout_seconds has passed.
-    let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
-        .await
-        .expect("connect");
-    stream
-        .write_all(&chunked_post("/chunky", &key, "", "5\r\nhel"))
-        .await
-        .expect("write");
-    let stalled = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
-        .await
-        .expect("an answer before 10 s")
-        .expect("a response");
-    assert_eq!(
-        (stalled.status, stalled.error_code().as_deref()),
-        (408, Some("request_timeout"))
-    );
+    a_stalled_body_is_answered_408(config.listen, &key).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen: Vec<String> = upstream
@@ -671,42 +597,7 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
         0
     );
 
-    // Forwarded: the body arrives whole, framed by Content-Length, without the chunked
-    // coding, its extensions, its trailer or the Expect that keygate answered itself.
-    let mut body = String::new();
-    let mut chunks = String::new();
-    for (i, piece) in ["{\"a\":", "1,", "\"b\":\"", &"x".repeat(40_000), "\"}"]
-        .iter()
-        .enumerate()
-    {
-        body.push_str(piece);
-        chunks.push_str(&format!("{:x};ext={i}\r\n{piece}\r\n", piece.len()));
-    }
-    chunks.push_str("0\r\nx-trailer: t\r\n\r\n");
-    for (name, extra) in [
-        ("plain", ""),
-        ("with Expect: 100-continue", "Expect: 100-continue\r\n"),
-    ] {
-        let before = upstream.count();
-        let answer = exchange(
-            config.listen,
-            &chunked_post("/ok", &key, extra, &chunks),
-            false,
-        )
-        .await;
-        assert!(
-            matches!(&answer, Answer::Response(r) if r.status == 200),
-            "{name}: {}",
-            answer.describe()
-        );
-        assert_eq!(upstream.count(), before + 1, "{name}");
-        let seen = upstream.seen().pop().expect("seen");
-        assert_eq!(seen.body, body.as_bytes(), "{name}");
-        assert_eq!(seen.header("content-length"), Some(body.len().to_string()));
-        assert!(!seen.has_header("transfer-encoding"), "{name}");
-        assert!(!seen.has_header("expect"), "{name}");
-        assert!(!seen.has_header("x-api-key"), "{name}");
-    }
+    chunked_bodies_are_forwarded_whole(config.listen, &key, &upstream).await;
     // An empty chunked body is forwarded as Content-Length: 0.
     let answer = exchange(
         config.listen,
@@ -742,6 +633,128 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
         key_record(&gateway.base, ADMIN, &key_id).await["usage_count"],
         4
     );
+}
+
+/// Forwarded: a chunked body arrives whole, framed by Content-Length, without the chunked
+/// coding, its extensions, its trailer or the Expect that keygate answered itself.
+async fn chunked_bodies_are_forwarded_whole(port: u16, key: &str, upstream: &Upstream) {
+    // Forwarded: the body arrives whole, framed by Content-Length, without the chunked
+    // coding, its extensions, its trailer or the Expect that keygate answered itself.
+    let mut body = String::new();
+    let mut chunks = String::new();
+    for (i, piece) in ["{\"a\":", "1,", "\"b\":\"", &"x".repeat(40_000), "\"}"]
+        .iter()
+        .enumerate()
+    {
+        body.push_str(piece);
+        chunks.push_str(&format!("{:x};ext={i}\r\n{piece}\r\n", piece.len()));
+    }
+    chunks.push_str("0\r\nx-trailer: t\r\n\r\n");
+    for (name, extra) in [
+        ("plain", ""),
+        ("with Expect: 100-continue", "Expect: 100-continue\r\n"),
+    ] {
+        let before = upstream.count();
+        let answer = exchange(port, &chunked_post("/ok", key, extra, &chunks), false).await;
+        assert!(
+            matches!(&answer, Answer::Response(r) if r.status == 200),
+            "{name}: {}",
+            answer.describe()
+        );
+        assert_eq!(upstream.count(), before + 1, "{name}");
+        let seen = upstream.seen().pop().expect("seen");
+        assert_eq!(seen.body, body.as_bytes(), "{name}");
+        assert_eq!(seen.header("content-length"), Some(body.len().to_string()));
+        assert!(!seen.has_header("transfer-encoding"), "{name}");
+        assert!(!seen.has_header("expect"), "{name}");
+        assert!(!seen.has_header("x-api-key"), "{name}");
+    }
+}
+
+/// A body that stalls is answered 408 once header_read_timeout_seconds has passed.
+async fn a_stalled_body_is_answered_408(port: u16, key: &str) {
+    // A body that stalls is answered 408 once header_read_timeout_seconds has passed.
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream
+        .write_all(&chunked_post("/chunky", key, "", "5\r\nhel"))
+        .await
+        .expect("write");
+    let stalled = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
+        .await
+        .expect("an answer before 10 s")
+        .expect("a response");
+    assert_eq!(
+        (stalled.status, stalled.error_code().as_deref()),
+        (408, Some("request_timeout"))
+    );
+}
+
+/// Bad chunked bodies are each answered with keygate's JSON error and a close.
+async fn bad_chunked_bodies_are_refused(port: u16, key: &str) {
+    // Refused: each answered with keygate's JSON error, nothing reaches the upstream, and
+    // none counts as usage.
+    let big_chunk = "a".repeat(16 * 1024);
+    let five_big_chunks =
+        format!("{:x}\r\n{big_chunk}\r\n", big_chunk.len()).repeat(5) + "0\r\n\r\n";
+    let refused: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
+        (
+            "bad chunk size",
+            chunked_post("/chunky", key, "", "zz\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "bad chunk after a good one",
+            chunked_post("/chunky", key, "", "5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "chunk data longer than its size",
+            chunked_post("/chunky", key, "", "3\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "body cut off, then EOF",
+            chunked_post("/chunky", key, "", "5\r\nhello\r\n"),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "bad chunk size on an auth = none route",
+            chunked_post("/open/chunky", key, "", "zz\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "80 KiB in chunks (over the 64 KiB limit)",
+            chunked_post("/chunky", key, "", &five_big_chunks),
+            false,
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (name, bytes, half_close, status, code) in &refused {
+        let answer = exchange(port, bytes, *half_close).await;
+        let Answer::Response(response) = &answer else {
+            panic!("{name}: no answer: {}", answer.describe());
+        };
+        assert_eq!(
+            (response.status, response.error_code().as_deref()),
+            (*status, Some(*code)),
+            "{name}: {}",
+            answer.describe()
+        );
+        assert_eq!(response.header("connection"), Some("close"), "{name}");
+    }
 }
 
 /// Contract sections 3 and 7: logs record paths without their query string, because a key
@@ -912,64 +925,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
         let created_before = acked.lock().expect("lock").created.len();
         let revoked_before = acked.lock().expect("lock").revoked.len();
         let traffic_done = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for t in 0..4 {
-            let (stop, acked, base) = (Arc::clone(&stop), Arc::clone(&acked), gateway.base.clone());
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                let mut i = 0u32;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let body =
-                        serde_json::json!({"owner": "burst", "name": format!("c{cycle}-t{t}-{i}")});
-                    let Ok((id, key)) = admin_create(&client, &base, body).await else {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    };
-                    let revoke = i.is_multiple_of(3);
-                    {
-                        let mut acked = acked.lock().expect("lock");
-                        acked.created.push((id.clone(), key.clone()));
-                        if revoke {
-                            acked.revoke_sent.insert(key.clone());
-                        } else {
-                            acked.live.push(key.clone());
-                        }
-                    }
-                    if revoke && admin_revoke(&client, &base, &id).await.is_ok() {
-                        acked.lock().expect("lock").revoked.insert(key);
-                    }
-                }
-                Vec::new()
-            }));
-        }
-        for t in 0..2u64 {
-            let (stop, acked, base, done) = (
-                Arc::clone(&stop),
-                Arc::clone(&acked),
-                gateway.base.clone(),
-                Arc::clone(&traffic_done),
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                let mut rng = XorShift(0x1234_5678 + t * 7919 + cycle as u64);
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    let key = {
-                        let acked = acked.lock().expect("lock");
-                        acked.live[rng.below(acked.live.len() as u64) as usize].clone()
-                    };
-                    match proxied_status(&client, &base, &key).await {
-                        Ok(200) => {}
-                        // Only a live process answers; any answer but 200 is wrong.
-                        Ok(status) => errors.push(format!("cycle {cycle}: live key got {status}")),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                errors
-            }));
-        }
+        let tasks = spawn_burst(cycle, &gateway.base, &stop, &acked, &traffic_done);
         let mid_burst = eventually(Duration::from_secs(40), || {
             let acked = Arc::clone(&acked);
             let done = Arc::clone(&traffic_done);
@@ -993,58 +949,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
 
         // Restart on the same store; it must open and serve.
         gateway = Gateway::start_with_env(&config, &env).await;
-        let client = client();
-        let ready = client
-            .get(format!("{}/readyz", gateway.admin))
-            .send()
-            .await
-            .expect("readyz");
-        assert_eq!(
-            ready.status(),
-            200,
-            "cycle {cycle}: /readyz after the restart"
-        );
-        let snapshot: Vec<(String, bool, bool)> = {
-            let acked = acked.lock().expect("lock");
-            acked
-                .created
-                .iter()
-                .map(|(_, key)| {
-                    (
-                        key.clone(),
-                        acked.revoke_sent.contains(key),
-                        acked.revoked.contains(key),
-                    )
-                })
-                .collect()
-        };
-        let mut wrong = Vec::new();
-        for (key, revoke_sent, revoked) in &snapshot {
-            let status = proxied_status(&client, &gateway.base, key).await;
-            let fine = match (revoke_sent, revoked) {
-                (_, true) => status == Ok(401),
-                (false, false) => status == Ok(200),
-                // Revoke sent, answer lost in the kill: either outcome is allowed.
-                (true, false) => status == Ok(200) || status == Ok(401),
-            };
-            if !fine {
-                wrong.push(format!(
-                    "{}… revoke sent {revoke_sent}, acknowledged {revoked}: got {status:?}",
-                    &key[..8]
-                ));
-            }
-        }
-        assert!(
-            wrong.is_empty(),
-            "cycle {cycle}: {} of {} acknowledged changes lost after kill -9:\n{}",
-            wrong.len(),
-            snapshot.len(),
-            wrong.join("\n")
-        );
-        assert_eq!(
-            proxied_status(&client, &gateway.base, &seed_key).await,
-            Ok(200)
-        );
+        assert_acknowledged_after_restart(cycle, &gateway, &acked, &seed_key).await;
     }
     assert!(traffic_errors.is_empty(), "{}", traffic_errors.join("\n"));
 
@@ -1054,12 +959,27 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
         "keygate did not exit cleanly after the kills"
     );
     // Offline, the store opens and holds every acknowledged change.
-    let records = cli_list(&config, Some("burst"));
+    let acked = acked.lock().expect("lock");
+    assert_store_holds(&config, &acked);
+    eprintln!(
+        "kill -9 x3: {} acknowledged creates, {} acknowledged revokes",
+        acked.created.len(),
+        acked.revoked.len()
+    );
+    let mut secrets: Vec<String> = acked.created.iter().map(|(_, k)| k.clone()).collect();
+    secrets.push(seed_key);
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// Offline, `keys list` shows every acknowledged create, with every acknowledged revoke, and
+/// no revoke that was never sent.
+fn assert_store_holds(config: &GatewayConfig, acked: &Acked) {
+    let records = cli_list(config, Some("burst"));
     let by_id: HashMap<&str, &serde_json::Value> = records
         .iter()
         .map(|r| (r["id"].as_str().expect("id"), r))
         .collect();
-    let acked = acked.lock().expect("lock");
     for (id, key) in &acked.created {
         let record = by_id
             .get(id.as_str())
@@ -1076,15 +996,138 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
             );
         }
     }
-    eprintln!(
-        "kill -9 x3: {} acknowledged creates, {} acknowledged revokes",
-        acked.created.len(),
-        acked.revoked.len()
+}
+
+/// After a restart: /readyz is 200, every acknowledged create is admitted and every
+/// acknowledged revoke refused (a revoke whose answer the kill lost may go either way).
+async fn assert_acknowledged_after_restart(
+    cycle: u64,
+    gateway: &Gateway,
+    acked: &Arc<Mutex<Acked>>,
+    seed_key: &str,
+) {
+    let client = client();
+    let ready = client
+        .get(format!("{}/readyz", gateway.admin))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "cycle {cycle}: /readyz after the restart"
     );
-    let mut secrets: Vec<String> = acked.created.iter().map(|(_, k)| k.clone()).collect();
-    secrets.push(seed_key);
-    secrets.push(ADMIN.to_string());
-    assert_no_secrets(&config, &metrics, &[], &secrets);
+    let snapshot: Vec<(String, bool, bool)> = {
+        let acked = acked.lock().expect("lock");
+        acked
+            .created
+            .iter()
+            .map(|(_, key)| {
+                (
+                    key.clone(),
+                    acked.revoke_sent.contains(key),
+                    acked.revoked.contains(key),
+                )
+            })
+            .collect()
+    };
+    let mut wrong = Vec::new();
+    for (key, revoke_sent, revoked) in &snapshot {
+        let status = proxied_status(&client, &gateway.base, key).await;
+        let fine = match (revoke_sent, revoked) {
+            (_, true) => status == Ok(401),
+            (false, false) => status == Ok(200),
+            // Revoke sent, answer lost in the kill: either outcome is allowed.
+            (true, false) => status == Ok(200) || status == Ok(401),
+        };
+        if !fine {
+            wrong.push(format!(
+                "{}… revoke sent {revoke_sent}, acknowledged {revoked}: got {status:?}",
+                &key[..8]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "cycle {cycle}: {} of {} acknowledged changes lost after kill -9:\n{}",
+        wrong.len(),
+        snapshot.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(
+        proxied_status(&client, &gateway.base, seed_key).await,
+        Ok(200)
+    );
+}
+
+/// The burst of one cycle: 4 tasks creating keys (every third revoked at once) and 2 sending
+/// traffic with live keys, until `stop`; the traffic tasks return their errors.
+fn spawn_burst(
+    cycle: u64,
+    base: &str,
+    stop: &Arc<AtomicBool>,
+    acked: &Arc<Mutex<Acked>>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (stop, acked, base) = (Arc::clone(stop), Arc::clone(acked), base.to_string());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut i = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let body =
+                    serde_json::json!({"owner": "burst", "name": format!("c{cycle}-t{t}-{i}")});
+                let Ok((id, key)) = admin_create(&client, &base, body).await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let revoke = i.is_multiple_of(3);
+                {
+                    let mut acked = acked.lock().expect("lock");
+                    acked.created.push((id.clone(), key.clone()));
+                    if revoke {
+                        acked.revoke_sent.insert(key.clone());
+                    } else {
+                        acked.live.push(key.clone());
+                    }
+                }
+                if revoke && admin_revoke(&client, &base, &id).await.is_ok() {
+                    acked.lock().expect("lock").revoked.insert(key);
+                }
+            }
+            Vec::new()
+        }));
+    }
+    for t in 0..2u64 {
+        let (stop, acked, base, done) = (
+            Arc::clone(stop),
+            Arc::clone(acked),
+            base.to_string(),
+            Arc::clone(done),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut rng = XorShift(0x1234_5678 + t * 7919 + cycle);
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let key = {
+                    let acked = acked.lock().expect("lock");
+                    acked.live[rng.below(acked.live.len() as u64) as usize].clone()
+                };
+                match proxied_status(&client, &base, &key).await {
+                    Ok(200) => {}
+                    // Only a live process answers; any answer but 200 is wrong.
+                    Ok(status) => errors.push(format!("cycle {cycle}: live key got {status}")),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            errors
+        }));
+    }
+    tasks
 }
 
 // ---------------------------------------------------------------- 4. upstream lost under load
@@ -1188,43 +1231,7 @@ async fn upstream_loss_under_load() -> LossRun {
 
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (outcomes, stop, base, key) = (
-            Arc::clone(&outcomes),
-            Arc::clone(&stop),
-            gateway.base.clone(),
-            key.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let client = client();
-            while !stop.load(Ordering::SeqCst) {
-                let sent = Instant::now();
-                let result = match client
-                    .get(format!("{base}/load"))
-                    .header("x-api-key", &key)
-                    .send()
-                    .await
-                {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let who = resp
-                            .headers()
-                            .get("x-upstream")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        let _ = resp.bytes().await;
-                        match (status, who) {
-                            (200, Some(who)) => Ok(who),
-                            (status, _) => Err(format!("status {status}")),
-                        }
-                    }
-                    Err(e) => Err(format!("transport: {e}")),
-                };
-                outcomes.lock().expect("lock").push((sent, result));
-            }
-        }));
-    }
+    let tasks = spawn_load(&gateway.base, &key, &outcomes, &stop);
     let count = |outcomes: &Arc<Mutex<Vec<Outcome>>>, after: Option<Instant>| {
         outcomes
             .lock()
@@ -1286,6 +1293,53 @@ async fn upstream_loss_under_load() -> LossRun {
         marked_at,
         dead_served_after_mark: a.count() - a_at_mark,
     }
+}
+
+/// Steady load from 4 clients, each recording every outcome, until `stop`.
+fn spawn_load(
+    base: &str,
+    key: &str,
+    outcomes: &Arc<Mutex<Vec<Outcome>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (outcomes, stop, base, key) = (
+            Arc::clone(outcomes),
+            Arc::clone(stop),
+            base.to_string(),
+            key.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let result = match client
+                    .get(format!("{base}/load"))
+                    .header("x-api-key", &key)
+                    .send()
+                    .await
+                {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let who = resp
+                            .headers()
+                            .get("x-upstream")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let _ = resp.bytes().await;
+                        match (status, who) {
+                            (200, Some(who)) => Ok(who),
+                            (status, _) => Err(format!("status {status}")),
+                        }
+                    }
+                    Err(e) => Err(format!("transport: {e}")),
+                };
+                outcomes.lock().expect("lock").push((sent, result));
+            }
+        }));
+    }
+    tasks
 }
 
 fn count_after(outcomes: &[Outcome], t: Instant) -> usize {
@@ -1484,10 +1538,31 @@ async fn two_hundred_creates(clients: usize) {
         assert_eq!(check.await.expect("check"), Ok(200));
     }
 
+    assert_all_listed(&client, &gateway.base, &ids).await;
+
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    let records = cli_list(&config, Some("bulk-owner"));
+    let stored: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        stored, ids,
+        "keys list after the stop differs from the creates"
+    );
+    let mut secrets: Vec<String> = created.into_iter().map(|(_, k)| k).collect();
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// The admin lists exactly `ids` for bulk-owner, in one page and page by page, never with a
+/// raw key.
+async fn assert_all_listed(client: &reqwest::Client, base: &str, ids: &BTreeSet<&str>) {
     // All listed: in one page, and page by page.
     let list = |query: String| {
         let client = client.clone();
-        let base = gateway.base.clone();
+        let base = base.to_string();
         async move {
             let resp = client
                 .get(format!("{base}/_keygate/keys?{query}"))
@@ -1509,7 +1584,7 @@ async fn two_hundred_creates(clients: usize) {
             r["id"].as_str().expect("id")
         })
         .collect();
-    assert_eq!(listed, ids, "the listing differs from the creates");
+    assert_eq!(&listed, ids, "the listing differs from the creates");
     assert!(page["next_cursor"].is_null());
     let mut paged = Vec::new();
     let mut cursor: Option<String> = None;
@@ -1531,23 +1606,8 @@ async fn two_hundred_creates(clients: usize) {
     assert_eq!(paged.len(), 200, "pages hold {} records", paged.len());
     assert_eq!(
         paged.iter().map(String::as_str).collect::<BTreeSet<_>>(),
-        ids
+        *ids
     );
-
-    let metrics = scrape_metrics(&gateway.admin).await;
-    assert!(gateway.stop());
-    let records = cli_list(&config, Some("bulk-owner"));
-    let stored: BTreeSet<&str> = records
-        .iter()
-        .map(|r| r["id"].as_str().expect("id"))
-        .collect();
-    assert_eq!(
-        stored, ids,
-        "keys list after the stop differs from the creates"
-    );
-    let mut secrets: Vec<String> = created.into_iter().map(|(_, k)| k).collect();
-    secrets.push(ADMIN.to_string());
-    assert_no_secrets(&config, &metrics, &[], &secrets);
 }
 
 /// 5. 200 creates at once (200 concurrent admin clients).
@@ -1597,30 +1657,7 @@ async fn no_request_after_a_revoke_answer_is_admitted() {
         };
         let log: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let (log, stop, url, value) = (
-                Arc::clone(&log),
-                Arc::clone(&stop),
-                format!("{}/race", gateway.base),
-                value.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                while !stop.load(Ordering::SeqCst) {
-                    let sent = Instant::now();
-                    let status = match client.get(&url).header(header, &value).send().await {
-                        Ok(resp) => {
-                            let status = resp.status().as_u16();
-                            let _ = resp.bytes().await;
-                            status
-                        }
-                        Err(_) => 0,
-                    };
-                    log.lock().expect("lock").push((sent, status));
-                }
-            }));
-        }
+        let tasks = spawn_hammers(&gateway.base, header, &value, &log, &stop);
         let warmed = eventually(Duration::from_secs(20), || {
             let ok = log
                 .lock()
@@ -1651,33 +1688,77 @@ async fn no_request_after_a_revoke_answer_is_admitted() {
             task.await.expect("hammer task");
         }
         assert!(enough, "round {round}: too few requests after the revoke");
-        let log = log.lock().expect("lock");
-        let unexpected: Vec<&(Instant, u16)> =
-            log.iter().filter(|(_, s)| *s != 200 && *s != 401).collect();
-        assert!(
-            unexpected.is_empty(),
-            "round {round}: statuses other than 200/401: {unexpected:?}"
-        );
-        let admitted_after: Vec<Duration> = log
-            .iter()
-            .filter(|(sent, s)| *sent > answered && *s == 200)
-            .map(|(sent, _)| *sent - answered)
-            .collect();
-        let after = log.iter().filter(|(sent, _)| *sent > answered).count();
-        eprintln!(
-            "round {round} ({header}): {} requests, {after} sent after the revoke answer",
-            log.len()
-        );
-        assert!(
-            admitted_after.is_empty(),
-            "round {round} ({header}): {} of {after} requests sent after the revoke was answered got 200 (sent that long after it: {:?})",
-            admitted_after.len(),
-            &admitted_after[..admitted_after.len().min(5)]
-        );
+        assert_none_admitted_after(round, header, &log.lock().expect("lock"), answered);
     }
     let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop());
     assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// Only 200s and 401s, and no 200 for a request sent after the revoke was answered.
+fn assert_none_admitted_after(
+    round: usize,
+    header: &str,
+    log: &[(Instant, u16)],
+    answered: Instant,
+) {
+    let unexpected: Vec<&(Instant, u16)> =
+        log.iter().filter(|(_, s)| *s != 200 && *s != 401).collect();
+    assert!(
+        unexpected.is_empty(),
+        "round {round}: statuses other than 200/401: {unexpected:?}"
+    );
+    let admitted_after: Vec<Duration> = log
+        .iter()
+        .filter(|(sent, s)| *sent > answered && *s == 200)
+        .map(|(sent, _)| *sent - answered)
+        .collect();
+    let after = log.iter().filter(|(sent, _)| *sent > answered).count();
+    eprintln!(
+        "round {round} ({header}): {} requests, {after} sent after the revoke answer",
+        log.len()
+    );
+    assert!(
+        admitted_after.is_empty(),
+        "round {round} ({header}): {} of {after} requests sent after the revoke was answered got 200 (sent that long after it: {:?})",
+        admitted_after.len(),
+        &admitted_after[..admitted_after.len().min(5)]
+    );
+}
+
+/// 4 tasks sending `header: value` to the proxy, each logging (sent, status) until `stop`.
+fn spawn_hammers(
+    base: &str,
+    header: &'static str,
+    value: &str,
+    log: &Arc<Mutex<Vec<(Instant, u16)>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (log, stop, url, value) = (
+            Arc::clone(log),
+            Arc::clone(stop),
+            format!("{base}/race"),
+            value.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let status = match client.get(&url).header(header, &value).send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let _ = resp.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                log.lock().expect("lock").push((sent, status));
+            }
+        }));
+    }
+    tasks
 }
 
 // ---------------------------------------------------------------- 7. secrets
@@ -1737,92 +1818,9 @@ async fn hostile_traffic_leaks_no_secret() {
         }
     };
     for key in [k, api_key.as_str(), rotated_key.as_str(), unknown.as_str()] {
-        // In the query string: admitted (with a header) and refused (without).
-        send(request(
-            "GET",
-            &format!("/q?api_key={key}&key={key}"),
-            &[h("x-api-key", key)],
-            None,
-        ))
-        .await;
-        send(request("GET", &format!("/q?api_key={key}"), &[], None)).await;
-        send(request(
-            "GET",
-            &format!("/_keygate/keys?owner={key}&cursor={key}"),
-            &[h("x-api-key", key)],
-            None,
-        ))
-        .await;
-        // Conflicting, malformed, mangled.
-        send(request(
-            "GET",
-            "/c",
-            &[h("x-api-key", key), h("key", &api_key)],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            "/c",
-            &[h("x-api-key", format!("{key}x"))],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            "/c",
-            &[h("authorization", format!("Basic {key}"))],
-            None,
-        ))
-        .await;
-        // Refused by the HTTP layer: a control character elsewhere, an oversized block.
-        send(request(
-            "GET",
-            "/m",
-            &[h("x-api-key", key), h("x-other", b"a\x01b")],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            &format!("/m?{key}"),
-            &[h("x-api-key", key), h("x-pad", "p".repeat(1100 * 1024))],
-            None,
-        ))
-        .await;
-        send(format!("GET /m?{key} HTTP/9.9\r\nx-api-key: {key}\r\n\r\n").into_bytes()).await;
-        // Bodies the API refuses.
-        send(request(
-            "POST",
-            "/_keygate/keys/revoke",
-            &[admin_auth()],
-            Some(format!("{{\"key\": \"{key}\"").as_bytes()),
-        ))
-        .await;
-        send(request(
-            "POST",
-            "/_keygate/keys/revoke",
-            &[admin_auth()],
-            Some(format!("[\"{key}\"]").as_bytes()),
-        ))
-        .await;
-        send(request(
-            "POST",
-            "/_keygate/keys",
-            &[h("x-api-key", key)],
-            Some(format!("{{\"name\": 5, \"owner\": \"{key}\"}}").as_bytes()),
-        ))
-        .await;
-        // A wrong admin token that looks like the real one.
-        send(request(
-            "GET",
-            "/_keygate/audit",
-            &[h("authorization", format!("Bearer {ADMIN}{key}"))],
-            None,
-        ))
-        .await;
-        // An upstream timeout with the key in a header.
-        send(request("GET", "/hang/slow", &[h("x-api-key", key)], None)).await;
+        for bytes in hostile_requests(key, &api_key) {
+            send(bytes).await;
+        }
     }
     // A leak report: revoke by value.
     let resp = client
@@ -1846,4 +1844,82 @@ async fn hostile_traffic_leaks_no_secret() {
         ADMIN.to_string(),
     ];
     assert_no_secrets(&config, &metrics, &bodies, &secrets);
+}
+
+/// The requests `hostile_traffic_leaks_no_secret` sends for each key: in query strings
+/// (admitted and refused), conflicting, malformed, refused by the HTTP layer, in bodies the
+/// API refuses, glued to the admin token, and waiting on an upstream timeout.
+fn hostile_requests(key: &str, api_key: &str) -> Vec<Vec<u8>> {
+    vec![
+        // In the query string: admitted (with a header) and refused (without).
+        request(
+            "GET",
+            &format!("/q?api_key={key}&key={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ),
+        request("GET", &format!("/q?api_key={key}"), &[], None),
+        request(
+            "GET",
+            &format!("/_keygate/keys?owner={key}&cursor={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ),
+        // Conflicting, malformed, mangled.
+        request(
+            "GET",
+            "/c",
+            &[h("x-api-key", key), h("key", api_key)],
+            None,
+        ),
+        request("GET", "/c", &[h("x-api-key", format!("{key}x"))], None),
+        request(
+            "GET",
+            "/c",
+            &[h("authorization", format!("Basic {key}"))],
+            None,
+        ),
+        // Refused by the HTTP layer: a control character elsewhere, an oversized block.
+        request(
+            "GET",
+            "/m",
+            &[h("x-api-key", key), h("x-other", b"a\x01b")],
+            None,
+        ),
+        request(
+            "GET",
+            &format!("/m?{key}"),
+            &[h("x-api-key", key), h("x-pad", "p".repeat(1100 * 1024))],
+            None,
+        ),
+        format!("GET /m?{key} HTTP/9.9\r\nx-api-key: {key}\r\n\r\n").into_bytes(),
+        // Bodies the API refuses.
+        request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("{{\"key\": \"{key}\"").as_bytes()),
+        ),
+        request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("[\"{key}\"]").as_bytes()),
+        ),
+        request(
+            "POST",
+            "/_keygate/keys",
+            &[h("x-api-key", key)],
+            Some(format!("{{\"name\": 5, \"owner\": \"{key}\"}}").as_bytes()),
+        ),
+        // A wrong admin token that looks like the real one.
+        request(
+            "GET",
+            "/_keygate/audit",
+            &[h("authorization", format!("Bearer {ADMIN}{key}"))],
+            None,
+        ),
+        // An upstream timeout with the key in a header.
+        request("GET", "/hang/slow", &[h("x-api-key", key)], None),
+    ]
 }
