@@ -1866,12 +1866,7 @@ fn hostile_requests(key: &str, api_key: &str) -> Vec<Vec<u8>> {
             None,
         ),
         // Conflicting, malformed, mangled.
-        request(
-            "GET",
-            "/c",
-            &[h("x-api-key", key), h("key", api_key)],
-            None,
-        ),
+        request("GET", "/c", &[h("x-api-key", key), h("key", api_key)], None),
         request("GET", "/c", &[h("x-api-key", format!("{key}x"))], None),
         request(
             "GET",
