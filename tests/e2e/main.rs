@@ -12,6 +12,7 @@ mod cluster_outage;
 mod hardening;
 mod limits;
 mod observability;
+mod openapi;
 mod proxy;
 mod store_conformance;
 mod store_faults;
