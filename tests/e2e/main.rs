@@ -14,6 +14,7 @@ mod hardening;
 mod layout;
 mod limits;
 mod observability;
+mod openapi;
 mod proxy;
 mod security;
 mod store_conformance;

@@ -241,6 +241,11 @@ async fn every_family_is_exported_with_traffic_counted() {
         1.0
     );
 
+    promtool_agrees_where_installed(&text);
+}
+
+/// promtool, where installed, agrees the exposition is well-formed.
+fn promtool_agrees_where_installed(text: &str) {
     // promtool, where installed, agrees the exposition is well-formed.
     if let Ok(mut child) = std::process::Command::new("promtool")
         .args(["check", "metrics"])
@@ -315,50 +320,7 @@ async fn no_secret_in_logs_metrics_or_store() {
     let (config, _upstream, mut gateway, key, limited, expired) = observed_gateway().await;
     let unknown = traffic_of_every_outcome(&gateway.base, &key, &limited, &expired).await;
 
-    // Keys made through the API too: create, rotate, revoke by value.
-    let c = client();
-    let created: serde_json::Value = c
-        .post(format!("{}/_keygate/keys", gateway.base))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"owner": "dave", "scopes": ["keys:manage"]}))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("JSON");
-    let api_key = created["key"].as_str().expect("key").to_string();
-    let rotated: serde_json::Value = c
-        .post(format!(
-            "{}/_keygate/keys/{}/rotate",
-            gateway.base,
-            created["id"].as_str().expect("id")
-        ))
-        .header("x-api-key", &api_key)
-        .json(&serde_json::json!({"grace_seconds": 60}))
-        .send()
-        .await
-        .expect("rotate")
-        .json()
-        .await
-        .expect("JSON");
-    let rotated_key = rotated["key"].as_str().expect("key").to_string();
-    let resp = c
-        .post(format!("{}/_keygate/keys/revoke", gateway.base))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"key": rotated_key}))
-        .send()
-        .await
-        .expect("revoke by value");
-    assert_eq!(resp.status(), 200);
-    // A failed admin login must not echo the token attempt either.
-    let resp = c
-        .get(format!("{}/_keygate/keys", gateway.base))
-        .bearer_auth(format!("{ADMIN}-wrong"))
-        .send()
-        .await
-        .expect("wrong token");
-    assert_eq!(resp.status(), 401);
+    let (api_key, rotated_key) = management_traffic_with_secrets(&gateway.base).await;
 
     let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop());
@@ -421,6 +383,56 @@ async fn no_secret_in_logs_metrics_or_store() {
             );
         }
     }
+}
+
+/// Keys made through the API too (create, rotate, then revoke by value), and a failed admin
+/// login; returns the created and the rotated key.
+async fn management_traffic_with_secrets(base: &str) -> (String, String) {
+    // Keys made through the API too: create, rotate, revoke by value.
+    let c = client();
+    let created: serde_json::Value = c
+        .post(format!("{base}/_keygate/keys"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"owner": "dave", "scopes": ["keys:manage"]}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("JSON");
+    let api_key = created["key"].as_str().expect("key").to_string();
+    let rotated: serde_json::Value = c
+        .post(format!(
+            "{}/_keygate/keys/{}/rotate",
+            base,
+            created["id"].as_str().expect("id")
+        ))
+        .header("x-api-key", &api_key)
+        .json(&serde_json::json!({"grace_seconds": 60}))
+        .send()
+        .await
+        .expect("rotate")
+        .json()
+        .await
+        .expect("JSON");
+    let rotated_key = rotated["key"].as_str().expect("key").to_string();
+    let resp = c
+        .post(format!("{base}/_keygate/keys/revoke"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"key": rotated_key}))
+        .send()
+        .await
+        .expect("revoke by value");
+    assert_eq!(resp.status(), 200);
+    // A failed admin login must not echo the token attempt either.
+    let resp = c
+        .get(format!("{base}/_keygate/keys"))
+        .bearer_auth(format!("{ADMIN}-wrong"))
+        .send()
+        .await
+        .expect("wrong token");
+    assert_eq!(resp.status(), 401);
+    (api_key, rotated_key)
 }
 
 #[tokio::test]

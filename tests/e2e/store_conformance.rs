@@ -313,15 +313,6 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
         store.insert(&r).await.expect("insert");
         records.push(r);
     }
-    let sorted_ids = |owner: Option<&str>| {
-        let mut ids: Vec<&str> = records
-            .iter()
-            .filter(|r| owner.is_none_or(|o| r.owner == o))
-            .map(|r| r.id.as_str())
-            .collect();
-        ids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        ids
-    };
 
     store
         .add_usage(&[(
@@ -335,7 +326,7 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
         .expect("usage");
 
     let all = store.list(query(None, None, 100)).await.expect("list");
-    assert_eq!(ids(&all), sorted_ids(None));
+    assert_eq!(ids(&all), sorted_ids(&records, None));
     for entry in &all {
         let original = records
             .iter()
@@ -353,54 +344,32 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
         assert_eq!(entry.usage, expected_usage, "{}", entry.record.id);
     }
 
-    for owner in ["alice", "bob", "ali", "alicee"] {
-        let listed = store
-            .list(query(Some(owner), None, 100))
-            .await
-            .expect("list");
-        assert_eq!(ids(&listed), sorted_ids(Some(owner)), "owner {owner}");
-        assert!(listed.iter().all(|k| k.record.owner == owner));
-    }
-    for owner in ["nobody", "", "al", "ALICE", "alice\u{0}"] {
-        let listed = store
-            .list(query(Some(owner), None, 100))
-            .await
-            .expect("list");
-        assert!(listed.is_empty(), "owner {owner:?} got {:?}", ids(&listed));
-    }
+    assert_owner_filter(&*store, &records).await;
 
-    // Paging with every limit gives the same sequence, each page full but the last.
-    for owner in [None, Some("alice"), Some("bob")] {
-        let expected = sorted_ids(owner);
-        for limit in [1, 2, 3, 4, 100] {
-            let mut seen: Vec<String> = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = store
-                    .list(query(owner, after.as_deref(), limit))
-                    .await
-                    .expect("page");
-                assert!(page.len() <= limit);
-                if page.is_empty() {
-                    break;
-                }
-                let full = page.len() == limit;
-                seen.extend(page.iter().map(|k| k.record.id.clone()));
-                after = seen.last().cloned();
-                if !full {
-                    break;
-                }
-            }
-            assert_eq!(seen, expected, "owner {owner:?}, limit {limit}");
-        }
-    }
+    assert_pages_match(&*store, &records).await;
 
+    assert_cursors_compare_as_bytes(&*store, &records).await;
+}
+
+/// The ids of `records` of `owner` (all with None), in byte order.
+fn sorted_ids<'a>(records: &'a [KeyRecord], owner: Option<&str>) -> Vec<&'a str> {
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter(|r| owner.is_none_or(|o| r.owner == o))
+        .map(|r| r.id.as_str())
+        .collect();
+    ids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    ids
+}
+
+/// A cursor need not be an existing id; it is compared as bytes; limits 0 and usize::MAX.
+async fn assert_cursors_compare_as_bytes(store: &dyn KeyStore, records: &[KeyRecord]) {
     // A cursor need not be an existing id; it is compared as bytes.
     let after_gap = store
         .list(query(None, Some("K-1"), 100))
         .await
         .expect("list");
-    let expected: Vec<&str> = sorted_ids(None)
+    let expected: Vec<&str> = sorted_ids(records, None)
         .into_iter()
         .filter(|id| id.as_bytes() > b"K-1".as_slice())
         .collect();
@@ -410,7 +379,7 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
         .list(query(None, Some("K-\0"), 100))
         .await
         .expect("list");
-    assert_eq!(ids(&after_nul), sorted_ids(None));
+    assert_eq!(ids(&after_nul), sorted_ids(records, None));
     let after_a_nul = store
         .list(query(Some("alice"), Some("K-A\0"), 100))
         .await
@@ -448,8 +417,61 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
             .await
             .expect("list")
             .len(),
-        layout.len()
+        records.len()
     );
+}
+
+/// Paging with every limit gives the same sequence, each page full but the last.
+async fn assert_pages_match(store: &dyn KeyStore, records: &[KeyRecord]) {
+    // Paging with every limit gives the same sequence, each page full but the last.
+    for owner in [None, Some("alice"), Some("bob")] {
+        let expected = sorted_ids(records, owner);
+        for limit in [1, 2, 3, 4, 100] {
+            let mut seen: Vec<String> = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store
+                    .list(query(owner, after.as_deref(), limit))
+                    .await
+                    .expect("page");
+                assert!(page.len() <= limit);
+                if page.is_empty() {
+                    break;
+                }
+                let full = page.len() == limit;
+                seen.extend(page.iter().map(|k| k.record.id.clone()));
+                after = seen.last().cloned();
+                if !full {
+                    break;
+                }
+            }
+            assert_eq!(seen, expected, "owner {owner:?}, limit {limit}");
+        }
+    }
+}
+
+/// Each owner lists exactly its keys (owners that are prefixes of each other included); other
+/// owners, near misses among them, list nothing.
+async fn assert_owner_filter(store: &dyn KeyStore, records: &[KeyRecord]) {
+    for owner in ["alice", "bob", "ali", "alicee"] {
+        let listed = store
+            .list(query(Some(owner), None, 100))
+            .await
+            .expect("list");
+        assert_eq!(
+            ids(&listed),
+            sorted_ids(records, Some(owner)),
+            "owner {owner}"
+        );
+        assert!(listed.iter().all(|k| k.record.owner == owner));
+    }
+    for owner in ["nobody", "", "al", "ALICE", "alice\u{0}"] {
+        let listed = store
+            .list(query(Some(owner), None, 100))
+            .await
+            .expect("list");
+        assert!(listed.is_empty(), "owner {owner:?} got {:?}", ids(&listed));
+    }
 }
 
 async fn add_usage_sums_counts_and_keeps_latest_use(store: Arc<dyn KeyStore>) {

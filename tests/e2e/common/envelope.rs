@@ -107,6 +107,7 @@ pub fn code_of(what: &str, answer: &impl Received) -> String {
 }
 
 /// A response read whole.
+#[derive(Clone)]
 pub struct Reply {
     /// What was asked, for messages (e.g. `GET /keys`).
     pub what: String,

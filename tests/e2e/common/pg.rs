@@ -240,9 +240,15 @@ fn start_local_server() -> Server {
     // From here on the dir (and later the server) is cleaned up when this process exits.
     spawn_watchdog(&bin, as_postgres, &dir, &data);
 
+    init_cluster(&bin, as_postgres, &dir, &data);
+    start_cluster(&bin, as_postgres, &dir, &data, &log)
+}
+
+/// `initdb` of a cluster in `data`: ICU `en-US` collation where available, else libc.
+fn init_cluster(bin: &Path, as_postgres: bool, dir: &Path, data: &Path) {
     let initdb = |icu: bool| {
-        let mut command = tool(&bin, "initdb", as_postgres, &dir);
-        command.arg("-D").arg(&data).args([
+        let mut command = tool(bin, "initdb", as_postgres, dir);
+        command.arg("-D").arg(data).args([
             "-A",
             "trust",
             "-U",
@@ -263,10 +269,14 @@ fn start_local_server() -> Server {
         run(&mut command, "initdb")
     };
     if let Err(icu_error) = initdb(true) {
-        let _ = std::fs::remove_dir_all(&data);
+        let _ = std::fs::remove_dir_all(data);
         initdb(false).unwrap_or_else(|e| panic!("{e}\n(with ICU first: {icu_error})"));
     }
+}
 
+/// `pg_ctl start` of the cluster in `data` on a free loopback port (retried when another
+/// process takes the port first).
+fn start_cluster(bin: &Path, as_postgres: bool, dir: &Path, data: &Path, log: &Path) -> Server {
     let mut last_error = String::new();
     for _attempt in 0..5 {
         let port = free_port();
@@ -276,11 +286,11 @@ fn start_local_server() -> Server {
             dir.display()
         );
         let started = run(
-            tool(&bin, "pg_ctl", as_postgres, &dir)
+            tool(bin, "pg_ctl", as_postgres, dir)
                 .arg("-D")
-                .arg(&data)
+                .arg(data)
                 .arg("-l")
-                .arg(&log)
+                .arg(log)
                 .args(["-w", "-t", "60", "-o", &options, "start"]),
             "pg_ctl start",
         );
@@ -295,7 +305,7 @@ fn start_local_server() -> Server {
                 return Server { admin_url };
             }
             Err(e) => {
-                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                let log_text = std::fs::read_to_string(log).unwrap_or_default();
                 last_error = format!("{e}\nserver log:\n{log_text}");
                 // Someone took the port between our probe and the server's bind: retry.
                 if !log_text.contains("could not bind") && !log_text.contains("already in use") {

@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+mod table;
+
+use table::{Expect, TableKeys, run_rows, table_rows};
+
 const ADMIN: &str = "hardening-admin-token-5b2e91d4-p";
 
 // ---------------------------------------------------------------- key format
@@ -290,1026 +294,6 @@ fn cli_list(config: &GatewayConfig, owner: Option<&str>) -> Vec<serde_json::Valu
 
 // ---------------------------------------------------------------- 1. the table
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Expect {
-    /// keygate's own JSON error with this status and `error.code`; not forwarded.
-    Refused(u16, &'static str),
-    /// 405 `method_not_allowed` with an `Allow` header (exactly this one, when given); not
-    /// forwarded.
-    NotAllowed(Option<&'static str>),
-    /// A management answer with this (2xx) status; not forwarded.
-    Answered(u16),
-    /// Admitted: exactly one request reached the upstream, 200 came back, and the upstream
-    /// saw no key.
-    Forwarded,
-    /// Not valid HTTP/1.1: a bare 400 or a closed connection (contract section 7); not
-    /// forwarded.
-    HttpLayer,
-}
-
-struct Row {
-    name: String,
-    bytes: Vec<u8>,
-    expect: Expect,
-    half_close: bool,
-}
-
-fn row(name: impl Into<String>, bytes: Vec<u8>, expect: Expect) -> Row {
-    Row {
-        name: name.into(),
-        bytes,
-        expect,
-        half_close: false,
-    }
-}
-
-/// Checks one answer against its row; Err describes the mismatch.
-fn judge(
-    row: &Row,
-    answer: &Answer,
-    forwarded: usize,
-    secrets: &[String],
-    upstream: &Upstream,
-) -> Result<(), String> {
-    if let Answer::Response(r) = answer
-        && r.status >= 500
-    {
-        return Err(format!("5xx: {}", answer.describe()));
-    }
-    let expected_forwards = usize::from(row.expect == Expect::Forwarded);
-    if forwarded != expected_forwards {
-        return Err(format!(
-            "the upstream received {forwarded} request(s), expected {expected_forwards}; answer {}",
-            answer.describe()
-        ));
-    }
-    let response = match (answer, row.expect) {
-        (Answer::Response(r), _) => r,
-        (Answer::Closed(_), Expect::HttpLayer) => return Ok(()),
-        (other, _) => return Err(format!("no response: {}", other.describe())),
-    };
-    let keygate_error = |status: u16, code: &str| {
-        check_error(response, status, code)
-            .map(drop)
-            .map_err(|why| format!("{why}; {}", answer.describe()))
-    };
-    match row.expect {
-        Expect::Refused(status, code) => keygate_error(status, code)?,
-        Expect::NotAllowed(allow) => {
-            keygate_error(405, "method_not_allowed")?;
-            let got = response.header("allow");
-            if got.is_none_or(str::is_empty) || allow.is_some_and(|a| got != Some(a)) {
-                return Err(format!(
-                    "Allow is {:?}, expected {allow:?}",
-                    response.header("allow")
-                ));
-            }
-        }
-        Expect::Answered(status) => {
-            if response.status != status || response.json().is_none() {
-                return Err(format!(
-                    "expected a JSON {status}, got {}",
-                    answer.describe()
-                ));
-            }
-        }
-        Expect::Forwarded => {
-            if response.status != 200 || response.header("x-upstream") != Some("u") {
-                return Err(format!(
-                    "expected the upstream's 200, got {}",
-                    answer.describe()
-                ));
-            }
-            let seen = upstream.seen().pop().expect("the upstream saw it");
-            if find_secret(seen.all_header_text().as_bytes(), secrets).is_some() {
-                return Err(format!("a key was forwarded: {}", seen.all_header_text()));
-            }
-        }
-        Expect::HttpLayer => {
-            if response.status != 400 {
-                return Err(format!(
-                    "expected a bare 400 or a close, got {}",
-                    answer.describe()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Sends every row on its own connection; returns the failures and every response body.
-async fn run_rows(
-    port: u16,
-    rows: &[Row],
-    upstream: &Upstream,
-    secrets: &[String],
-) -> (Vec<String>, Vec<Vec<u8>>) {
-    let mut failures = Vec::new();
-    let mut bodies = Vec::new();
-    for row in rows {
-        let before = upstream.count();
-        let answer = exchange(port, &row.bytes, row.half_close).await;
-        // A forwarded request is recorded before the upstream answers; a wrongly forwarded
-        // one without an answer (the gateway gave up on it) may land a moment later.
-        if !matches!(answer, Answer::Response(ref r) if r.header("x-upstream").is_some()) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let forwarded = upstream.count() - before;
-        eprintln!("{:<70} -> {}", row.name, answer.describe());
-        if let Err(why) = judge(row, &answer, forwarded, secrets, upstream) {
-            failures.push(format!("{}: {why}", row.name));
-        }
-        if let Answer::Response(r) = answer {
-            bodies.push(r.body);
-        }
-    }
-    (failures, bodies)
-}
-
-/// Key A and key B: two valid keys of one owner.
-struct TableKeys {
-    a: String,
-    b: String,
-}
-
-fn table_rows(keys: &TableKeys, unknown: &str) -> Vec<Row> {
-    use Expect::*;
-    let (a, b) = (keys.a.as_str(), keys.b.as_str());
-    let mut rows = Vec::new();
-    let get = |headers: &[(&str, Vec<u8>)]| request("GET", "/resource", headers, None);
-    let create = |headers: &[(&str, Vec<u8>)], body: &[u8]| {
-        let mut all = vec![admin_auth()];
-        all.extend_from_slice(headers);
-        request("POST", "/_keygate/keys", &all, Some(body))
-    };
-
-    // --- request lines that are not HTTP/1.1
-    rows.push(row("garbage line", b"GARBAGE\r\n\r\n".to_vec(), HttpLayer));
-    rows.push(row(
-        "binary junk",
-        b"\x00\x01\x02\x03\xff\xfe junk \x7f\r\n\r\n".to_vec(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "TLS client hello on the plain listener",
-        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03kg_not_http\r\n\r\n".to_vec(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "missing version",
-        format!("GET /resource\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n").into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "HTTP/9.9",
-        format!("GET /resource HTTP/9.9\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "HTTP/2.0 on an HTTP/1 line",
-        format!("GET /resource HTTP/2.0\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "method with illegal characters",
-        format!("G@T(/) /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "absurd but well-formed method, no key",
-        request("FROBNICATE", "/resource", &[], None),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "4 KiB method name, no key",
-        request(&"X".repeat(4096), "/resource", &[], None),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "header line without a colon",
-        format!("GET /resource HTTP/1.1\r\nHost gateway.test\r\nx-api-key: {a}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "space in a header name",
-        format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx api-key: {a}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "obs-fold continuation of a credential header",
-        format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n  {b}\r\n\r\n")
-            .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(Row {
-        half_close: true,
-        ..row(
-            "only blank lines, then EOF",
-            b"\r\n\r\n\r\n".to_vec(),
-            HttpLayer,
-        )
-    });
-    rows.push(Row {
-        half_close: true,
-        ..row(
-            "header block cut off, then EOF",
-            format!("GET /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n")
-                .into_bytes(),
-            HttpLayer,
-        )
-    });
-
-    // --- CONNECT: valid HTTP/1.1, refused with keygate's JSON 405, never a tunnel
-    rows.push(row(
-        "CONNECT to another host",
-        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_vec(),
-        NotAllowed(None),
-    ));
-    rows.push(row(
-        "CONNECT with a valid key, tunnel bytes following",
-        format!(
-            "CONNECT gateway.test:443 HTTP/1.1\r\nHost: gateway.test:443\r\nx-api-key: {a}\r\n\r\n\x16\x03\x01\x00\x05hello"
-        )
-        .into_bytes(),
-        NotAllowed(None),
-    ));
-    rows.push(row(
-        "CONNECT with the admin token",
-        format!("CONNECT 127.0.0.1:9180 HTTP/1.1\r\nHost: 127.0.0.1:9180\r\nAuthorization: Bearer {ADMIN}\r\n\r\n").into_bytes(),
-        NotAllowed(None),
-    ));
-    rows.push(row(
-        "CONNECT whose Host differs from its target",
-        request("CONNECT", "127.0.0.1:9180", &[admin_auth()], None),
-        HttpLayer,
-    ));
-
-    // --- duplicate and conflicting credentials
-    rows.push(row(
-        "no credentials",
-        get(&[]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "x-api-key twice, different keys",
-        get(&[h("x-api-key", a), h("x-api-key", b)]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "key twice, different keys",
-        get(&[h("key", a), h("key", b)]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "Authorization twice, different keys",
-        get(&[
-            h("authorization", format!("Bearer {a}")),
-            h("authorization", format!("Bearer {b}")),
-        ]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "key + x-api-key differing",
-        get(&[h("key", a), h("x-api-key", b)]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "Authorization + x-api-key differing",
-        get(&[h("authorization", format!("Bearer {a}")), h("x-api-key", b)]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "valid key + malformed key",
-        get(&[h("x-api-key", a), h("key", "kg_nope")]),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "x-api-key twice, same key",
-        get(&[h("x-api-key", a), h("x-api-key", a)]),
-        Forwarded,
-    ));
-    rows.push(row(
-        "same key in all three headers",
-        get(&[
-            h("key", a),
-            h("x-api-key", a),
-            h("authorization", format!("Bearer {a}")),
-        ]),
-        Forwarded,
-    ));
-    rows.push(row(
-        "key next to a foreign Basic Authorization",
-        get(&[h("x-api-key", a), h("authorization", "Basic dXNlcjpwYXNz")]),
-        Forwarded,
-    ));
-    rows.push(row(
-        "two keys comma-joined in one value",
-        get(&[h("x-api-key", format!("{a}, {b}"))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "the same key comma-joined in one value",
-        get(&[h("x-api-key", format!("{a},{a}"))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "key then a space and another key",
-        get(&[h("x-api-key", format!("{a} {b}"))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "key surrounded by tabs and spaces",
-        get(&[h("x-api-key", format!("\t {a} \t"))]),
-        Forwarded,
-    ));
-
-    // --- non-UTF-8 and control characters in credential headers
-    rows.push(row(
-        "non-UTF-8 after the prefix",
-        get(&[h("x-api-key", b"kg_\xff\xfe\xfd\x80abc")]),
-        Refused(401, "invalid_key"),
-    ));
-    let mut a_latin1 = a.as_bytes().to_vec();
-    a_latin1[20] = 0xe9;
-    rows.push(row(
-        "a key with one byte made Latin-1",
-        get(&[h("x-api-key", a_latin1)]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "valid key followed by 0xff",
-        get(&[h("key", [a.as_bytes(), b"\xff"].concat())]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "non-UTF-8 without the prefix",
-        get(&[h("x-api-key", b"\xff\xfe\xfd")]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "non-UTF-8 Bearer token",
-        get(&[h("authorization", b"Bearer \xc3\x28kg_")]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "NUL inside a credential",
-        get(&[h(
-            "x-api-key",
-            [b"kg_\x00".as_slice(), &a.as_bytes()[4..]].concat(),
-        )]),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "control character 0x01 in a credential",
-        get(&[h("x-api-key", [a.as_bytes(), b"\x01"].concat())]),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "DEL in a credential",
-        get(&[h(
-            "key",
-            [b"kg_\x7f".as_slice(), &a.as_bytes()[4..]].concat(),
-        )]),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "bare CR inside a credential",
-        get(&[h("x-api-key", format!("{}\r{}", &a[..20], &a[20..]))]),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "ESC sequence in a Bearer token",
-        get(&[h("authorization", format!("Bearer \x1b[2J{a}"))]),
-        HttpLayer,
-    ));
-
-    // --- sizes
-    rows.push(row(
-        "200 KiB header, no key (over max_header_bytes, 64 KiB by default)",
-        get(&[h("x-padding", "p".repeat(200 * 1024))]),
-        Refused(431, "header_too_large"),
-    ));
-    rows.push(row(
-        "10 KiB x-api-key starting with kg_",
-        get(&[h("x-api-key", format!("kg_{}", "A".repeat(10 * 1024)))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "10 KiB Bearer token starting with kg_",
-        get(&[h(
-            "authorization",
-            format!("Bearer kg_{}", "z9".repeat(5 * 1024)),
-        )]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "1.2 MiB header block",
-        get(&[h("x-padding", "p".repeat(1200 * 1024))]),
-        HttpLayer,
-    ));
-    let many: Vec<(&str, Vec<u8>)> = (0..300).map(|_| h("x-many", "1")).collect();
-    rows.push(row("300 headers", get(&many), HttpLayer));
-
-    // --- every wrong length after kg_ (0 to 60)
-    let pool = format!("{}{}", &a[3..], &a[3..]);
-    for len in (0..=60).filter(|n| *n != 49) {
-        let header = ["x-api-key", "key", "authorization"][len % 3];
-        let value = if header == "authorization" {
-            format!("Bearer kg_{}", &pool[..len])
-        } else {
-            format!("kg_{}", &pool[..len])
-        };
-        rows.push(row(
-            format!("body of {len} characters in {header}"),
-            get(&[h(header, value)]),
-            Refused(401, "invalid_key"),
-        ));
-    }
-
-    // --- near misses
-    rows.push(row(
-        "one body character changed",
-        get(&[h("x-api-key", with_char_changed(a, 10))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "one checksum character changed",
-        get(&[h("x-api-key", with_char_changed(a, a.len() - 1))]),
-        Refused(401, "invalid_key"),
-    ));
-    let flipped: String = a
-        .char_indices()
-        .map(|(i, c)| {
-            if i == 30 && c.is_ascii_alphabetic() {
-                (c as u8 ^ 0x20) as char
-            } else if i == 30 {
-                if c == '0' { '1' } else { '0' }
-            } else {
-                c
-            }
-        })
-        .collect();
-    rows.push(row(
-        "one character's case flipped",
-        get(&[h("x-api-key", flipped)]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "two characters swapped",
-        get(&[h(
-            "x-api-key",
-            format!("{}{}{}{}", &a[..20], &a[21..22], &a[20..21], &a[22..]),
-        )]),
-        if a.as_bytes()[20] == a.as_bytes()[21] {
-            Forwarded
-        } else {
-            Refused(401, "invalid_key")
-        },
-    ));
-    rows.push(row(
-        "well-formed key no store knows",
-        get(&[h("x-api-key", unknown)]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "uppercase prefix KG_",
-        get(&[h("x-api-key", format!("KG_{}", &a[3..]))]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "prefix with a dash",
-        get(&[h("x-api-key", format!("kg-{}", &a[3..]))]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "key in the query string only",
-        request("GET", &format!("/resource?api_key={a}&key={a}"), &[], None),
-        Refused(401, "missing_credentials"),
-    ));
-
-    // --- Authorization schemes
-    rows.push(row(
-        "Bearer with no token",
-        get(&[h("authorization", "Bearer")]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "Bearer and spaces",
-        get(&[h("authorization", "Bearer   ")]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "Basic carrying the key",
-        get(&[h("authorization", format!("Basic {a}"))]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "Digest naming the key",
-        get(&[h(
-            "authorization",
-            format!("Digest username=\"{a}\", realm=\"x\", nonce=\"1\", uri=\"/\", response=\"0\""),
-        )]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "Bearer glued to the key",
-        get(&[h("authorization", format!("Bearer{a}"))]),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "lowercase bearer, valid key",
-        get(&[h("authorization", format!("bearer {a}"))]),
-        Forwarded,
-    ));
-    rows.push(row(
-        "BEARER and a tab, valid key",
-        get(&[h("authorization", format!("BEARER\t{a}"))]),
-        Forwarded,
-    ));
-    rows.push(row(
-        "Bearer key plus trailing parameters",
-        get(&[h("authorization", format!("Bearer {a} realm=x"))]),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "the admin token is no API key on a proxied route",
-        get(&[admin_auth()]),
-        Refused(401, "missing_credentials"),
-    ));
-
-    // --- paths around the management API
-    let admin_get = |target: &str| request("GET", target, &[admin_auth()], None);
-    for target in [
-        "/_keygate/../x",
-        "/_keygate/../_keygate/keys",
-        "/_keygate/%2e%2e/keys",
-        "/_keygate/%2E%2e/audit",
-        "/_keygate/keys/../audit",
-        "/_keygate/keys/%2e%2e/audit",
-        "/_keygate/./keys",
-        "/_keygate/keys%2f..%2faudit",
-        "/_keygate/keys/.",
-        "/resource/../_keygate/keys",
-        "/_keygate\\keys",
-        "/_keygate/keys\\..\\audit",
-        "//_keygate/keys",
-        "/_keygate%2Fkeys",
-        "/_keygate;x/keys",
-        "/_keygate/keys/..;/audit",
-        "/%5Fkeygate/keys/%2E%2E/audit",
-        "/_keygate/keys/%zz",
-    ] {
-        rows.push(row(
-            format!("path {target}"),
-            admin_get(target),
-            Refused(400, "invalid_path"),
-        ));
-    }
-    for target in ["/_KEYGATE/keys", "/%5FKEYGATE/keys", "/_Keygate/keys"] {
-        rows.push(row(
-            format!("path {target} (the management path in other case)"),
-            admin_get(target),
-            Refused(400, "invalid_path"),
-        ));
-    }
-    rows.push(row(
-        "path /_keygatex/keys is no management path",
-        admin_get("/_keygatex/keys"),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "absolute-form target naming the management API",
-        request(
-            "GET",
-            "http://gateway.test/_keygate/keys?limit=1",
-            &[admin_auth()],
-            None,
-        ),
-        Answered(200),
-    ));
-    rows.push(row(
-        "the management API under a percent-encoded name",
-        admin_get("/%5F%6Beygate/keys?limit=1"),
-        Answered(200),
-    ));
-    rows.push(row(
-        "unknown management path",
-        admin_get("/_keygate/nope"),
-        Refused(404, "not_found"),
-    ));
-    rows.push(row(
-        "the management mount itself",
-        admin_get("/_keygate"),
-        Refused(404, "not_found"),
-    ));
-    rows.push(row(
-        "unknown management path without credentials",
-        request("GET", "/_keygate/nope", &[], None),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "keys without credentials",
-        request("GET", "/_keygate/keys", &[], None),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "wrong admin token",
-        request(
-            "GET",
-            "/_keygate/keys",
-            &[h("authorization", format!("Bearer {ADMIN}x"))],
-            None,
-        ),
-        Refused(401, "invalid_key"),
-    ));
-    rows.push(row(
-        "admin token in x-api-key",
-        request("GET", "/_keygate/keys", &[h("x-api-key", ADMIN)], None),
-        Refused(401, "missing_credentials"),
-    ));
-    rows.push(row(
-        "admin token with a lowercase scheme",
-        request(
-            "GET",
-            "/_keygate/keys?limit=1",
-            &[h("authorization", format!("bearer {ADMIN}"))],
-            None,
-        ),
-        Answered(200),
-    ));
-    rows.push(row(
-        "conflicting keys on the management API",
-        request(
-            "GET",
-            "/_keygate/keys",
-            &[h("x-api-key", a), h("key", b)],
-            None,
-        ),
-        Refused(400, "conflicting_credentials"),
-    ));
-    rows.push(row(
-        "audit with a key lacking keys:manage",
-        request("GET", "/_keygate/audit", &[h("x-api-key", a)], None),
-        Refused(403, "insufficient_scope"),
-    ));
-    rows.push(row(
-        "limit=0",
-        admin_get("/_keygate/keys?limit=0"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "limit=99999999999999999999",
-        admin_get("/_keygate/keys?limit=99999999999999999999"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "forged cursor",
-        admin_get("/_keygate/keys?cursor=%00%ff'--"),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "unknown key id",
-        admin_get("/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
-        Refused(404, "not_found"),
-    ));
-    rows.push(row(
-        "key id with percent-encoded junk",
-        admin_get("/_keygate/keys/%00%ff%0d%0a"),
-        Refused(404, "not_found"),
-    ));
-
-    // --- methods the API does not serve
-    for (method, target, allow) in [
-        ("PUT", "/_keygate/keys", "GET, POST"),
-        ("PATCH", "/_keygate/keys", "GET, POST"),
-        ("DELETE", "/_keygate/keys", "GET, POST"),
-        ("OPTIONS", "/_keygate/keys", "GET, POST"),
-        ("FROBNICATE", "/_keygate/keys", "GET, POST"),
-        (
-            "PUT",
-            "/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV",
-            "GET, DELETE",
-        ),
-        ("GET", "/_keygate/keys/revoke", "POST"),
-        (
-            "GET",
-            "/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV/rotate",
-            "POST",
-        ),
-        ("POST", "/_keygate/audit", "GET"),
-    ] {
-        let body: &[u8] = b"{}";
-        rows.push(row(
-            format!("{method} {target}"),
-            request(method, target, &[admin_auth()], Some(body)),
-            NotAllowed(Some(allow)),
-        ));
-    }
-    rows.push(row(
-        "POST openapi.json (no credentials needed)",
-        request("POST", "/_keygate/openapi.json", &[], Some(b"{}")),
-        NotAllowed(Some("GET")),
-    ));
-
-    // --- bodies
-    for content_type in [
-        "text/plain",
-        "application/x-www-form-urlencoded",
-        "image/png",
-        "application/json; charset=latin1",
-    ] {
-        rows.push(row(
-            format!("valid JSON as {content_type}"),
-            create(&[h("content-type", content_type)], br#"{"owner": "table"}"#),
-            Answered(201),
-        ));
-    }
-    rows.push(row(
-        "valid JSON without a Content-Type",
-        create(&[], br#"{"owner": "table", "name": "no-ct"}"#),
-        Answered(201),
-    ));
-    rows.push(row(
-        "Expect: 100-continue",
-        create(&[h("expect", "100-continue")], br#"{"owner": "table"}"#),
-        Answered(201),
-    ));
-    rows.push(row(
-        "truncated JSON",
-        create(&[], br#"{"owner": "table""#),
-        Refused(400, "invalid_json"),
-    ));
-    rows.push(row(
-        "empty body",
-        create(&[], b""),
-        Refused(422, "validation_failed"),
-    ));
-    let padded = |total: usize| {
-        let head = br#"{"owner": "table", "metadata": {"pad": ""#;
-        let tail = br#""}}"#;
-        let mut body = head.to_vec();
-        body.resize(total - tail.len(), b'x');
-        body.extend_from_slice(tail);
-        assert_eq!(body.len(), total);
-        body
-    };
-    rows.push(row(
-        "exactly 64 KiB (metadata too big)",
-        create(&[], &padded(64 * 1024)),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "64 KiB + 1 byte",
-        create(&[], &padded(64 * 1024 + 1)),
-        Refused(413, "payload_too_large"),
-    ));
-    rows.push(row(
-        "70 KiB JSON",
-        create(&[], &padded(70 * 1024)),
-        Refused(413, "payload_too_large"),
-    ));
-    rows.push(row(
-        "10,000 nested arrays",
-        create(&[], "[".repeat(10_000).as_bytes()),
-        Refused(400, "invalid_json"),
-    ));
-    rows.push(row(
-        "10,000 nested objects",
-        create(&[], "{\"a\":".repeat(10_000).as_bytes()),
-        Refused(400, "invalid_json"),
-    ));
-    rows.push(row(
-        "deep nesting inside metadata",
-        create(
-            &[],
-            format!(
-                "{{\"owner\":\"table\",\"metadata\":{}1{}}}",
-                "{\"a\":".repeat(3000),
-                "}".repeat(3000)
-            )
-            .as_bytes(),
-        ),
-        Refused(400, "invalid_json"),
-    ));
-    for (what, body) in [
-        ("a JSON string", br#""owner""#.as_slice()),
-        ("a JSON number", b"42"),
-        ("a JSON array", br#"[{"owner": "table"}]"#),
-        ("JSON null", b"null"),
-        ("JSON true", b"true"),
-        ("invalid UTF-8 in a string", b"{\"owner\": \"\xff\xfe\"}"),
-        ("a lone surrogate escape", br#"{"owner": "\ud800"}"#),
-        ("trailing garbage", br#"{"owner": "table"} {}"#),
-        ("a trailing NUL byte", b"{\"owner\": \"table\"}\x00"),
-        (
-            "a number out of range",
-            br#"{"owner": "table", "ttl_seconds": 1e999}"#,
-        ),
-    ] {
-        rows.push(row(
-            format!("body: {what}"),
-            create(&[], body),
-            Refused(400, "invalid_json"),
-        ));
-    }
-    rows.push(row(
-        "owner of the wrong type",
-        create(&[], br#"{"owner": 5}"#),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "unknown field",
-        create(&[], br#"{"owner": "table", "admin": true}"#),
-        Refused(422, "validation_failed"),
-    ));
-    rows.push(row(
-        "owner with a newline",
-        create(&[], br#"{"owner": "ta\nble"}"#),
-        Refused(422, "validation_failed"),
-    ));
-
-    // --- framing: chunked bodies and Content-Length mismatches
-    let admin_line = format!("Authorization: Bearer {ADMIN}\r\n");
-    let post_head = |extra: &str| {
-        format!(
-            "POST /_keygate/keys HTTP/1.1\r\nHost: gateway.test\r\n{admin_line}{extra}Connection: close\r\n\r\n"
-        )
-    };
-    let json = r#"{"owner": "table", "name": "chunked"}"#;
-    rows.push(row(
-        "chunked body",
-        format!(
-            "{}{:x}\r\n{json}\r\n0\r\n\r\n",
-            post_head("Transfer-Encoding: chunked\r\n"),
-            json.len()
-        )
-        .into_bytes(),
-        Answered(201),
-    ));
-    rows.push(row(
-        "chunked body in one-byte chunks with extensions and a trailer",
-        {
-            let mut text = post_head("Transfer-Encoding: chunked\r\n");
-            for c in json.chars() {
-                text.push_str(&format!("1;ext=\"v\"\r\n{c}\r\n"));
-            }
-            text.push_str("0\r\nx-trailer: t\r\n\r\n");
-            text.into_bytes()
-        },
-        Answered(201),
-    ));
-    rows.push(row(
-        "chunked body with a bad chunk size",
-        format!(
-            "{}zz\r\n{json}\r\n0\r\n\r\n",
-            post_head("Transfer-Encoding: chunked\r\n")
-        )
-        .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "chunk size overflowing 64 bits",
-        format!(
-            "{}fffffffffffffffffffff\r\n{json}\r\n0\r\n\r\n",
-            post_head("Transfer-Encoding: chunked\r\n")
-        )
-        .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(Row {
-        half_close: true,
-        ..row(
-            "chunked body cut off, then EOF",
-            format!(
-                "{}{:x}\r\n{}",
-                post_head("Transfer-Encoding: chunked\r\n"),
-                json.len(),
-                &json[..10]
-            )
-            .into_bytes(),
-            HttpLayer,
-        )
-    });
-    rows.push(row(
-        "Transfer-Encoding gzip (not chunked last)",
-        format!("{}{json}", post_head("Transfer-Encoding: gzip\r\n")).into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "Transfer-Encoding on HTTP/1.0",
-        format!(
-            "POST /_keygate/keys HTTP/1.0\r\nHost: gateway.test\r\n{admin_line}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{json}\r\n0\r\n\r\n",
-            json.len()
-        )
-        .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "two different Content-Lengths",
-        format!(
-            "{}{json}",
-            post_head(&format!(
-                "Content-Length: {}\r\nContent-Length: 5\r\n",
-                json.len()
-            ))
-        )
-        .into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "negative Content-Length",
-        format!("{}{json}", post_head("Content-Length: -1\r\n")).into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "Content-Length that is not a number",
-        format!("{}{json}", post_head("Content-Length: ten\r\n")).into_bytes(),
-        HttpLayer,
-    ));
-    rows.push(row(
-        "Content-Length shorter than the body",
-        format!("{}{json}", post_head("Content-Length: 5\r\n")).into_bytes(),
-        Refused(400, "invalid_json"),
-    ));
-    rows.push(Row {
-        half_close: true,
-        ..row(
-            "Content-Length longer than the body, then EOF",
-            format!("{}{json}", post_head("Content-Length: 500\r\n")).into_bytes(),
-            HttpLayer,
-        )
-    });
-    rows.push(row(
-        "Content-Length and chunked together (chunked wins)",
-        format!(
-            "{}{:x}\r\n{json}\r\n0\r\n\r\n",
-            post_head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"),
-            json.len()
-        )
-        .into_bytes(),
-        Answered(201),
-    ));
-    rows.push(row(
-        "smuggling: CL + chunked with a request hidden after the chunks (contract 9: refused)",
-        format!(
-            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
-        )
-        .into_bytes(),
-        Refused(400, "bad_request"),
-    ));
-    for (name, codings) in [
-        ("gzip, chunked", "Transfer-Encoding: gzip, chunked\r\n"),
-        (
-            "chunked, chunked",
-            "Transfer-Encoding: chunked, chunked\r\n",
-        ),
-        (
-            "two Transfer-Encoding headers",
-            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
-        ),
-    ] {
-        rows.push(row(
-            format!("{name} on a proxied route, valid key"),
-            format!(
-                "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\n{codings}Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-            )
-            .into_bytes(),
-            Refused(400, "bad_request"),
-        ));
-    }
-    rows.push(row(
-        "bad chunk size on a proxied route, valid key",
-        format!(
-            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"
-        )
-        .into_bytes(),
-        Refused(400, "bad_request"),
-    ));
-    rows.push(row(
-        "chunked body over 64 KiB on a proxied route, valid key",
-        format!(
-            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n10001\r\n{}\r\n0\r\n\r\n",
-            "z".repeat(0x10001)
-        )
-        .into_bytes(),
-        Refused(413, "payload_too_large"),
-    ));
-    rows.push(row(
-        "chunked body on a proxied route",
-        format!(
-            "POST /resource HTTP/1.1\r\nHost: gateway.test\r\nx-api-key: {a}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-        )
-        .into_bytes(),
-        Forwarded,
-    ));
-    rows
-}
-
 /// 1. At least 40 malformed or hostile requests as raw bytes, each with its exact expected
 /// answer; none is a 5xx, none reaches the upstream unless admitted with a valid key, and
 /// the gateway still serves afterwards. Then: no key appears in any log, the store,
@@ -1338,36 +322,8 @@ async fn hostile_requests_table() {
     let mut secrets = vec![a.clone(), b.clone(), ADMIN.to_string()];
     let (failures, bodies) = run_rows(config.listen, &rows, &upstream, &secrets).await;
 
-    // The gateway still serves.
+    assert_still_serving(&mut gateway, &upstream, &a).await;
     let client = client();
-    assert_eq!(
-        proxied_status(&client, &gateway.base, &a).await,
-        Ok(200),
-        "a valid request after the table"
-    );
-    let healthz = client
-        .get(format!("{}/healthz", gateway.admin))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(healthz.status(), 200);
-    assert!(
-        gateway
-            .child
-            .as_mut()
-            .expect("running")
-            .try_wait()
-            .expect("wait")
-            .is_none(),
-        "the gateway process died"
-    );
-    assert!(
-        upstream
-            .seen()
-            .iter()
-            .all(|s| !s.path_and_query.contains("smuggled")),
-        "a smuggled request reached the upstream"
-    );
     assert!(
         failures.is_empty(),
         "{} of {} rows failed:\n{}",
@@ -1414,6 +370,41 @@ async fn hostile_requests_table() {
     let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop(), "keygate did not exit cleanly");
     assert_no_secrets(&config, &metrics, &error_bodies, &secrets);
+}
+
+/// After the table the gateway still serves: a valid request, /healthz, the process alive, and
+/// no smuggled request reached the upstream.
+async fn assert_still_serving(gateway: &mut Gateway, upstream: &Upstream, a: &str) {
+    // The gateway still serves.
+    let client = client();
+    assert_eq!(
+        proxied_status(&client, &gateway.base, a).await,
+        Ok(200),
+        "a valid request after the table"
+    );
+    let healthz = client
+        .get(format!("{}/healthz", gateway.admin))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(healthz.status(), 200);
+    assert!(
+        gateway
+            .child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the gateway process died"
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|s| !s.path_and_query.contains("smuggled")),
+        "a smuggled request reached the upstream"
+    );
 }
 
 // ---------------------------------------------------------------- found bugs, one each
@@ -1590,90 +581,9 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
     let key_id = record["id"].as_str().expect("id").to_string();
     let gateway = Gateway::start_with_env(&config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await;
 
-    // Refused: each answered with keygate's JSON error, nothing reaches the upstream, and
-    // none counts as usage.
-    let big_chunk = "a".repeat(16 * 1024);
-    let five_big_chunks =
-        format!("{:x}\r\n{big_chunk}\r\n", big_chunk.len()).repeat(5) + "0\r\n\r\n";
-    let refused: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
-        (
-            "bad chunk size",
-            chunked_post("/chunky", &key, "", "zz\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "bad chunk after a good one",
-            chunked_post(
-                "/chunky",
-                &key,
-                "",
-                "5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
-            ),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "chunk data longer than its size",
-            chunked_post("/chunky", &key, "", "3\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "body cut off, then EOF",
-            chunked_post("/chunky", &key, "", "5\r\nhello\r\n"),
-            true,
-            400,
-            "bad_request",
-        ),
-        (
-            "bad chunk size on an auth = none route",
-            chunked_post("/open/chunky", &key, "", "zz\r\nhello\r\n0\r\n\r\n"),
-            false,
-            400,
-            "bad_request",
-        ),
-        (
-            "80 KiB in chunks (over the 64 KiB limit)",
-            chunked_post("/chunky", &key, "", &five_big_chunks),
-            false,
-            413,
-            "payload_too_large",
-        ),
-    ];
-    for (name, bytes, half_close, status, code) in &refused {
-        let answer = exchange(config.listen, bytes, *half_close).await;
-        let Answer::Response(response) = &answer else {
-            panic!("{name}: no answer: {}", answer.describe());
-        };
-        assert_eq!(
-            (response.status, response.error_code().as_deref()),
-            (*status, Some(*code)),
-            "{name}: {}",
-            answer.describe()
-        );
-        assert_eq!(response.header("connection"), Some("close"), "{name}");
-    }
+    bad_chunked_bodies_are_refused(config.listen, &key).await;
 
-    // A body that stalls is answered 408 once header_read_timeout_seconds has passed.
-    let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
-        .await
-        .expect("connect");
-    stream
-        .write_all(&chunked_post("/chunky", &key, "", "5\r\nhel"))
-        .await
-        .expect("write");
-    let stalled = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
-        .await
-        .expect("an answer before 10 s")
-        .expect("a response");
-    assert_eq!(
-        (stalled.status, stalled.error_code().as_deref()),
-        (408, Some("request_timeout"))
-    );
+    a_stalled_body_is_answered_408(config.listen, &key).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen: Vec<String> = upstream
@@ -1687,42 +597,7 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
         0
     );
 
-    // Forwarded: the body arrives whole, framed by Content-Length, without the chunked
-    // coding, its extensions, its trailer or the Expect that keygate answered itself.
-    let mut body = String::new();
-    let mut chunks = String::new();
-    for (i, piece) in ["{\"a\":", "1,", "\"b\":\"", &"x".repeat(40_000), "\"}"]
-        .iter()
-        .enumerate()
-    {
-        body.push_str(piece);
-        chunks.push_str(&format!("{:x};ext={i}\r\n{piece}\r\n", piece.len()));
-    }
-    chunks.push_str("0\r\nx-trailer: t\r\n\r\n");
-    for (name, extra) in [
-        ("plain", ""),
-        ("with Expect: 100-continue", "Expect: 100-continue\r\n"),
-    ] {
-        let before = upstream.count();
-        let answer = exchange(
-            config.listen,
-            &chunked_post("/ok", &key, extra, &chunks),
-            false,
-        )
-        .await;
-        assert!(
-            matches!(&answer, Answer::Response(r) if r.status == 200),
-            "{name}: {}",
-            answer.describe()
-        );
-        assert_eq!(upstream.count(), before + 1, "{name}");
-        let seen = upstream.seen().pop().expect("seen");
-        assert_eq!(seen.body, body.as_bytes(), "{name}");
-        assert_eq!(seen.header("content-length"), Some(body.len().to_string()));
-        assert!(!seen.has_header("transfer-encoding"), "{name}");
-        assert!(!seen.has_header("expect"), "{name}");
-        assert!(!seen.has_header("x-api-key"), "{name}");
-    }
+    chunked_bodies_are_forwarded_whole(config.listen, &key, &upstream).await;
     // An empty chunked body is forwarded as Content-Length: 0.
     let answer = exchange(
         config.listen,
@@ -1758,6 +633,128 @@ async fn chunked_bodies_are_checked_whole_before_anything_is_forwarded() {
         key_record(&gateway.base, ADMIN, &key_id).await["usage_count"],
         4
     );
+}
+
+/// Forwarded: a chunked body arrives whole, framed by Content-Length, without the chunked
+/// coding, its extensions, its trailer or the Expect that keygate answered itself.
+async fn chunked_bodies_are_forwarded_whole(port: u16, key: &str, upstream: &Upstream) {
+    // Forwarded: the body arrives whole, framed by Content-Length, without the chunked
+    // coding, its extensions, its trailer or the Expect that keygate answered itself.
+    let mut body = String::new();
+    let mut chunks = String::new();
+    for (i, piece) in ["{\"a\":", "1,", "\"b\":\"", &"x".repeat(40_000), "\"}"]
+        .iter()
+        .enumerate()
+    {
+        body.push_str(piece);
+        chunks.push_str(&format!("{:x};ext={i}\r\n{piece}\r\n", piece.len()));
+    }
+    chunks.push_str("0\r\nx-trailer: t\r\n\r\n");
+    for (name, extra) in [
+        ("plain", ""),
+        ("with Expect: 100-continue", "Expect: 100-continue\r\n"),
+    ] {
+        let before = upstream.count();
+        let answer = exchange(port, &chunked_post("/ok", key, extra, &chunks), false).await;
+        assert!(
+            matches!(&answer, Answer::Response(r) if r.status == 200),
+            "{name}: {}",
+            answer.describe()
+        );
+        assert_eq!(upstream.count(), before + 1, "{name}");
+        let seen = upstream.seen().pop().expect("seen");
+        assert_eq!(seen.body, body.as_bytes(), "{name}");
+        assert_eq!(seen.header("content-length"), Some(body.len().to_string()));
+        assert!(!seen.has_header("transfer-encoding"), "{name}");
+        assert!(!seen.has_header("expect"), "{name}");
+        assert!(!seen.has_header("x-api-key"), "{name}");
+    }
+}
+
+/// A body that stalls is answered 408 once header_read_timeout_seconds has passed.
+async fn a_stalled_body_is_answered_408(port: u16, key: &str) {
+    // A body that stalls is answered 408 once header_read_timeout_seconds has passed.
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream
+        .write_all(&chunked_post("/chunky", key, "", "5\r\nhel"))
+        .await
+        .expect("write");
+    let stalled = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
+        .await
+        .expect("an answer before 10 s")
+        .expect("a response");
+    assert_eq!(
+        (stalled.status, stalled.error_code().as_deref()),
+        (408, Some("request_timeout"))
+    );
+}
+
+/// Bad chunked bodies are each answered with keygate's JSON error and a close.
+async fn bad_chunked_bodies_are_refused(port: u16, key: &str) {
+    // Refused: each answered with keygate's JSON error, nothing reaches the upstream, and
+    // none counts as usage.
+    let big_chunk = "a".repeat(16 * 1024);
+    let five_big_chunks =
+        format!("{:x}\r\n{big_chunk}\r\n", big_chunk.len()).repeat(5) + "0\r\n\r\n";
+    let refused: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
+        (
+            "bad chunk size",
+            chunked_post("/chunky", key, "", "zz\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "bad chunk after a good one",
+            chunked_post("/chunky", key, "", "5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "chunk data longer than its size",
+            chunked_post("/chunky", key, "", "3\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "body cut off, then EOF",
+            chunked_post("/chunky", key, "", "5\r\nhello\r\n"),
+            true,
+            400,
+            "bad_request",
+        ),
+        (
+            "bad chunk size on an auth = none route",
+            chunked_post("/open/chunky", key, "", "zz\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+            "bad_request",
+        ),
+        (
+            "80 KiB in chunks (over the 64 KiB limit)",
+            chunked_post("/chunky", key, "", &five_big_chunks),
+            false,
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (name, bytes, half_close, status, code) in &refused {
+        let answer = exchange(port, bytes, *half_close).await;
+        let Answer::Response(response) = &answer else {
+            panic!("{name}: no answer: {}", answer.describe());
+        };
+        assert_eq!(
+            (response.status, response.error_code().as_deref()),
+            (*status, Some(*code)),
+            "{name}: {}",
+            answer.describe()
+        );
+        assert_eq!(response.header("connection"), Some("close"), "{name}");
+    }
 }
 
 /// Contract sections 3 and 7: logs record paths without their query string, because a key
@@ -1928,64 +925,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
         let created_before = acked.lock().expect("lock").created.len();
         let revoked_before = acked.lock().expect("lock").revoked.len();
         let traffic_done = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for t in 0..4 {
-            let (stop, acked, base) = (Arc::clone(&stop), Arc::clone(&acked), gateway.base.clone());
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                let mut i = 0u32;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let body =
-                        serde_json::json!({"owner": "burst", "name": format!("c{cycle}-t{t}-{i}")});
-                    let Ok((id, key)) = admin_create(&client, &base, body).await else {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    };
-                    let revoke = i.is_multiple_of(3);
-                    {
-                        let mut acked = acked.lock().expect("lock");
-                        acked.created.push((id.clone(), key.clone()));
-                        if revoke {
-                            acked.revoke_sent.insert(key.clone());
-                        } else {
-                            acked.live.push(key.clone());
-                        }
-                    }
-                    if revoke && admin_revoke(&client, &base, &id).await.is_ok() {
-                        acked.lock().expect("lock").revoked.insert(key);
-                    }
-                }
-                Vec::new()
-            }));
-        }
-        for t in 0..2u64 {
-            let (stop, acked, base, done) = (
-                Arc::clone(&stop),
-                Arc::clone(&acked),
-                gateway.base.clone(),
-                Arc::clone(&traffic_done),
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                let mut rng = XorShift(0x1234_5678 + t * 7919 + cycle as u64);
-                let mut errors = Vec::new();
-                while !stop.load(Ordering::SeqCst) {
-                    let key = {
-                        let acked = acked.lock().expect("lock");
-                        acked.live[rng.below(acked.live.len() as u64) as usize].clone()
-                    };
-                    match proxied_status(&client, &base, &key).await {
-                        Ok(200) => {}
-                        // Only a live process answers; any answer but 200 is wrong.
-                        Ok(status) => errors.push(format!("cycle {cycle}: live key got {status}")),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-                errors
-            }));
-        }
+        let tasks = spawn_burst(cycle, &gateway.base, &stop, &acked, &traffic_done);
         let mid_burst = eventually(Duration::from_secs(40), || {
             let acked = Arc::clone(&acked);
             let done = Arc::clone(&traffic_done);
@@ -2009,58 +949,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
 
         // Restart on the same store; it must open and serve.
         gateway = Gateway::start_with_env(&config, &env).await;
-        let client = client();
-        let ready = client
-            .get(format!("{}/readyz", gateway.admin))
-            .send()
-            .await
-            .expect("readyz");
-        assert_eq!(
-            ready.status(),
-            200,
-            "cycle {cycle}: /readyz after the restart"
-        );
-        let snapshot: Vec<(String, bool, bool)> = {
-            let acked = acked.lock().expect("lock");
-            acked
-                .created
-                .iter()
-                .map(|(_, key)| {
-                    (
-                        key.clone(),
-                        acked.revoke_sent.contains(key),
-                        acked.revoked.contains(key),
-                    )
-                })
-                .collect()
-        };
-        let mut wrong = Vec::new();
-        for (key, revoke_sent, revoked) in &snapshot {
-            let status = proxied_status(&client, &gateway.base, key).await;
-            let fine = match (revoke_sent, revoked) {
-                (_, true) => status == Ok(401),
-                (false, false) => status == Ok(200),
-                // Revoke sent, answer lost in the kill: either outcome is allowed.
-                (true, false) => status == Ok(200) || status == Ok(401),
-            };
-            if !fine {
-                wrong.push(format!(
-                    "{}… revoke sent {revoke_sent}, acknowledged {revoked}: got {status:?}",
-                    &key[..8]
-                ));
-            }
-        }
-        assert!(
-            wrong.is_empty(),
-            "cycle {cycle}: {} of {} acknowledged changes lost after kill -9:\n{}",
-            wrong.len(),
-            snapshot.len(),
-            wrong.join("\n")
-        );
-        assert_eq!(
-            proxied_status(&client, &gateway.base, &seed_key).await,
-            Ok(200)
-        );
+        assert_acknowledged_after_restart(cycle, &gateway, &acked, &seed_key).await;
     }
     assert!(traffic_errors.is_empty(), "{}", traffic_errors.join("\n"));
 
@@ -2070,12 +959,27 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
         "keygate did not exit cleanly after the kills"
     );
     // Offline, the store opens and holds every acknowledged change.
-    let records = cli_list(&config, Some("burst"));
+    let acked = acked.lock().expect("lock");
+    assert_store_holds(&config, &acked);
+    eprintln!(
+        "kill -9 x3: {} acknowledged creates, {} acknowledged revokes",
+        acked.created.len(),
+        acked.revoked.len()
+    );
+    let mut secrets: Vec<String> = acked.created.iter().map(|(_, k)| k.clone()).collect();
+    secrets.push(seed_key);
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// Offline, `keys list` shows every acknowledged create, with every acknowledged revoke, and
+/// no revoke that was never sent.
+fn assert_store_holds(config: &GatewayConfig, acked: &Acked) {
+    let records = cli_list(config, Some("burst"));
     let by_id: HashMap<&str, &serde_json::Value> = records
         .iter()
         .map(|r| (r["id"].as_str().expect("id"), r))
         .collect();
-    let acked = acked.lock().expect("lock");
     for (id, key) in &acked.created {
         let record = by_id
             .get(id.as_str())
@@ -2092,15 +996,138 @@ async fn sigkill_mid_burst_loses_no_acknowledged_change() {
             );
         }
     }
-    eprintln!(
-        "kill -9 x3: {} acknowledged creates, {} acknowledged revokes",
-        acked.created.len(),
-        acked.revoked.len()
+}
+
+/// After a restart: /readyz is 200, every acknowledged create is admitted and every
+/// acknowledged revoke refused (a revoke whose answer the kill lost may go either way).
+async fn assert_acknowledged_after_restart(
+    cycle: u64,
+    gateway: &Gateway,
+    acked: &Arc<Mutex<Acked>>,
+    seed_key: &str,
+) {
+    let client = client();
+    let ready = client
+        .get(format!("{}/readyz", gateway.admin))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "cycle {cycle}: /readyz after the restart"
     );
-    let mut secrets: Vec<String> = acked.created.iter().map(|(_, k)| k.clone()).collect();
-    secrets.push(seed_key);
-    secrets.push(ADMIN.to_string());
-    assert_no_secrets(&config, &metrics, &[], &secrets);
+    let snapshot: Vec<(String, bool, bool)> = {
+        let acked = acked.lock().expect("lock");
+        acked
+            .created
+            .iter()
+            .map(|(_, key)| {
+                (
+                    key.clone(),
+                    acked.revoke_sent.contains(key),
+                    acked.revoked.contains(key),
+                )
+            })
+            .collect()
+    };
+    let mut wrong = Vec::new();
+    for (key, revoke_sent, revoked) in &snapshot {
+        let status = proxied_status(&client, &gateway.base, key).await;
+        let fine = match (revoke_sent, revoked) {
+            (_, true) => status == Ok(401),
+            (false, false) => status == Ok(200),
+            // Revoke sent, answer lost in the kill: either outcome is allowed.
+            (true, false) => status == Ok(200) || status == Ok(401),
+        };
+        if !fine {
+            wrong.push(format!(
+                "{}… revoke sent {revoke_sent}, acknowledged {revoked}: got {status:?}",
+                &key[..8]
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "cycle {cycle}: {} of {} acknowledged changes lost after kill -9:\n{}",
+        wrong.len(),
+        snapshot.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(
+        proxied_status(&client, &gateway.base, seed_key).await,
+        Ok(200)
+    );
+}
+
+/// The burst of one cycle: 4 tasks creating keys (every third revoked at once) and 2 sending
+/// traffic with live keys, until `stop`; the traffic tasks return their errors.
+fn spawn_burst(
+    cycle: u64,
+    base: &str,
+    stop: &Arc<AtomicBool>,
+    acked: &Arc<Mutex<Acked>>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (stop, acked, base) = (Arc::clone(stop), Arc::clone(acked), base.to_string());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut i = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let body =
+                    serde_json::json!({"owner": "burst", "name": format!("c{cycle}-t{t}-{i}")});
+                let Ok((id, key)) = admin_create(&client, &base, body).await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let revoke = i.is_multiple_of(3);
+                {
+                    let mut acked = acked.lock().expect("lock");
+                    acked.created.push((id.clone(), key.clone()));
+                    if revoke {
+                        acked.revoke_sent.insert(key.clone());
+                    } else {
+                        acked.live.push(key.clone());
+                    }
+                }
+                if revoke && admin_revoke(&client, &base, &id).await.is_ok() {
+                    acked.lock().expect("lock").revoked.insert(key);
+                }
+            }
+            Vec::new()
+        }));
+    }
+    for t in 0..2u64 {
+        let (stop, acked, base, done) = (
+            Arc::clone(stop),
+            Arc::clone(acked),
+            base.to_string(),
+            Arc::clone(done),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut rng = XorShift(0x1234_5678 + t * 7919 + cycle);
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let key = {
+                    let acked = acked.lock().expect("lock");
+                    acked.live[rng.below(acked.live.len() as u64) as usize].clone()
+                };
+                match proxied_status(&client, &base, &key).await {
+                    Ok(200) => {}
+                    // Only a live process answers; any answer but 200 is wrong.
+                    Ok(status) => errors.push(format!("cycle {cycle}: live key got {status}")),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            errors
+        }));
+    }
+    tasks
 }
 
 // ---------------------------------------------------------------- 4. upstream lost under load
@@ -2204,43 +1231,7 @@ async fn upstream_loss_under_load() -> LossRun {
 
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (outcomes, stop, base, key) = (
-            Arc::clone(&outcomes),
-            Arc::clone(&stop),
-            gateway.base.clone(),
-            key.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let client = client();
-            while !stop.load(Ordering::SeqCst) {
-                let sent = Instant::now();
-                let result = match client
-                    .get(format!("{base}/load"))
-                    .header("x-api-key", &key)
-                    .send()
-                    .await
-                {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let who = resp
-                            .headers()
-                            .get("x-upstream")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        let _ = resp.bytes().await;
-                        match (status, who) {
-                            (200, Some(who)) => Ok(who),
-                            (status, _) => Err(format!("status {status}")),
-                        }
-                    }
-                    Err(e) => Err(format!("transport: {e}")),
-                };
-                outcomes.lock().expect("lock").push((sent, result));
-            }
-        }));
-    }
+    let tasks = spawn_load(&gateway.base, &key, &outcomes, &stop);
     let count = |outcomes: &Arc<Mutex<Vec<Outcome>>>, after: Option<Instant>| {
         outcomes
             .lock()
@@ -2302,6 +1293,53 @@ async fn upstream_loss_under_load() -> LossRun {
         marked_at,
         dead_served_after_mark: a.count() - a_at_mark,
     }
+}
+
+/// Steady load from 4 clients, each recording every outcome, until `stop`.
+fn spawn_load(
+    base: &str,
+    key: &str,
+    outcomes: &Arc<Mutex<Vec<Outcome>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (outcomes, stop, base, key) = (
+            Arc::clone(outcomes),
+            Arc::clone(stop),
+            base.to_string(),
+            key.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let result = match client
+                    .get(format!("{base}/load"))
+                    .header("x-api-key", &key)
+                    .send()
+                    .await
+                {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let who = resp
+                            .headers()
+                            .get("x-upstream")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let _ = resp.bytes().await;
+                        match (status, who) {
+                            (200, Some(who)) => Ok(who),
+                            (status, _) => Err(format!("status {status}")),
+                        }
+                    }
+                    Err(e) => Err(format!("transport: {e}")),
+                };
+                outcomes.lock().expect("lock").push((sent, result));
+            }
+        }));
+    }
+    tasks
 }
 
 fn count_after(outcomes: &[Outcome], t: Instant) -> usize {
@@ -2500,10 +1538,31 @@ async fn two_hundred_creates(clients: usize) {
         assert_eq!(check.await.expect("check"), Ok(200));
     }
 
+    assert_all_listed(&client, &gateway.base, &ids).await;
+
+    let metrics = scrape_metrics(&gateway.admin).await;
+    assert!(gateway.stop());
+    let records = cli_list(&config, Some("bulk-owner"));
+    let stored: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        stored, ids,
+        "keys list after the stop differs from the creates"
+    );
+    let mut secrets: Vec<String> = created.into_iter().map(|(_, k)| k).collect();
+    secrets.push(ADMIN.to_string());
+    assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// The admin lists exactly `ids` for bulk-owner, in one page and page by page, never with a
+/// raw key.
+async fn assert_all_listed(client: &reqwest::Client, base: &str, ids: &BTreeSet<&str>) {
     // All listed: in one page, and page by page.
     let list = |query: String| {
         let client = client.clone();
-        let base = gateway.base.clone();
+        let base = base.to_string();
         async move {
             let resp = client
                 .get(format!("{base}/_keygate/keys?{query}"))
@@ -2525,7 +1584,7 @@ async fn two_hundred_creates(clients: usize) {
             r["id"].as_str().expect("id")
         })
         .collect();
-    assert_eq!(listed, ids, "the listing differs from the creates");
+    assert_eq!(&listed, ids, "the listing differs from the creates");
     assert!(page["next_cursor"].is_null());
     let mut paged = Vec::new();
     let mut cursor: Option<String> = None;
@@ -2547,23 +1606,8 @@ async fn two_hundred_creates(clients: usize) {
     assert_eq!(paged.len(), 200, "pages hold {} records", paged.len());
     assert_eq!(
         paged.iter().map(String::as_str).collect::<BTreeSet<_>>(),
-        ids
+        *ids
     );
-
-    let metrics = scrape_metrics(&gateway.admin).await;
-    assert!(gateway.stop());
-    let records = cli_list(&config, Some("bulk-owner"));
-    let stored: BTreeSet<&str> = records
-        .iter()
-        .map(|r| r["id"].as_str().expect("id"))
-        .collect();
-    assert_eq!(
-        stored, ids,
-        "keys list after the stop differs from the creates"
-    );
-    let mut secrets: Vec<String> = created.into_iter().map(|(_, k)| k).collect();
-    secrets.push(ADMIN.to_string());
-    assert_no_secrets(&config, &metrics, &[], &secrets);
 }
 
 /// 5. 200 creates at once (200 concurrent admin clients).
@@ -2613,30 +1657,7 @@ async fn no_request_after_a_revoke_answer_is_admitted() {
         };
         let log: Arc<Mutex<Vec<(Instant, u16)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let (log, stop, url, value) = (
-                Arc::clone(&log),
-                Arc::clone(&stop),
-                format!("{}/race", gateway.base),
-                value.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let client = client();
-                while !stop.load(Ordering::SeqCst) {
-                    let sent = Instant::now();
-                    let status = match client.get(&url).header(header, &value).send().await {
-                        Ok(resp) => {
-                            let status = resp.status().as_u16();
-                            let _ = resp.bytes().await;
-                            status
-                        }
-                        Err(_) => 0,
-                    };
-                    log.lock().expect("lock").push((sent, status));
-                }
-            }));
-        }
+        let tasks = spawn_hammers(&gateway.base, header, &value, &log, &stop);
         let warmed = eventually(Duration::from_secs(20), || {
             let ok = log
                 .lock()
@@ -2667,33 +1688,77 @@ async fn no_request_after_a_revoke_answer_is_admitted() {
             task.await.expect("hammer task");
         }
         assert!(enough, "round {round}: too few requests after the revoke");
-        let log = log.lock().expect("lock");
-        let unexpected: Vec<&(Instant, u16)> =
-            log.iter().filter(|(_, s)| *s != 200 && *s != 401).collect();
-        assert!(
-            unexpected.is_empty(),
-            "round {round}: statuses other than 200/401: {unexpected:?}"
-        );
-        let admitted_after: Vec<Duration> = log
-            .iter()
-            .filter(|(sent, s)| *sent > answered && *s == 200)
-            .map(|(sent, _)| *sent - answered)
-            .collect();
-        let after = log.iter().filter(|(sent, _)| *sent > answered).count();
-        eprintln!(
-            "round {round} ({header}): {} requests, {after} sent after the revoke answer",
-            log.len()
-        );
-        assert!(
-            admitted_after.is_empty(),
-            "round {round} ({header}): {} of {after} requests sent after the revoke was answered got 200 (sent that long after it: {:?})",
-            admitted_after.len(),
-            &admitted_after[..admitted_after.len().min(5)]
-        );
+        assert_none_admitted_after(round, header, &log.lock().expect("lock"), answered);
     }
     let metrics = scrape_metrics(&gateway.admin).await;
     assert!(gateway.stop());
     assert_no_secrets(&config, &metrics, &[], &secrets);
+}
+
+/// Only 200s and 401s, and no 200 for a request sent after the revoke was answered.
+fn assert_none_admitted_after(
+    round: usize,
+    header: &str,
+    log: &[(Instant, u16)],
+    answered: Instant,
+) {
+    let unexpected: Vec<&(Instant, u16)> =
+        log.iter().filter(|(_, s)| *s != 200 && *s != 401).collect();
+    assert!(
+        unexpected.is_empty(),
+        "round {round}: statuses other than 200/401: {unexpected:?}"
+    );
+    let admitted_after: Vec<Duration> = log
+        .iter()
+        .filter(|(sent, s)| *sent > answered && *s == 200)
+        .map(|(sent, _)| *sent - answered)
+        .collect();
+    let after = log.iter().filter(|(sent, _)| *sent > answered).count();
+    eprintln!(
+        "round {round} ({header}): {} requests, {after} sent after the revoke answer",
+        log.len()
+    );
+    assert!(
+        admitted_after.is_empty(),
+        "round {round} ({header}): {} of {after} requests sent after the revoke was answered got 200 (sent that long after it: {:?})",
+        admitted_after.len(),
+        &admitted_after[..admitted_after.len().min(5)]
+    );
+}
+
+/// 4 tasks sending `header: value` to the proxy, each logging (sent, status) until `stop`.
+fn spawn_hammers(
+    base: &str,
+    header: &'static str,
+    value: &str,
+    log: &Arc<Mutex<Vec<(Instant, u16)>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (log, stop, url, value) = (
+            Arc::clone(log),
+            Arc::clone(stop),
+            format!("{base}/race"),
+            value.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let status = match client.get(&url).header(header, &value).send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let _ = resp.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                log.lock().expect("lock").push((sent, status));
+            }
+        }));
+    }
+    tasks
 }
 
 // ---------------------------------------------------------------- 7. secrets
@@ -2753,92 +1818,9 @@ async fn hostile_traffic_leaks_no_secret() {
         }
     };
     for key in [k, api_key.as_str(), rotated_key.as_str(), unknown.as_str()] {
-        // In the query string: admitted (with a header) and refused (without).
-        send(request(
-            "GET",
-            &format!("/q?api_key={key}&key={key}"),
-            &[h("x-api-key", key)],
-            None,
-        ))
-        .await;
-        send(request("GET", &format!("/q?api_key={key}"), &[], None)).await;
-        send(request(
-            "GET",
-            &format!("/_keygate/keys?owner={key}&cursor={key}"),
-            &[h("x-api-key", key)],
-            None,
-        ))
-        .await;
-        // Conflicting, malformed, mangled.
-        send(request(
-            "GET",
-            "/c",
-            &[h("x-api-key", key), h("key", &api_key)],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            "/c",
-            &[h("x-api-key", format!("{key}x"))],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            "/c",
-            &[h("authorization", format!("Basic {key}"))],
-            None,
-        ))
-        .await;
-        // Refused by the HTTP layer: a control character elsewhere, an oversized block.
-        send(request(
-            "GET",
-            "/m",
-            &[h("x-api-key", key), h("x-other", b"a\x01b")],
-            None,
-        ))
-        .await;
-        send(request(
-            "GET",
-            &format!("/m?{key}"),
-            &[h("x-api-key", key), h("x-pad", "p".repeat(1100 * 1024))],
-            None,
-        ))
-        .await;
-        send(format!("GET /m?{key} HTTP/9.9\r\nx-api-key: {key}\r\n\r\n").into_bytes()).await;
-        // Bodies the API refuses.
-        send(request(
-            "POST",
-            "/_keygate/keys/revoke",
-            &[admin_auth()],
-            Some(format!("{{\"key\": \"{key}\"").as_bytes()),
-        ))
-        .await;
-        send(request(
-            "POST",
-            "/_keygate/keys/revoke",
-            &[admin_auth()],
-            Some(format!("[\"{key}\"]").as_bytes()),
-        ))
-        .await;
-        send(request(
-            "POST",
-            "/_keygate/keys",
-            &[h("x-api-key", key)],
-            Some(format!("{{\"name\": 5, \"owner\": \"{key}\"}}").as_bytes()),
-        ))
-        .await;
-        // A wrong admin token that looks like the real one.
-        send(request(
-            "GET",
-            "/_keygate/audit",
-            &[h("authorization", format!("Bearer {ADMIN}{key}"))],
-            None,
-        ))
-        .await;
-        // An upstream timeout with the key in a header.
-        send(request("GET", "/hang/slow", &[h("x-api-key", key)], None)).await;
+        for bytes in hostile_requests(key, &api_key) {
+            send(bytes).await;
+        }
     }
     // A leak report: revoke by value.
     let resp = client
@@ -2862,4 +1844,77 @@ async fn hostile_traffic_leaks_no_secret() {
         ADMIN.to_string(),
     ];
     assert_no_secrets(&config, &metrics, &bodies, &secrets);
+}
+
+/// The requests `hostile_traffic_leaks_no_secret` sends for each key: in query strings
+/// (admitted and refused), conflicting, malformed, refused by the HTTP layer, in bodies the
+/// API refuses, glued to the admin token, and waiting on an upstream timeout.
+fn hostile_requests(key: &str, api_key: &str) -> Vec<Vec<u8>> {
+    vec![
+        // In the query string: admitted (with a header) and refused (without).
+        request(
+            "GET",
+            &format!("/q?api_key={key}&key={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ),
+        request("GET", &format!("/q?api_key={key}"), &[], None),
+        request(
+            "GET",
+            &format!("/_keygate/keys?owner={key}&cursor={key}"),
+            &[h("x-api-key", key)],
+            None,
+        ),
+        // Conflicting, malformed, mangled.
+        request("GET", "/c", &[h("x-api-key", key), h("key", api_key)], None),
+        request("GET", "/c", &[h("x-api-key", format!("{key}x"))], None),
+        request(
+            "GET",
+            "/c",
+            &[h("authorization", format!("Basic {key}"))],
+            None,
+        ),
+        // Refused by the HTTP layer: a control character elsewhere, an oversized block.
+        request(
+            "GET",
+            "/m",
+            &[h("x-api-key", key), h("x-other", b"a\x01b")],
+            None,
+        ),
+        request(
+            "GET",
+            &format!("/m?{key}"),
+            &[h("x-api-key", key), h("x-pad", "p".repeat(1100 * 1024))],
+            None,
+        ),
+        format!("GET /m?{key} HTTP/9.9\r\nx-api-key: {key}\r\n\r\n").into_bytes(),
+        // Bodies the API refuses.
+        request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("{{\"key\": \"{key}\"").as_bytes()),
+        ),
+        request(
+            "POST",
+            "/_keygate/keys/revoke",
+            &[admin_auth()],
+            Some(format!("[\"{key}\"]").as_bytes()),
+        ),
+        request(
+            "POST",
+            "/_keygate/keys",
+            &[h("x-api-key", key)],
+            Some(format!("{{\"name\": 5, \"owner\": \"{key}\"}}").as_bytes()),
+        ),
+        // A wrong admin token that looks like the real one.
+        request(
+            "GET",
+            "/_keygate/audit",
+            &[h("authorization", format!("Bearer {ADMIN}{key}"))],
+            None,
+        ),
+        // An upstream timeout with the key in a header.
+        request("GET", "/hang/slow", &[h("x-api-key", key)], None),
+    ]
 }
