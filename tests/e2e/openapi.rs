@@ -542,10 +542,19 @@ async fn error_answers_match_the_document() {
     );
 }
 
-/// `GET /openapi.json` serves `src/management/openapi.json` as it is.
+/// `GET /openapi.json` serves `src/management/openapi.json`: as it is while sign-up is
+/// on, without `/signup` while it is off (contract section 13).
 #[tokio::test]
 async fn the_served_document_is_the_source_document() {
-    let env = Env::start(GENEROUS).await;
-    let served = env.get("/openapi.json", Cred::None).await;
+    let on = Env::start(&format!("{GENEROUS}[signup]\nenabled = true\n")).await;
+    let served = on.get("/openapi.json", Cred::None).await;
     assert_eq!(served.ok(200), &source_document());
+    let off = Env::start(GENEROUS).await;
+    let served = off.get("/openapi.json", Cred::None).await;
+    let mut expected = source_document();
+    let removed = expected["paths"]
+        .as_object_mut()
+        .and_then(|paths| paths.remove("/signup"));
+    assert!(removed.is_some(), "the source document documents /signup");
+    assert_eq!(served.ok(200), &expected);
 }
