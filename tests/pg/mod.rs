@@ -5,4 +5,4 @@
 #[path = "../e2e/common/pg.rs"]
 mod shared;
 
-pub use shared::*;
+pub(crate) use shared::*;

@@ -7,19 +7,19 @@ use std::time::{Duration, Instant};
 use super::*;
 
 /// The admin token every cluster instance is started with.
-pub const ADMIN: &str = "cluster-admin-token-padded-to-32";
+pub(crate) const ADMIN: &str = "cluster-admin-token-padded-to-32";
 
 /// One `keygate serve` on the PostgreSQL store at `db_url`, one route "/" to `upstream`.
 /// Reuses `common::Gateway` for the process (SIGTERM stop, kill on drop) and
 /// `common::GatewayConfig` for the temp dir and ports, with our own config text: the
 /// common one always writes a sled [store].
-pub struct Instance {
+pub(crate) struct Instance {
     pub config: GatewayConfig,
     pub gateway: Gateway,
 }
 
 impl Instance {
-    pub async fn start(db_url: &str, upstream: SocketAddr) -> Instance {
+    pub(crate) async fn start(db_url: &str, upstream: SocketAddr) -> Instance {
         let config = GatewayConfig::single_route(&[upstream]);
         let text = format!(
             "[server]\n\
@@ -74,13 +74,13 @@ impl Instance {
         instance
     }
 
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.config.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
     /// Waits until the admin listener answers /healthz as keygate and the proxy listener
     /// accepts connections; fails early if the process exits.
-    pub async fn wait_ready(&mut self) {
+    pub(crate) async fn wait_ready(&mut self) {
         let client = client();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -114,17 +114,17 @@ impl Instance {
         }
     }
 
-    pub fn base(&self) -> &str {
+    pub(crate) fn base(&self) -> &str {
         &self.gateway.base
     }
 
     /// SIGTERM and wait; true when it exited successfully.
-    pub fn stop(&mut self) -> bool {
+    pub(crate) fn stop(&mut self) -> bool {
         self.gateway.stop()
     }
 
     /// POST /_keygate/keys as the admin; (status, body).
-    pub async fn try_create_key(&self, owner: &str) -> (u16, serde_json::Value) {
+    pub(crate) async fn try_create_key(&self, owner: &str) -> (u16, serde_json::Value) {
         let resp = client()
             .post(format!("{}/_keygate/keys", self.base()))
             .bearer_auth(ADMIN)
@@ -137,7 +137,7 @@ impl Instance {
     }
 
     /// Creates a key through the management API; returns (id, raw key).
-    pub async fn create_key(&self, owner: &str) -> (String, String) {
+    pub(crate) async fn create_key(&self, owner: &str) -> (String, String) {
         let (status, body) = self.try_create_key(owner).await;
         assert_eq!(status, 201, "create answered {status}: {body}");
         (
@@ -147,7 +147,7 @@ impl Instance {
     }
 
     /// GET /readyz on the admin listener; (status, body).
-    pub async fn readyz(&self) -> (u16, String) {
+    pub(crate) async fn readyz(&self) -> (u16, String) {
         let resp = client()
             .get(format!("{}/readyz", self.gateway.admin))
             .send()
@@ -157,7 +157,7 @@ impl Instance {
         (status, resp.text().await.unwrap_or_default())
     }
 
-    pub async fn get_key(&self, id: &str) -> serde_json::Value {
+    pub(crate) async fn get_key(&self, id: &str) -> serde_json::Value {
         let resp = client()
             .get(format!("{}/_keygate/keys/{id}", self.base()))
             .bearer_auth(ADMIN)
@@ -171,7 +171,7 @@ impl Instance {
     }
 
     /// `keygate_key_cache_lookups_total{result="hit"}` on this instance.
-    pub async fn cache_hits(&self) -> u64 {
+    pub(crate) async fn cache_hits(&self) -> u64 {
         let text = client()
             .get(format!("{}/metrics", self.gateway.admin))
             .send()
@@ -191,7 +191,7 @@ impl Instance {
     }
 
     /// One proxied request with `key`; (status, error code or "").
-    pub async fn call(&self, key: &str) -> (u16, String) {
+    pub(crate) async fn call(&self, key: &str) -> (u16, String) {
         let resp = client()
             .get(format!("{}/work", self.base()))
             .header("x-api-key", key)

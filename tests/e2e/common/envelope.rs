@@ -8,7 +8,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 
 /// What the envelope check reads of a response, however it was received.
-pub trait Received {
+pub(crate) trait Received {
     fn status(&self) -> u16;
     fn header(&self, name: &str) -> Option<&str>;
     fn body(&self) -> &[u8];
@@ -18,7 +18,7 @@ pub trait Received {
 /// `{"error": {...}}` whose `code` and `message` are non-empty strings, whose `request_id`
 /// is non-empty and equal to the `x-request-id` header, and whose `details`, when present,
 /// maps fields to arrays of reasons (strings). Returns the `error` object.
-pub fn error_envelope(answer: &impl Received) -> Result<Map<String, Value>, String> {
+pub(crate) fn error_envelope(answer: &impl Received) -> Result<Map<String, Value>, String> {
     let text = || String::from_utf8_lossy(answer.body()).into_owned();
     let content_type = answer.header("content-type").unwrap_or_default();
     if !content_type.starts_with("application/json") {
@@ -62,7 +62,7 @@ pub fn error_envelope(answer: &impl Received) -> Result<Map<String, Value>, Stri
 }
 
 /// `error_envelope`, for an answer that must have `status` and `error.code` `code`.
-pub fn check_error(
+pub(crate) fn check_error(
     answer: &impl Received,
     status: u16,
     code: &str,
@@ -85,7 +85,7 @@ pub fn check_error(
 }
 
 /// `check_error`, panicking with `what` and the reason; returns the `error` object.
-pub fn assert_error(
+pub(crate) fn assert_error(
     what: &str,
     answer: &impl Received,
     status: u16,
@@ -96,7 +96,7 @@ pub fn assert_error(
 
 /// The `error.code` of an answer that must be keygate's JSON error (any 4xx or 5xx): panics,
 /// with the reason, when the envelope is wrong; "" below 400.
-pub fn code_of(what: &str, answer: &impl Received) -> String {
+pub(crate) fn code_of(what: &str, answer: &impl Received) -> String {
     if answer.status() < 400 {
         return String::new();
     }
@@ -108,7 +108,7 @@ pub fn code_of(what: &str, answer: &impl Received) -> String {
 
 /// A response read whole.
 #[derive(Clone)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// What was asked, for messages (e.g. `GET /keys`).
     pub what: String,
     pub status: u16,
@@ -134,7 +134,7 @@ impl Received for Reply {
 }
 
 impl Reply {
-    pub async fn read(what: impl Into<String>, resp: reqwest::Response) -> Reply {
+    pub(crate) async fn read(what: impl Into<String>, resp: reqwest::Response) -> Reply {
         let what = what.into();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -153,12 +153,12 @@ impl Reply {
         }
     }
 
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         Received::header(self, name)
     }
 
     /// Asserts a success status; returns the JSON body.
-    pub fn ok(&self, status: u16) -> &Value {
+    pub(crate) fn ok(&self, status: u16) -> &Value {
         assert_eq!(
             self.status, status,
             "{}: status; body {}",
@@ -168,13 +168,13 @@ impl Reply {
     }
 
     /// Asserts keygate's error envelope with `status` and `code`; returns `error`.
-    pub fn err(&self, status: u16, code: &str) -> &Value {
+    pub(crate) fn err(&self, status: u16, code: &str) -> &Value {
         assert_error(&self.what, self, status, code);
         &self.json["error"]
     }
 
     /// A 422 `validation_failed` naming each of `fields` in `details`; returns `details`.
-    pub fn invalid(&self, fields: &[&str]) -> &Value {
+    pub(crate) fn invalid(&self, fields: &[&str]) -> &Value {
         let error = self.err(422, "validation_failed");
         let details = error["details"]
             .as_object()

@@ -1,10 +1,10 @@
 //! The contract's key format, re-implemented by the tests: `kg_` + 43 base62 digits + the
 //! 6-digit base62 CRC-32 of what precedes them.
 
-pub const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// The contract's checksum: CRC-32 (IEEE) of `text`, as exactly 6 base62 digits.
-pub fn checksum(text: &str) -> String {
+pub(crate) fn checksum(text: &str) -> String {
     let mut n = crc32fast::hash(text.as_bytes());
     let mut out = [b'0'; 6];
     for slot in out.iter_mut().rev() {
@@ -15,7 +15,7 @@ pub fn checksum(text: &str) -> String {
 }
 
 /// `kg_` + 43 base62 digits + the checksum of what precedes it.
-pub fn is_well_formed(key: &str) -> bool {
+pub(crate) fn is_well_formed(key: &str) -> bool {
     let Some(body) = key.strip_prefix("kg_") else {
         return false;
     };
@@ -26,7 +26,7 @@ pub fn is_well_formed(key: &str) -> bool {
 
 /// Asserts `key` matches `^kg_[0-9A-Za-z]{49}$` and its last 6 characters are the CRC-32 of
 /// what precedes them.
-pub fn assert_key_format(key: &str) {
+pub(crate) fn assert_key_format(key: &str) {
     let body = key
         .strip_prefix("kg_")
         .unwrap_or_else(|| panic!("{key:?} does not start with kg_"));
@@ -39,7 +39,7 @@ pub fn assert_key_format(key: &str) {
 
 /// `key` with the character at `index` replaced by another base62 digit (so that, in the
 /// body, the checksum fails).
-pub fn with_char_changed(key: &str, index: usize) -> String {
+pub(crate) fn with_char_changed(key: &str, index: usize) -> String {
     let mut bytes = key.as_bytes().to_vec();
     bytes[index] = if bytes[index] == b'A' { b'B' } else { b'A' };
     String::from_utf8(bytes).expect("ascii")

@@ -10,14 +10,14 @@ use super::envelope::{Reply, error_envelope};
 use super::{Gateway, GatewayConfig, Upstream, client, create_key, error_code};
 
 /// The admin token of every `Env`.
-pub const ADMIN: &str = "api-test-admin-token-5f1c0e2a-pa";
+pub(crate) const ADMIN: &str = "api-test-admin-token-5f1c0e2a-pa";
 
 /// Limits high enough that tests not about them never trip them.
-pub const GENEROUS: &str = "[management.limits]\ncreate_per_hour = 10000\nlist_per_minute = 10000\nrevoke_per_minute = 10000\n";
+pub(crate) const GENEROUS: &str = "[management.limits]\ncreate_per_hour = 10000\nlist_per_minute = 10000\nrevoke_per_minute = 10000\n";
 
 /// How a request authenticates.
 #[derive(Clone, Copy)]
-pub enum Cred<'a> {
+pub(crate) enum Cred<'a> {
     None,
     Admin,
     /// `Authorization: Bearer <token>`, for a wrong admin token or a key.
@@ -28,7 +28,7 @@ pub enum Cred<'a> {
     KeyHeader(&'a str),
 }
 
-pub enum Body {
+pub(crate) enum Body {
     None,
     Json(Value),
     Raw(Vec<u8>, &'static str),
@@ -61,7 +61,7 @@ fn assert_management_reply(reply: &Reply) {
     }
 }
 
-pub struct Env {
+pub(crate) struct Env {
     pub upstream: Upstream,
     pub config: GatewayConfig,
     pub gateway: Gateway,
@@ -71,11 +71,11 @@ pub struct Env {
 impl Env {
     /// A gateway with `sections` (e.g. [management.limits], [signup]) and one route "/" to a
     /// fresh upstream "api", auth required.
-    pub async fn start(sections: &str) -> Env {
+    pub(crate) async fn start(sections: &str) -> Env {
         Self::start_with(sections, |_| {}).await
     }
 
-    pub async fn start_with(sections: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
+    pub(crate) async fn start_with(sections: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
         let upstream = Upstream::start("api").await;
         let mut config = Self::config(sections, &upstream);
         tweak(&mut config);
@@ -83,14 +83,14 @@ impl Env {
     }
 
     /// The config `start` uses, for tests that prepare the store before starting.
-    pub fn config(sections: &str, upstream: &Upstream) -> GatewayConfig {
+    pub(crate) fn config(sections: &str, upstream: &Upstream) -> GatewayConfig {
         let mut config = GatewayConfig::single_route(&[upstream.addr]);
         config.extra = format!("{sections}\n{}", config.extra);
         config
     }
 
     /// Starts the gateway on `config` with the admin token.
-    pub async fn on(config: GatewayConfig, upstream: Upstream) -> Env {
+    pub(crate) async fn on(config: GatewayConfig, upstream: Upstream) -> Env {
         let gateway = Self::start_gateway(&config).await;
         Env {
             upstream,
@@ -100,12 +100,18 @@ impl Env {
         }
     }
 
-    pub async fn start_gateway(config: &GatewayConfig) -> Gateway {
+    pub(crate) async fn start_gateway(config: &GatewayConfig) -> Gateway {
         Gateway::start_with_env(config, &[("KEYGATE_ADMIN_TOKEN", ADMIN)]).await
     }
 
     /// `method <management path><path>`, checked as every management answer must be.
-    pub async fn send(&self, method: Method, path: &str, cred: Cred<'_>, body: Body) -> Reply {
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        cred: Cred<'_>,
+        body: Body,
+    ) -> Reply {
         let what = format!("{method} {path}");
         let mut req = self
             .http
@@ -131,20 +137,20 @@ impl Env {
         reply
     }
 
-    pub async fn get(&self, path: &str, cred: Cred<'_>) -> Reply {
+    pub(crate) async fn get(&self, path: &str, cred: Cred<'_>) -> Reply {
         self.send(Method::GET, path, cred, Body::None).await
     }
 
-    pub async fn post(&self, path: &str, cred: Cred<'_>, body: Value) -> Reply {
+    pub(crate) async fn post(&self, path: &str, cred: Cred<'_>, body: Value) -> Reply {
         self.send(Method::POST, path, cred, Body::Json(body)).await
     }
 
-    pub async fn delete(&self, path: &str, cred: Cred<'_>) -> Reply {
+    pub(crate) async fn delete(&self, path: &str, cred: Cred<'_>) -> Reply {
         self.send(Method::DELETE, path, cred, Body::None).await
     }
 
     /// POST /keys that must answer 201; returns (record, raw key).
-    pub async fn create(&self, cred: Cred<'_>, body: Value) -> (Value, String) {
+    pub(crate) async fn create(&self, cred: Cred<'_>, body: Value) -> (Value, String) {
         let reply = self.post("/keys", cred, body).await;
         let record = reply.ok(201).clone();
         let key = record["key"]
@@ -155,13 +161,13 @@ impl Env {
     }
 
     /// The admin creates a key for `owner` with `scopes`.
-    pub async fn admin_create(&self, owner: &str, scopes: &[&str]) -> (Value, String) {
+    pub(crate) async fn admin_create(&self, owner: &str, scopes: &[&str]) -> (Value, String) {
         self.create(Cred::Admin, json!({"owner": owner, "scopes": scopes}))
             .await
     }
 
     /// GET /keys/{id} as the admin, 200.
-    pub async fn record(&self, id: &str) -> Value {
+    pub(crate) async fn record(&self, id: &str) -> Value {
         self.get(&format!("/keys/{id}"), Cred::Admin)
             .await
             .ok(200)
@@ -169,7 +175,7 @@ impl Env {
     }
 
     /// A proxied GET with `key` in x-api-key: (status, error code if keygate refused).
-    pub async fn proxied(&self, key: &str) -> (u16, String) {
+    pub(crate) async fn proxied(&self, key: &str) -> (u16, String) {
         let resp = self
             .http
             .get(format!("{}/resource", self.config.base_url()))
@@ -190,12 +196,12 @@ impl Env {
         error_code(resp).await
     }
 
-    pub async fn assert_admitted(&self, key: &str, what: &str) {
+    pub(crate) async fn assert_admitted(&self, key: &str, what: &str) {
         assert_eq!(self.proxied(key).await, (200, String::new()), "{what}");
     }
 
     /// Every item of a paginated listing, following `next_cursor`; also returns page sizes.
-    pub async fn all_pages(
+    pub(crate) async fn all_pages(
         &self,
         path: &str,
         cred: Cred<'_>,
@@ -225,16 +231,16 @@ impl Env {
     }
 }
 
-pub fn ids(items: &[Value]) -> Vec<String> {
+pub(crate) fn ids(items: &[Value]) -> Vec<String> {
     items.iter().map(id_of).collect()
 }
 
-pub fn id_of(record: &Value) -> String {
+pub(crate) fn id_of(record: &Value) -> String {
     record["id"].as_str().expect("id").to_string()
 }
 
 /// RFC 3339 UTC with whole seconds: `YYYY-MM-DDTHH:MM:SSZ`; returns Unix seconds.
-pub fn whole_second_utc(value: &Value, what: &str) -> i64 {
+pub(crate) fn whole_second_utc(value: &Value, what: &str) -> i64 {
     let text = value
         .as_str()
         .unwrap_or_else(|| panic!("{what}: not a string: {value}"));
@@ -253,7 +259,7 @@ pub fn whole_second_utc(value: &Value, what: &str) -> i64 {
 }
 
 /// Unix seconds now.
-pub fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -262,14 +268,14 @@ pub fn now() -> i64 {
 
 /// A key in the right format (valid checksum) that this gateway has never seen: made by the
 /// offline CLI on a store of its own.
-pub fn foreign_key() -> String {
+pub(crate) fn foreign_key() -> String {
     let other = GatewayConfig::single_route(&["127.0.0.1:9".parse().expect("address")]);
     other.write();
     create_key(&other.path(), "stranger", &[], None).1
 }
 
 /// The numeric Retry-After of `reply`.
-pub fn retry_after(reply: &Reply) -> u64 {
+pub(crate) fn retry_after(reply: &Reply) -> u64 {
     reply
         .header("retry-after")
         .and_then(|v| v.parse::<u64>().ok())

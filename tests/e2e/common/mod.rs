@@ -2,14 +2,14 @@
 //! receives), the real `keygate` binary on free loopback ports with a generated config in a
 //! temp dir, and helpers for the offline CLI.
 
-pub mod cluster;
-pub mod envelope;
-pub mod keys;
-pub mod management;
-pub mod pg;
-pub mod raw;
+pub(crate) mod cluster;
+pub(crate) mod envelope;
+pub(crate) mod keys;
+pub(crate) mod management;
+pub(crate) mod pg;
+pub(crate) mod raw;
 
-pub use envelope::{Received, Reply};
+pub(crate) use envelope::Reply;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,10 +27,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
 /// A port that was free a moment ago.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -39,7 +39,7 @@ pub fn free_port() -> u16 {
 
 /// What the upstream saw of one request.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: String,
     pub path_and_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -47,21 +47,21 @@ pub struct Seen {
 }
 
 impl Seen {
-    pub fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 
-    pub fn has_header(&self, name: &str) -> bool {
+    pub(crate) fn has_header(&self, name: &str) -> bool {
         self.headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
     /// Every header value, as text, for "does the key appear anywhere" checks.
-    pub fn all_header_text(&self) -> String {
+    pub(crate) fn all_header_text(&self) -> String {
         self.headers
             .iter()
             .map(|(n, v)| format!("{n}: {}\n", String::from_utf8_lossy(v)))
@@ -70,7 +70,7 @@ impl Seen {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamMode {
+pub(crate) enum UpstreamMode {
     /// 200 with body `upstream <name> <path>`.
     Ok,
     /// Accepts the request and never answers.
@@ -80,18 +80,18 @@ pub enum UpstreamMode {
 }
 
 /// A tiny HTTP/1.1 upstream on loopback that records every request it receives.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Upstream {
-    pub async fn start(name: &str) -> Upstream {
+    pub(crate) async fn start(name: &str) -> Upstream {
         Self::start_with(name, UpstreamMode::Ok).await
     }
 
-    pub async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
+    pub(crate) async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -162,16 +162,16 @@ impl Upstream {
         Upstream { addr, seen, task }
     }
 
-    pub fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("lock").clone()
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.seen.lock().expect("lock").len()
     }
 
     /// Stops accepting: later connections are refused.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.task.abort();
     }
 }
@@ -183,7 +183,7 @@ impl Drop for Upstream {
 }
 
 /// A config file and store directory for one gateway, in a temp dir.
-pub struct GatewayConfig {
+pub(crate) struct GatewayConfig {
     pub dir: tempfile::TempDir,
     pub listen: u16,
     pub admin: u16,
@@ -196,7 +196,7 @@ pub struct GatewayConfig {
 
 impl GatewayConfig {
     /// One route "default" at "/" to `upstreams`, auth required.
-    pub fn single_route(upstreams: &[SocketAddr]) -> Self {
+    pub(crate) fn single_route(upstreams: &[SocketAddr]) -> Self {
         Self::with_routes(&format!(
             "[[routes]]\nname = \"default\"\npath_prefix = \"/\"\nupstreams = [{}]\nhealth_check_interval_ms = 200\n",
             quoted(upstreams)
@@ -204,13 +204,13 @@ impl GatewayConfig {
     }
 
     /// One route "open" at "/" to `upstream`, no key needed.
-    pub fn public_route(upstream: SocketAddr) -> Self {
+    pub(crate) fn public_route(upstream: SocketAddr) -> Self {
         Self::with_routes(&format!(
             "[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstreams = [\"{upstream}\"]\nauth = \"none\"\n"
         ))
     }
 
-    pub fn with_routes(routes_toml: &str) -> Self {
+    pub(crate) fn with_routes(routes_toml: &str) -> Self {
         GatewayConfig {
             dir: tempfile::tempdir().expect("temp dir"),
             listen: free_port(),
@@ -222,20 +222,20 @@ impl GatewayConfig {
         }
     }
 
-    pub fn store_path(&self) -> PathBuf {
+    pub(crate) fn store_path(&self) -> PathBuf {
         self.dir.path().join("store")
     }
 
-    pub fn access_log_path(&self) -> PathBuf {
+    pub(crate) fn access_log_path(&self) -> PathBuf {
         self.dir.path().join("access.log")
     }
 
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("keygate.toml")
     }
 
     /// Writes the config file and returns its path.
-    pub fn write(&self) -> PathBuf {
+    pub(crate) fn write(&self) -> PathBuf {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\nshutdown_grace_seconds = 0\naccess_log = \"{}\"\n{}\n\n[store]\nbackend = \"sled\"\npath = \"{}\"\nusage_flush_interval_ms = {}\n{}\n\n{}\n",
             self.listen,
@@ -252,16 +252,16 @@ impl GatewayConfig {
         path
     }
 
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.listen)
     }
 
-    pub fn admin_url(&self) -> String {
+    pub(crate) fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin)
     }
 }
 
-pub fn quoted(addrs: &[SocketAddr]) -> String {
+pub(crate) fn quoted(addrs: &[SocketAddr]) -> String {
     addrs
         .iter()
         .map(|a| format!("\"{a}\""))
@@ -270,12 +270,12 @@ pub fn quoted(addrs: &[SocketAddr]) -> String {
 }
 
 /// Runs `keygate` with `args` and returns its output.
-pub fn keygate(args: &[&str]) -> Output {
+pub(crate) fn keygate(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run keygate")
 }
 
 /// Creates a key with the offline CLI; returns (record JSON, raw key).
-pub fn create_key(
+pub(crate) fn create_key(
     config: &Path,
     owner: &str,
     scopes: &[&str],
@@ -305,7 +305,7 @@ pub fn create_key(
 }
 
 /// A running gateway process; stopped with SIGTERM (or killed) on drop.
-pub struct Gateway {
+pub(crate) struct Gateway {
     pub child: Option<Child>,
     pub base: String,
     pub admin: String,
@@ -313,11 +313,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts `keygate serve` and waits until both listeners answer as keygate.
-    pub async fn start(config: &GatewayConfig) -> Gateway {
+    pub(crate) async fn start(config: &GatewayConfig) -> Gateway {
         Self::start_with_env(config, &[]).await
     }
 
-    pub async fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
+    pub(crate) async fn start_with_env(config: &GatewayConfig, env: &[(&str, &str)]) -> Gateway {
         let path = config.write();
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--config", path.to_str().expect("utf-8 path")])
@@ -366,16 +366,16 @@ impl Gateway {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")
     }
 
     /// SIGTERM, then waits for exit; returns whether it exited successfully.
-    pub fn stop(&mut self) -> bool {
+    pub(crate) fn stop(&mut self) -> bool {
         self.signal_and_wait("-TERM")
     }
 
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.signal_and_wait("-KILL");
     }
 
@@ -411,7 +411,7 @@ impl Drop for Gateway {
 }
 
 /// A client with no connection reuse surprises: short timeouts, no proxies.
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
@@ -420,7 +420,7 @@ pub fn client() -> reqwest::Client {
 }
 
 /// A client that opens a new connection for every request.
-pub fn unpooled_client() -> reqwest::Client {
+pub(crate) fn unpooled_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
@@ -430,7 +430,7 @@ pub fn unpooled_client() -> reqwest::Client {
 }
 
 /// `GET <management>/keys/{id}` as the admin: the key's record (usage included).
-pub async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::Value {
+pub(crate) async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::Value {
     let resp = client()
         .get(format!("{base}/_keygate/keys/{id}"))
         .bearer_auth(admin_token)
@@ -443,14 +443,14 @@ pub async fn key_record(base: &str, admin_token: &str, id: &str) -> serde_json::
 
 /// The status and `error.code` of a response; from 400 up it must be keygate's JSON error
 /// (`envelope::error_envelope`, else a panic), below that the code is "".
-pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
+pub(crate) async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let what = format!("{} {}", resp.url().path(), resp.status());
     let reply = Reply::read(what, resp).await;
     (reply.status, envelope::code_of(&reply.what, &reply))
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+pub(crate) async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -468,14 +468,14 @@ where
 /// An upstream that accepts only until the gateway's first health check has connected,
 /// then refuses connections: with a long health-check interval, the gateway still thinks it
 /// healthy (see `dead_upstream_is_502` in tests/proxy.rs).
-pub struct RefusesAfterFirstCheck {
+pub(crate) struct RefusesAfterFirstCheck {
     pub addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RefusesAfterFirstCheck {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -496,7 +496,7 @@ impl RefusesAfterFirstCheck {
     }
 
     /// Call once the gateway runs: waits for its first health check, then closes the port.
-    pub async fn close_after_first_check(self) {
+    pub(crate) async fn close_after_first_check(self) {
         let accepted = Arc::clone(&self.accepted);
         assert!(
             eventually(Duration::from_secs(5), || async {
@@ -519,7 +519,7 @@ impl RefusesAfterFirstCheck {
 }
 
 /// Every file below `dir`, recursively (for "no secret anywhere on disk" checks).
-pub fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+pub(crate) fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let path = entry.path();
@@ -533,7 +533,7 @@ pub fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// The Prometheus text of a gateway's `/metrics`.
-pub async fn scrape_metrics(admin: &str) -> String {
+pub(crate) async fn scrape_metrics(admin: &str) -> String {
     client()
         .get(format!("{admin}/metrics"))
         .send()

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Set to a URL (`postgres://user:password@host:port/db`) to use an existing server.
-pub const DATABASE_URL_ENV: &str = "KEYGATE_TEST_DATABASE_URL";
+pub(crate) const DATABASE_URL_ENV: &str = "KEYGATE_TEST_DATABASE_URL";
 
 struct Server {
     /// A database on the server to connect to for `CREATE DATABASE`.
@@ -47,7 +47,7 @@ static DATABASES: AtomicU64 = AtomicU64::new(0);
 /// Creates a new, empty database with a unique name and returns its connection URL.
 /// Blocking (a few tens of ms; the first call also starts the server, about 2 s); fine to
 /// call from inside a tokio test.
-pub fn fresh_database() -> String {
+pub(crate) fn fresh_database() -> String {
     let server = &*SERVER;
     let name = format!(
         "kg_test_{}_{}_{}",
@@ -64,7 +64,7 @@ pub fn fresh_database() -> String {
 
 /// Runs SQL (simple protocol, several statements allowed) on its own connection. Blocking:
 /// it runs on a helper thread with its own runtime, so it also works inside async tests.
-pub fn execute(url: &str, sql: &str) -> Result<(), String> {
+pub(crate) fn execute(url: &str, sql: &str) -> Result<(), String> {
     let url = url.to_string();
     let sql = sql.to_string();
     std::thread::spawn(move || {
@@ -88,7 +88,7 @@ pub fn execute(url: &str, sql: &str) -> Result<(), String> {
 }
 
 /// The same server and credentials, another database.
-pub fn with_database(url: &str, database: &str) -> String {
+pub(crate) fn with_database(url: &str, database: &str) -> String {
     for scheme in ["postgres://", "postgresql://"] {
         if let Some(rest) = url.strip_prefix(scheme) {
             let (main, query) = match rest.split_once('?') {
@@ -127,7 +127,7 @@ const SETUP_HINT: &str = "PostgreSQL server binaries (initdb, pg_ctl) are needed
 
 /// `/usr/lib/postgresql/<newest>/bin`, else a PATH directory holding both tools.
 /// The newest PostgreSQL server binaries (`initdb`, `pg_ctl`) installed, if any.
-pub fn find_bin_dir() -> Option<PathBuf> {
+pub(crate) fn find_bin_dir() -> Option<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

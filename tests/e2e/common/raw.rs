@@ -7,27 +7,27 @@ use tokio::net::TcpStream;
 
 /// A response read off a raw TCP connection.
 #[derive(Debug)]
-pub struct RawResponse {
+pub(crate) struct RawResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
 impl RawResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn json(&self) -> Option<serde_json::Value> {
+    pub(crate) fn json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.body).ok()
     }
 
     /// The `error.code` of keygate's JSON error; None unless the whole envelope is right
     /// (`envelope::error_envelope`).
-    pub fn error_code(&self) -> Option<String> {
+    pub(crate) fn error_code(&self) -> Option<String> {
         let error = super::envelope::error_envelope(self).ok()?;
         error["code"].as_str().map(str::to_string)
     }
@@ -47,11 +47,11 @@ impl super::envelope::Received for RawResponse {
     }
 }
 
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-pub async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+pub(crate) async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
     let mut chunk = [0u8; 16384];
     let n = stream
         .read(&mut chunk)
@@ -70,13 +70,13 @@ pub async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), 
 /// Reads one final response off `stream` (skipping `1xx` interim responses), framed by
 /// Content-Length or chunked encoding, or by the end of the connection. Err when the
 /// connection fails or ends before a whole response arrived.
-pub async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
+pub(crate) async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
     read_next_response(stream, &mut Vec::new()).await
 }
 
 /// As `read_response`, for one of several responses on a connection (pipelining): `buf`
 /// holds bytes already read past the previous response and keeps those past this one.
-pub async fn read_next_response(
+pub(crate) async fn read_next_response(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<RawResponse, String> {
@@ -155,7 +155,7 @@ pub async fn read_next_response(
 }
 
 /// Sends `bytes` on one connection and reads up to `count` responses; stops early at EOF.
-pub async fn pipelined(port: u16, bytes: &[u8], count: usize) -> (Vec<RawResponse>, bool) {
+pub(crate) async fn pipelined(port: u16, bytes: &[u8], count: usize) -> (Vec<RawResponse>, bool) {
     tokio::time::timeout(Duration::from_secs(10), async {
         let mut stream = TcpStream::connect(("127.0.0.1", port))
             .await
