@@ -86,3 +86,35 @@ pub(crate) fn frame_as_buffered(
     req.insert_header(http::header::CONTENT_LENGTH, length.to_string())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refusal's message names the limit (it cannot format the constant: `error` sits
+    /// below this module).
+    #[test]
+    fn the_chunked_refusal_names_the_limit() {
+        let message = GatewayError::ChunkedBodyTooLarge.to_string();
+        assert!(
+            message.contains(&format!("{} KiB", CHUNKED_BODY_LIMIT / 1024)),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn both_framings_are_seen_also_once_pingora_dropped_the_length() {
+        let mut req = pingora::http::RequestHeader::build("POST", b"/", None).expect("req");
+        req.insert_header("transfer-encoding", "chunked")
+            .expect("te");
+        assert!(
+            framed_both_ways(&req, true),
+            "keep-alive off, no Connection: close"
+        );
+        assert!(!framed_both_ways(&req, false));
+        req.insert_header("connection", "close").expect("close");
+        assert!(!framed_both_ways(&req, true), "closed for its own reason");
+        req.insert_header("content-length", "5").expect("cl");
+        assert!(framed_both_ways(&req, false), "both still present");
+    }
+}
