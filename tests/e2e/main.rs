@@ -13,6 +13,7 @@ mod hardening;
 mod layout;
 mod limits;
 mod observability;
+mod pg_tls;
 mod proxy;
 mod store_conformance;
 mod store_faults;
