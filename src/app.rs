@@ -12,6 +12,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service;
+use prometheus::IntGauge;
 
 use crate::config::{Config, StoreBackend};
 use crate::drain::Drain;
@@ -23,7 +24,7 @@ use crate::server::conn_limits::{ConnectionCap, HeaderDeadline};
 use crate::server::ops::OpsApp;
 use crate::server::proxy::KeygateProxy;
 use crate::state::Shared;
-use crate::store::{self, KeyCache, KeyStore};
+use crate::store::{self, KeyCache, KeyStore, PgOptions};
 use crate::usage::UsageRecorder;
 
 /// Pooled keep-alive connections to upstreams, per proxy thread.
@@ -96,16 +97,26 @@ impl BackgroundService for UsageFlusher {
 /// Keeps this instance's cache coherent with revokes and rotations made by other instances
 /// on the same database (LISTEN/NOTIFY; the cache is cleared whenever the listener
 /// reconnects, so a missed notification cannot keep a revoked key alive).
+/// Connects as the pool does (`sslmode`, `store.ca_file`, statement timeout); its state is
+/// `keygate_invalidation_listener_connected`.
 struct InvalidationListener {
     url: String,
+    options: PgOptions,
     cache: Arc<KeyCache>,
+    connected: IntGauge,
 }
 
 #[async_trait]
 impl BackgroundService for InvalidationListener {
     async fn start(&self, shutdown: ShutdownWatch) {
-        store::invalidation::run_listener(self.url.clone(), Arc::clone(&self.cache), shutdown)
-            .await;
+        store::invalidation::run_listener_with(
+            self.url.clone(),
+            &self.options,
+            Arc::clone(&self.cache),
+            Some(self.connected.clone()),
+            shutdown,
+        )
+        .await;
     }
 }
 
@@ -250,10 +261,15 @@ fn add_background_services(
         "usage flusher".to_string(),
         Arc::new(flusher),
     ));
-    if let StoreBackend::Postgres { url_env, .. } = &shared.config.store.backend {
+    let backend = &shared.config.store.backend;
+    if let (StoreBackend::Postgres { url_env, .. }, Some(options)) =
+        (backend, store::postgres_options(backend))
+    {
         let listener = InvalidationListener {
             url: store::database_url(url_env)?,
+            options,
             cache: Arc::clone(&shared.cache),
+            connected: shared.metrics.invalidation_listener_connected.clone(),
         };
         server.add_service(GenBackgroundService::new(
             "cache invalidation listener".to_string(),

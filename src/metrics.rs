@@ -22,6 +22,7 @@ pub struct Metrics {
     pub usage_flush_duration: Histogram,
     pub usage_flush_errors: IntCounter,
     pub management_requests: IntCounterVec,
+    pub invalidation_listener_connected: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -98,6 +99,12 @@ const MANAGEMENT_REQUESTS: Family = (
     "keygate_management_requests_total",
     "Management API calls by operation and status",
 );
+const INVALIDATION_LISTENER_CONNECTED: Family = (
+    "keygate_invalidation_listener_connected",
+    "1 while the cache invalidation listener LISTENs on PostgreSQL, else 0 (always 0 on sled). \
+     A silently dead connection is noticed within 10 s (heartbeat 5 s + its timeout 5 s); \
+     revokes made meanwhile by other instances reach this cache when it reconnects",
+);
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -173,6 +180,10 @@ impl Metrics {
             management_requests: register(
                 &r,
                 IntCounterVec::new(opts(MANAGEMENT_REQUESTS), &["operation", "status"]),
+            ),
+            invalidation_listener_connected: register(
+                &r,
+                IntGauge::with_opts(opts(INVALIDATION_LISTENER_CONNECTED)),
             ),
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,

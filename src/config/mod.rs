@@ -96,6 +96,11 @@ pub enum StoreBackend {
         url_env: String,
         pool_size: usize,
         connect_timeout: Duration,
+        /// Every statement is cancelled by the server past this.
+        statement_timeout: Duration,
+        /// DER certificates of `store.ca_file`, trusted for the database's certificate under
+        /// `sslmode=verify-ca`/`verify-full` instead of the system's roots.
+        ca_certificates: Option<Vec<Vec<u8>>>,
     },
 }
 

@@ -308,3 +308,57 @@ proptest::proptest! {
         let _ = Config::parse(&text);
     }
 }
+
+#[test]
+fn postgres_statement_timeout_and_ca_file_are_read_and_checked() {
+    let postgres = |extra: &str| {
+        format!("[store]\nbackend = \"postgres\"\nurl_env = \"DB\"\n{extra}\n{MINIMAL}")
+    };
+    let config = Config::parse(&postgres("")).expect("valid");
+    let StoreBackend::Postgres {
+        statement_timeout,
+        ca_certificates,
+        ..
+    } = config.store.backend
+    else {
+        panic!("not postgres");
+    };
+    assert_eq!(statement_timeout, Duration::from_millis(5000));
+    assert!(ca_certificates.is_none());
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("ca.pem");
+    let cert = rcgen::generate_simple_self_signed(vec!["db.test".to_string()]).expect("cert");
+    std::fs::write(&ca, cert.cert.pem()).expect("write");
+    let text = postgres(&format!(
+        "statement_timeout_ms = 250\nca_file = \"{}\"",
+        ca.display()
+    ));
+    let StoreBackend::Postgres {
+        statement_timeout,
+        ca_certificates,
+        ..
+    } = Config::parse(&text).expect("valid").store.backend
+    else {
+        panic!("not postgres");
+    };
+    assert_eq!(statement_timeout, Duration::from_millis(250));
+    assert_eq!(ca_certificates, Some(vec![cert.cert.der().to_vec()]));
+
+    for bad in ["statement_timeout_ms = 0", "statement_timeout_ms = 3600001"] {
+        assert!(
+            has(&problems(&postgres(bad)), "store.statement_timeout_ms"),
+            "{bad}"
+        );
+    }
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "nothing here").expect("write");
+    for bad in [
+        "ca_file = \"/no/such/ca.pem\"".to_string(),
+        format!("ca_file = \"{}\"", empty.display()),
+    ] {
+        assert!(has(&problems(&postgres(&bad)), "store.ca_file"), "{bad}");
+    }
+    let sled = format!("[store]\nca_file = \"{}\"\n{MINIMAL}", ca.display());
+    assert!(has(&problems(&sled), "store.ca_file"));
+}

@@ -201,8 +201,13 @@ fn trusted_proxies(raw: &[String], p: &mut Problems) -> Vec<ipnet::IpNet> {
 
 fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
     let backend = store_backend(&raw, p);
-    if raw.url_env.is_some() && raw.backend == "sled" {
-        p.add("store.url_env", "only used by the postgres backend");
+    if raw.backend == "sled" {
+        if raw.url_env.is_some() {
+            p.add("store.url_env", "only used by the postgres backend");
+        }
+        if raw.ca_file.is_some() {
+            p.add("store.ca_file", "only used by the postgres backend");
+        }
     }
     StoreConfig {
         backend,
@@ -256,6 +261,12 @@ fn store_backend(raw: &RawStore, p: &mut Problems) -> StoreBackend {
                     raw.connect_timeout_seconds,
                     1..=600,
                 )),
+                statement_timeout: Duration::from_millis(p.ranged(
+                    "store.statement_timeout_ms",
+                    raw.statement_timeout_ms,
+                    1..=MAX_INTERVAL_MS,
+                )),
+                ca_certificates: store_ca_certificates(raw, p),
             }
         }
         other => {
@@ -543,6 +554,19 @@ fn route_sni(route: &RawRoute, at: &str, p: &mut Problems) -> String {
             .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
             .unwrap_or_default(),
         (None, false) => String::new(),
+    }
+}
+
+/// The database's CA (`store.ca_file`), read and parsed now so that a bad file stops
+/// `keygate check` rather than the first connection.
+fn store_ca_certificates(raw: &RawStore, p: &mut Problems) -> Option<Vec<Vec<u8>>> {
+    let path = raw.ca_file.as_deref()?;
+    match load_ca_file(path) {
+        Ok(certs) => Some(certs),
+        Err(reason) => {
+            p.add("store.ca_file", reason);
+            None
+        }
     }
 }
 

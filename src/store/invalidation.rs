@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::KeyCache;
-use super::postgres::{INVALIDATION_CHANNEL, describe};
+use super::postgres::{Connector, INVALIDATION_CHANNEL, PgOptions, describe};
 use crate::keys::KeyHash;
 
 const LISTENER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -18,6 +20,12 @@ const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A silently dead connection (no RST) would miss notifications forever: probe it.
 const LISTENER_HEARTBEAT: Duration = Duration::from_secs(5);
 const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a silently dead connection can go unnoticed: the connection dies just after a
+/// heartbeat, the next one is sent `LISTENER_HEARTBEAT` later and times out. Until then
+/// notifications may be missed (and the cache is cleared once LISTEN is back). The help
+/// text of `keygate_invalidation_listener_connected` states this bound.
+pub const DEAD_CONNECTION_NOTICED_WITHIN: Duration =
+    Duration::from_secs(LISTENER_HEARTBEAT.as_secs() + LISTENER_HEARTBEAT_TIMEOUT.as_secs());
 
 /// Keeps `cache` coherent with revokes and expiry changes made by other instances: one
 /// dedicated connection `LISTEN`s on `keygate_invalidate` and invalidates each hash it is
@@ -25,21 +33,34 @@ const LISTENER_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// new `LISTEN` just started) the whole cache is cleared, so a missed notification can
 /// never keep a revoked key alive. Reconnects with backoff (up to 2 s) until `shutdown`
 /// turns true or its sender is dropped.
-pub async fn run_listener(url: String, cache: Arc<KeyCache>, mut shutdown: watch::Receiver<bool>) {
-    let mut config: tokio_postgres::Config = match url.parse() {
-        Ok(config) => config,
+///
+/// Connects with the default options (statement timeout, system CA roots); see
+/// `run_listener_with`.
+pub async fn run_listener(url: String, cache: Arc<KeyCache>, shutdown: watch::Receiver<bool>) {
+    let options = PgOptions::new(1, LISTENER_CONNECT_TIMEOUT);
+    run_listener_with(url, &options, cache, None, shutdown).await;
+}
+
+/// `run_listener`, connecting with `options` (`sslmode` and CA, statement timeout: the same
+/// as the pool's) and holding `connected` (if any) at 1 while LISTENing, 0 otherwise.
+pub async fn run_listener_with(
+    url: String,
+    options: &PgOptions,
+    cache: Arc<KeyCache>,
+    connected: Option<IntGauge>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (mut config, tls) = match Connector::new(&url, options, "keygate-invalidation-listener") {
+        Ok(Connector { config, tls, .. }) => (config, tls),
         Err(e) => {
             tracing::error!(
-                error = %describe(&e),
-                "invalid PostgreSQL URL: cross-instance cache invalidation is off"
+                error = %e,
+                "cannot connect to PostgreSQL as configured: cross-instance cache invalidation is off"
             );
             stopped(&mut shutdown).await;
             return;
         }
     };
-    if config.get_application_name().is_none() {
-        config.application_name("keygate-invalidation-listener");
-    }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(LISTENER_CONNECT_TIMEOUT);
     }
@@ -48,7 +69,19 @@ pub async fn run_listener(url: String, cache: Arc<KeyCache>, mut shutdown: watch
         if *shutdown.borrow() {
             return;
         }
-        match listen_until_lost(&config, &cache, &mut shutdown, &mut backoff).await {
+        let ended = listen_until_lost(
+            &config,
+            &tls,
+            &cache,
+            connected.as_ref(),
+            &mut shutdown,
+            &mut backoff,
+        )
+        .await;
+        if let Some(gauge) = &connected {
+            gauge.set(0);
+        }
+        match ended {
             Listening::Shutdown => return,
             Listening::Lost(reason) => {
                 // The cache is kept while the database is away (cached keys keep working,
@@ -95,13 +128,17 @@ fn apply_notification(cache: &KeyCache, payload: &str) {
     }
 }
 
+/// One connection: connect, LISTEN, clear the cache, then apply notifications and send
+/// heartbeats until the connection is lost or `shutdown`.
 async fn listen_until_lost(
     config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
     cache: &Arc<KeyCache>,
+    connected: Option<&IntGauge>,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Listening {
-    let connecting = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, config.connect(NoTls));
+    let connecting = tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, config.connect(tls.clone()));
     let (client, mut connection) = tokio::select! {
         connected = connecting => match connected {
             Ok(Ok(pair)) => pair,
@@ -135,6 +172,9 @@ async fn listen_until_lost(
     }
     // Anything revoked before the LISTEN took effect was not notified to us.
     cache.clear();
+    if let Some(gauge) = connected {
+        gauge.set(1);
+    }
     *backoff = LISTENER_FIRST_BACKOFF;
     tracing::info!(
         channel = INVALIDATION_CHANNEL,
@@ -171,5 +211,22 @@ struct AbortOnDrop(tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gauge_states_the_bound_on_noticing_a_dead_connection() {
+        assert_eq!(DEAD_CONNECTION_NOTICED_WITHIN, Duration::from_secs(10));
+        let text = String::from_utf8(crate::metrics::Metrics::new().render()).expect("UTF-8");
+        let help = text
+            .lines()
+            .find(|line| line.starts_with("# HELP keygate_invalidation_listener_connected "))
+            .expect("the gauge is exported");
+        let bound = format!("within {} s", DEAD_CONNECTION_NOTICED_WITHIN.as_secs());
+        assert!(help.contains(&bound), "{help}");
     }
 }

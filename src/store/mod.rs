@@ -8,7 +8,7 @@ pub mod postgres;
 mod sled_store;
 
 pub use cache::{CacheSettings, CachedKey, KeyCache, LookupSource, Resolved};
-pub use postgres::PgStore;
+pub use postgres::{PgOptions, PgStore, SslMode};
 pub use sled_store::SledStore;
 
 use std::sync::Arc;
@@ -114,17 +114,34 @@ pub async fn open(config: &StoreConfig) -> anyhow::Result<Arc<dyn KeyStore>> {
                 .with_context(|| format!("cannot open the sled store at {}", path.display()))?;
             Ok(Arc::new(store))
         }
-        StoreBackend::Postgres {
-            url_env,
-            pool_size,
-            connect_timeout,
-        } => {
+        StoreBackend::Postgres { url_env, .. } => {
             let url = database_url(url_env)?;
-            let store = PgStore::connect(&url, *pool_size, *connect_timeout)
+            let options = postgres_options(&config.backend).unwrap_or_default();
+            let store = PgStore::connect_with(&url, &options)
                 .await
                 .context("cannot open the postgres store")?;
             Ok(Arc::new(store))
         }
+    }
+}
+
+/// How the PostgreSQL backend connects (the pool and the invalidation listener alike);
+/// None for sled.
+pub fn postgres_options(backend: &StoreBackend) -> Option<PgOptions> {
+    match backend {
+        StoreBackend::Sled { .. } => None,
+        StoreBackend::Postgres {
+            url_env: _,
+            pool_size,
+            connect_timeout,
+            statement_timeout,
+            ca_certificates,
+        } => Some(PgOptions {
+            pool_size: *pool_size,
+            connect_timeout: *connect_timeout,
+            statement_timeout: *statement_timeout,
+            ca_certificates: ca_certificates.clone(),
+        }),
     }
 }
 

@@ -15,6 +15,7 @@ mod layout;
 mod limits;
 mod observability;
 mod openapi;
+mod pg_tls;
 mod proxy;
 mod security;
 mod store_conformance;

@@ -18,6 +18,10 @@
 //! production databases), so that code relying on byte order must say so (`COLLATE "C"`).
 //! Durability is off (`fsync=off`): these are throwaway clusters.
 //!
+//! `start_tls_server` starts another local cluster, always (whatever
+//! `KEYGATE_TEST_DATABASE_URL` says), with `ssl = on`, the caller's certificate and
+//! `pg_hba.conf`; `query` reads rows back (e.g. from `pg_stat_ssl`).
+//!
 //! Missing PostgreSQL binaries are a hard failure (run `.ci/setup`), never a silent skip.
 
 use std::os::unix::process::CommandExt;
@@ -204,51 +208,159 @@ fn free_port() -> u16 {
 }
 
 fn start_local_server() -> Server {
-    let Some(bin) = find_bin_dir() else {
-        panic!("{SETUP_HINT}");
-    };
-    let as_postgres = is_root();
-    if as_postgres
-        && Command::new("id")
-            .arg("postgres")
-            .output()
-            .map_or(true, |o| !o.status.success())
-    {
-        panic!(
-            "running as root but there is no `postgres` user to run PostgreSQL as. {SETUP_HINT}"
-        );
+    let cluster = Cluster::init();
+    let port = cluster.start("");
+    Server {
+        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
     }
+}
 
-    let dir = std::env::temp_dir().join(format!(
-        "keygate-pg-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&dir).expect("creating the PostgreSQL temp dir");
-    if as_postgres {
+/// The certificate and key (PEM) a TLS server presents, and the `pg_hba.conf` it uses.
+#[allow(dead_code)] // benches/load.rs includes this file and uses none of the TLS helpers
+pub(crate) struct ServerTls<'a> {
+    pub(crate) cert_pem: &'a str,
+    pub(crate) key_pem: &'a str,
+    pub(crate) hba: &'a str,
+}
+
+/// A local server of its own with `ssl = on`, apart from the shared one (whose clients
+/// connect without TLS). Returns the admin URL, over the Unix socket (so that a `hba`
+/// allowing only `hostssl` on TCP still lets the harness in: give it a `local` line), and
+/// the TCP port on 127.0.0.1. Missing PostgreSQL binaries are a hard failure.
+#[allow(dead_code)] // benches/load.rs includes this file and uses none of the TLS helpers
+pub(crate) fn start_tls_server(tls: &ServerTls<'_>) -> (String, u16) {
+    let cluster = Cluster::init();
+    let data = cluster.dir.join("data");
+    for (name, text) in [
+        ("server.crt", tls.cert_pem),
+        ("server.key", tls.key_pem),
+        ("pg_hba.conf", tls.hba),
+    ] {
+        let path = data.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        if cluster.as_postgres {
+            run(
+                Command::new("chown").arg("postgres:postgres").arg(&path),
+                "chown of a TLS file",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // PostgreSQL refuses a key readable by others.
         run(
-            Command::new("chown").arg("postgres:postgres").arg(&dir),
-            "chown of the PostgreSQL temp dir",
+            Command::new("chmod").arg("600").arg(&path),
+            "chmod of a TLS file",
         )
         .unwrap_or_else(|e| panic!("{e}"));
     }
-    let data = dir.join("data");
-    let log = dir.join("log");
-
-    // From here on the dir (and later the server) is cleaned up when this process exits.
-    spawn_watchdog(&bin, as_postgres, &dir, &data);
-
-    init_cluster(&bin, as_postgres, &dir, &data);
-    start_cluster(&bin, as_postgres, &dir, &data, &log)
+    let port = cluster.start("-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+    let admin_url = format!(
+        "host={} port={port} user=postgres dbname=postgres",
+        cluster.dir.display()
+    );
+    (admin_url, port)
 }
 
-/// `initdb` of a cluster in `data`: ICU `en-US` collation where available, else libc.
-fn init_cluster(bin: &Path, as_postgres: bool, dir: &Path, data: &Path) {
-    let initdb = |icu: bool| {
-        let mut command = tool(bin, "initdb", as_postgres, dir);
-        command.arg("-D").arg(data).args([
+/// Runs one query (simple protocol) on its own connection and returns its rows, every
+/// value as text (NULL as ""). Blocking, like `execute`.
+#[allow(dead_code)] // benches/load.rs includes this file and uses none of the TLS helpers
+pub(crate) fn query(url: &str, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    let url = url.to_string();
+    let sql = sql.to_string();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| chain(&e))?;
+            let driver = tokio::spawn(connection);
+            let outcome = client.simple_query(&sql).await.map_err(|e| chain(&e));
+            drop(client);
+            let _ = driver.await;
+            Ok(outcome?
+                .into_iter()
+                .filter_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).unwrap_or_default().to_string())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect())
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the SQL helper thread panicked".to_string()))
+}
+
+/// A fresh cluster (`initdb` done) in its own temp dir, removed with the server when this
+/// process exits.
+struct Cluster {
+    bin: PathBuf,
+    as_postgres: bool,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn init() -> Cluster {
+        let Some(bin) = find_bin_dir() else {
+            panic!("{SETUP_HINT}");
+        };
+        let as_postgres = is_root();
+        if as_postgres
+            && Command::new("id")
+                .arg("postgres")
+                .output()
+                .map_or(true, |o| !o.status.success())
+        {
+            panic!(
+                "running as root but there is no `postgres` user to run PostgreSQL as. {SETUP_HINT}"
+            );
+        }
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-pg-{}-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).expect("creating the PostgreSQL temp dir");
+        if as_postgres {
+            run(
+                Command::new("chown").arg("postgres:postgres").arg(&dir),
+                "chown of the PostgreSQL temp dir",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let cluster = Cluster {
+            bin,
+            as_postgres,
+            dir,
+        };
+        // From here on the dir (and later the server) is cleaned up when this process exits.
+        spawn_watchdog(
+            &cluster.bin,
+            as_postgres,
+            &cluster.dir,
+            &cluster.dir.join("data"),
+        );
+        if let Err(icu_error) = cluster.initdb(true) {
+            let _ = std::fs::remove_dir_all(cluster.dir.join("data"));
+            cluster
+                .initdb(false)
+                .unwrap_or_else(|e| panic!("{e}\n(with ICU first: {icu_error})"));
+        }
+        cluster
+    }
+
+    fn initdb(&self, icu: bool) -> Result<(), String> {
+        let mut command = tool(&self.bin, "initdb", self.as_postgres, &self.dir);
+        command.arg("-D").arg(self.dir.join("data")).args([
             "-A",
             "trust",
             "-U",
@@ -267,54 +379,51 @@ fn init_cluster(bin: &Path, as_postgres: bool, dir: &Path, data: &Path) {
             command.arg("--locale=C.UTF-8");
         }
         run(&mut command, "initdb")
-    };
-    if let Err(icu_error) = initdb(true) {
-        let _ = std::fs::remove_dir_all(data);
-        initdb(false).unwrap_or_else(|e| panic!("{e}\n(with ICU first: {icu_error})"));
     }
-}
 
-/// `pg_ctl start` of the cluster in `data` on a free loopback port (retried when another
-/// process takes the port first).
-fn start_cluster(bin: &Path, as_postgres: bool, dir: &Path, data: &Path, log: &Path) -> Server {
-    let mut last_error = String::new();
-    for _attempt in 0..5 {
-        let port = free_port();
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            dir.display()
-        );
-        let started = run(
-            tool(bin, "pg_ctl", as_postgres, dir)
-                .arg("-D")
-                .arg(data)
-                .arg("-l")
-                .arg(log)
-                .args(["-w", "-t", "60", "-o", &options, "start"]),
-            "pg_ctl start",
-        );
-        match started {
-            Ok(()) => {
-                let admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-                eprintln!(
-                    "test PostgreSQL ({}) at 127.0.0.1:{port}, data in {}",
-                    bin.display(),
-                    dir.display()
-                );
-                return Server { admin_url };
-            }
-            Err(e) => {
-                let log_text = std::fs::read_to_string(log).unwrap_or_default();
-                last_error = format!("{e}\nserver log:\n{log_text}");
-                // Someone took the port between our probe and the server's bind: retry.
-                if !log_text.contains("could not bind") && !log_text.contains("already in use") {
-                    break;
+    /// Starts the server on a free loopback port (with `extra` server options) and returns
+    /// the port.
+    fn start(&self, extra: &str) -> u16 {
+        let (data, log) = (self.dir.join("data"), self.dir.join("log"));
+        let mut last_error = String::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
+                 -c fsync=off -c synchronous_commit=off -c full_page_writes=off {extra}",
+                self.dir.display()
+            );
+            let started = run(
+                tool(&self.bin, "pg_ctl", self.as_postgres, &self.dir)
+                    .arg("-D")
+                    .arg(&data)
+                    .arg("-l")
+                    .arg(&log)
+                    .args(["-w", "-t", "60", "-o", &options, "start"]),
+                "pg_ctl start",
+            );
+            match started {
+                Ok(()) => {
+                    eprintln!(
+                        "test PostgreSQL ({}) at 127.0.0.1:{port}, data in {}",
+                        self.bin.display(),
+                        self.dir.display()
+                    );
+                    return port;
+                }
+                Err(e) => {
+                    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                    last_error = format!("{e}\nserver log:\n{log_text}");
+                    // Someone took the port between our probe and the server's bind: retry.
+                    if !log_text.contains("could not bind") && !log_text.contains("already in use")
+                    {
+                        break;
+                    }
                 }
             }
         }
+        panic!("could not start the test PostgreSQL server: {last_error}");
     }
-    panic!("could not start the test PostgreSQL server: {last_error}");
 }
 
 /// A shell that polls for this process, then stops the server and removes `dir`.
