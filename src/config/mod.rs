@@ -7,6 +7,7 @@
 mod raw;
 mod read;
 mod resolve;
+mod route;
 mod validate;
 
 use std::fmt;

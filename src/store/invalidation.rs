@@ -11,7 +11,9 @@ use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::KeyCache;
-use super::postgres::{Connector, INVALIDATION_CHANNEL, PgOptions, describe};
+use super::PgOptions;
+use super::pg_connection::Connector;
+use super::postgres::{INVALIDATION_CHANNEL, describe};
 use crate::keys::KeyHash;
 
 const LISTENER_FIRST_BACKOFF: Duration = Duration::from_millis(100);

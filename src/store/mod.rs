@@ -4,11 +4,13 @@
 
 mod cache;
 pub mod invalidation;
+mod pg_connection;
 pub mod postgres;
 mod sled_store;
 
 pub use cache::{CacheSettings, CachedKey, KeyCache, LookupSource, Resolved};
-pub use postgres::{PgOptions, PgStore, SslMode};
+pub use pg_connection::{PgOptions, SslMode};
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 
 use std::sync::Arc;
