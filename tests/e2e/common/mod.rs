@@ -479,7 +479,7 @@ where
 
 /// An upstream that accepts only until the gateway's first health check has connected,
 /// then refuses connections: with a long health-check interval, the gateway still thinks it
-/// healthy (see `dead_upstream_is_502` in tests/proxy.rs).
+/// healthy (see `dead_upstream_is_502` in tests/e2e/proxy.rs).
 pub struct RefusesAfterFirstCheck {
     pub addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
