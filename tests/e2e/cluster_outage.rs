@@ -2,7 +2,7 @@
 //! working, everything that needs the store answers 503 `store_unavailable` (and /readyz
 //! says not ready), and all of it recovers once the database is back.
 //!
-//! `tests/pg` does not expose its server's data directory (it cannot be stopped from
+//! `common::pg` does not expose its server's data directory (it cannot be stopped from
 //! outside), so each test here starts and stops its own throwaway cluster with the same
 //! recipe (`initdb`/`pg_ctl` from Debian's package, through `runuser -u postgres` as root).
 

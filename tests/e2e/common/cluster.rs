@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -70,48 +69,12 @@ impl Instance {
             },
             config,
         };
-        instance.wait_ready().await;
+        instance.gateway.wait_ready(&instance.config).await;
         instance
     }
 
     pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.config.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    /// Waits until the admin listener answers /healthz as keygate and the proxy listener
-    /// accepts connections; fails early if the process exits.
-    pub(crate) async fn wait_ready(&mut self) {
-        let client = client();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.gateway.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!(
-                    "keygate exited during start-up ({status}); stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            let healthz = client
-                .get(format!("{}/healthz", self.gateway.admin))
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await;
-            if let Ok(resp) = healthz {
-                let body = resp.text().await.unwrap_or_default();
-                if body.contains("keygate")
-                    && std::net::TcpStream::connect(("127.0.0.1", self.config.listen)).is_ok()
-                {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate did not become ready; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     pub(crate) fn base(&self) -> &str {

@@ -331,7 +331,7 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn keygate");
-        let gateway = Gateway {
+        let mut gateway = Gateway {
             child: Some(child),
             base: config.base_url(),
             admin: config.admin_url(),
@@ -340,10 +340,22 @@ impl Gateway {
         gateway
     }
 
-    async fn wait_ready(&self, config: &GatewayConfig) {
+    /// Waits until the admin listener answers /healthz as keygate and the proxy listener
+    /// accepts connections; fails early, with its stderr, if the process exits.
+    pub(crate) async fn wait_ready(&mut self, config: &GatewayConfig) {
+        let stderr =
+            || std::fs::read_to_string(config.dir.path().join("stderr.log")).unwrap_or_default();
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "keygate exited during start-up ({status}); stderr:\n{}",
+                    stderr()
+                );
+            }
             let healthz = client
                 .get(format!("{}/healthz", self.admin))
                 .timeout(Duration::from_millis(500))
@@ -360,7 +372,7 @@ impl Gateway {
             assert!(
                 Instant::now() < deadline,
                 "keygate did not become ready; stderr:\n{}",
-                std::fs::read_to_string(config.dir.path().join("stderr.log")).unwrap_or_default()
+                stderr()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -467,7 +479,7 @@ where
 
 /// An upstream that accepts only until the gateway's first health check has connected,
 /// then refuses connections: with a long health-check interval, the gateway still thinks it
-/// healthy (see `dead_upstream_is_502` in tests/proxy.rs).
+/// healthy (see `dead_upstream_is_502` in tests/e2e/proxy.rs).
 pub(crate) struct RefusesAfterFirstCheck {
     pub addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
