@@ -456,6 +456,61 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bulk-imports `keys` keys into a sled store under `dir`; returns one of them.
+fn import_scale_keys(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    format: &KeyFormat,
+    keys: usize,
+) -> String {
+    let mut sample = String::new();
+    let store = SledStore::open(&dir.join("store")).expect("store");
+    let started = Instant::now();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..keys {
+        let key = format.generate().expect("rng");
+        if i == keys / 2 {
+            sample = key.clone();
+        }
+        batch.push(KeyRecord::for_key(
+            format,
+            &key,
+            &format!("owner{}", i % 1000),
+            0,
+        ));
+        if batch.len() == batch.capacity() {
+            runtime.block_on(store.import(&batch)).expect("import");
+            batch.clear();
+        }
+    }
+    runtime.block_on(store.import(&batch)).expect("import");
+    println!(
+        "imported {keys} keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    sample
+}
+
+/// Durable creates through the management API, 8 clients for 3 s.
+fn durable_creates(runtime: &tokio::runtime::Runtime, listen: u16, admin_token: &str, pid: u32) {
+    let body = "{\"owner\":\"scale\"}";
+    let create = format!(
+        "POST /_keygate/keys HTTP/1.1\r\nHost: bench.local\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let target: SocketAddr = ([127, 0, 0, 1], listen).into();
+    let result = runtime.block_on(drive(target, Arc::new(vec![create]), 8, 3));
+    println!(
+        "durable creates: {:.0}/s with 8 clients (p50 {:.0} µs, p99 {:.0} µs), statuses {:?}; RSS after: {} MiB",
+        result.rps(),
+        result.percentile(0.5),
+        result.percentile(0.99),
+        result.statuses,
+        rss_kib(pid) / 1024
+    );
+}
+
 /// `LOAD_SCALE=1`: a gateway on a sled store of 1 million keys: time from start to a
 /// healthy admin endpoint, RSS, one look-up; then durable creates through the API.
 fn scale_check() {
@@ -467,33 +522,7 @@ fn scale_check() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let format = KeyFormat::new("kg");
-    let mut sample = String::new();
-    {
-        let store = SledStore::open(&dir.path().join("store")).expect("store");
-        let started = Instant::now();
-        let mut batch = Vec::with_capacity(10_000);
-        for i in 0..keys {
-            let key = format.generate().expect("rng");
-            if i == keys / 2 {
-                sample = key.clone();
-            }
-            batch.push(KeyRecord::for_key(
-                &format,
-                &key,
-                &format!("owner{}", i % 1000),
-                0,
-            ));
-            if batch.len() == batch.capacity() {
-                runtime.block_on(store.import(&batch)).expect("import");
-                batch.clear();
-            }
-        }
-        runtime.block_on(store.import(&batch)).expect("import");
-        println!(
-            "imported {keys} keys in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    let sample = import_scale_keys(&runtime, dir.path(), &format, keys);
     let upstream_listener = runtime
         .block_on(TcpListener::bind("127.0.0.1:0"))
         .expect("upstream");
@@ -531,23 +560,303 @@ fn scale_check() {
         status
     );
 
-    // Durable creates through the management API, 8 clients for 3 s.
-    let body = "{\"owner\":\"scale\"}";
-    let create = format!(
-        "POST /_keygate/keys HTTP/1.1\r\nHost: bench.local\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes();
-    let target: SocketAddr = ([127, 0, 0, 1], listen).into();
-    let result = runtime.block_on(drive(target, Arc::new(vec![create]), 8, 3));
-    println!(
-        "durable creates: {:.0}/s with 8 clients (p50 {:.0} µs, p99 {:.0} µs), statuses {:?}; RSS after: {} MiB",
-        result.rps(),
-        result.percentile(0.5),
-        result.percentile(0.99),
-        result.statuses,
-        rss_kib(gateway.child.id()) / 1024
+    durable_creates(&runtime, listen, admin_token, gateway.child.id());
+}
+
+/// 100k valid keys, bulk-imported into the gateway's store before it starts.
+fn import_bench_keys(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    format: &KeyFormat,
+) -> Vec<String> {
+    let valid: Vec<String> = (0..DISTINCT_KEYS)
+        .map(|_| format.generate().expect("rng"))
+        .collect();
+    {
+        let store = SledStore::open(&dir.join("store")).expect("store");
+        let records: Vec<KeyRecord> = valid
+            .iter()
+            .map(|k| KeyRecord::for_key(format, k, "bench", 0))
+            .collect();
+        runtime
+            .block_on(store.import(&records))
+            .expect("import keys");
+    }
+    valid
+}
+
+/// A gateway on a fresh PostgreSQL database holding `valid_key`.
+fn start_pg_gateway(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    format: &KeyFormat,
+    valid_key: &str,
+    upstream: SocketAddr,
+    threads: usize,
+) -> (Gateway, SocketAddr) {
+    let pg_port = free_port();
+    let pg_dir = dir.join("pg-gateway");
+    std::fs::create_dir_all(&pg_dir).expect("pg gateway dir");
+    let url = pg::fresh_database();
+    runtime.block_on(async {
+        let store = PgStore::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("connect to PostgreSQL");
+        store
+            .insert(&KeyRecord::for_key(format, valid_key, "bench", 0))
+            .await
+            .expect("insert the valid key");
+    });
+    let gateway = start_keygate(
+        &pg_dir,
+        "backend = \"postgres\"\nurl_env = \"KEYGATE_DATABASE_URL\"",
+        &[("KEYGATE_DATABASE_URL", url.as_str())],
+        upstream,
+        pg_port,
+        free_port(),
+        threads,
     );
+    (gateway, ([127, 0, 0, 1], pg_port).into())
+}
+
+/// Where each row's requests go.
+struct Targets {
+    upstream: SocketAddr,
+    keygate: SocketAddr,
+    postgres: Option<SocketAddr>,
+    nginx: Option<SocketAddr>,
+}
+
+/// (name for LOAD_ROWS, label, target, the requests its connections cycle through)
+type Row = (&'static str, &'static str, SocketAddr, Vec<Vec<u8>>);
+
+fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Row> {
+    let mut rows: Vec<Row> = vec![
+        (
+            "direct",
+            "direct to the upstream",
+            targets.upstream,
+            vec![request("/", &[])],
+        ),
+        (
+            "none",
+            "keygate, auth = \"none\"",
+            targets.keygate,
+            vec![request("/open/x", &[])],
+        ),
+        (
+            "valid",
+            "keygate, one valid key",
+            targets.keygate,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ),
+        (
+            "invalid",
+            "keygate, random invalid keys",
+            targets.keygate,
+            invalid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ),
+        (
+            "distinct",
+            "keygate, 100k distinct valid keys (mostly first use: cache misses)",
+            targets.keygate,
+            valid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ),
+    ];
+    if let Some(pg_addr) = targets.postgres {
+        rows.push((
+            "postgres",
+            "keygate on PostgreSQL, one valid key (warm cache)",
+            pg_addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ));
+    }
+    if let Some(nginx_addr) = targets.nginx {
+        rows.push((
+            "nginx-valid",
+            "nginx map check, valid key",
+            nginx_addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ));
+        rows.push((
+            "nginx-invalid",
+            "nginx map check, invalid keys (401)",
+            nginx_addr,
+            invalid
+                .iter()
+                .map(|k| request("/x", &[("x-api-key", k)]))
+                .collect(),
+        ));
+    }
+
+    rows
+}
+
+/// (name, label, requests/s, p50 µs, p99 µs, statuses)
+type Measured = (&'static str, &'static str, f64, f64, f64, String);
+
+/// How one row is driven: wrk for single-request rows when it is installed, else the
+/// built-in generator.
+struct RowRun<'a> {
+    use_wrk: bool,
+    valid_key: &'a str,
+    connections: usize,
+    seconds: u64,
+}
+
+impl RowRun<'_> {
+    fn measure(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        name: &str,
+        target: SocketAddr,
+        requests: Vec<Vec<u8>>,
+    ) -> (f64, f64, f64, String) {
+        let single = requests.len() == 1;
+        let wrk_result = if self.use_wrk && single {
+            let path = if name == "none" { "/open/x" } else { "/x" };
+            let header = name
+                .contains("valid")
+                .then_some(("x-api-key", self.valid_key));
+            drive_wrk(
+                &format!("http://{target}{path}"),
+                header,
+                self.connections,
+                self.seconds,
+            )
+        } else {
+            None
+        };
+        match wrk_result {
+            Some((rps, p50, p99)) => (rps, p50, p99, "(wrk)".to_string()),
+            None => {
+                let r = runtime.block_on(drive(
+                    target,
+                    Arc::new(requests),
+                    self.connections,
+                    self.seconds,
+                ));
+                let statuses = r
+                    .statuses
+                    .iter()
+                    .map(|(s, n)| format!("{s}×{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + &if r.errors > 0 {
+                        format!(" errors×{}", r.errors)
+                    } else {
+                        String::new()
+                    };
+                (r.rps(), r.percentile(0.5), r.percentile(0.99), statuses)
+            }
+        }
+    }
+}
+
+/// The results as a Markdown table, with ratios to `auth = "none"` and to nginx.
+fn print_table(results: &[Measured], rss_kib: u64) {
+    let baseline = results
+        .iter()
+        .find(|r| r.0 == "none")
+        .map(|r| r.2)
+        .unwrap_or(f64::NAN);
+    let nginx_valid = results.iter().find(|r| r.0 == "nginx-valid").map(|r| r.2);
+    let nginx_invalid = results.iter().find(|r| r.0 == "nginx-invalid").map(|r| r.2);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | statuses |\n|---|---:|---:|---:|---:|---:|---|"
+    );
+    for (name, label, rps, p50, p99, statuses) in results {
+        let vs_nginx = match *name {
+            "valid" | "distinct" | "postgres" => nginx_valid.map(|n| rps / n),
+            "invalid" => nginx_invalid.map(|n| rps / n),
+            _ => None,
+        }
+        .map_or("".to_string(), |r| format!("{r:.2}"));
+        let _ = writeln!(
+            out,
+            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {statuses} |",
+            rps / baseline
+        );
+    }
+    let _ = writeln!(out, "\nkeygate RSS after the run: {} MiB", rss_kib / 1024);
+}
+
+/// What the run is: connections, duration, threads, cores, generator.
+fn print_header(
+    connections: usize,
+    seconds: u64,
+    threads: usize,
+    cores: usize,
+    server_core: usize,
+    use_wrk: bool,
+) {
+    println!(
+        "load: {connections} keep-alive connections, {seconds} s per row, gateway threads = {threads}, \
+         {cores} cores (servers pinned to core {server_core}), generator = {}",
+        if use_wrk {
+            "wrk (single-header rows)"
+        } else {
+            "built-in"
+        }
+    );
+}
+
+/// The gateway under test, on the sled store under `dir`, pinned to `server_core`.
+fn start_pinned_keygate(
+    dir: &Path,
+    upstream: SocketAddr,
+    threads: usize,
+    cores: usize,
+    server_core: usize,
+) -> (Gateway, SocketAddr) {
+    let (listen, admin) = (free_port(), free_port());
+    let gateway = start_keygate(dir, &sled_store(dir), &[], upstream, listen, admin, threads);
+    if cores > 1 {
+        pin(gateway.child.id(), server_core);
+    }
+    (gateway, ([127, 0, 0, 1], listen).into())
+}
+
+/// nginx with its `map` check, when wanted and installed, pinned to `server_core`.
+fn start_pinned_nginx(
+    wanted: bool,
+    dir: &Path,
+    upstream: SocketAddr,
+    valid_key: &str,
+    cores: usize,
+    server_core: usize,
+) -> (Option<Gateway>, SocketAddr) {
+    let nginx_port = free_port();
+    let nginx_dir = dir.join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+    let nginx = if wanted {
+        start_nginx(&nginx_dir, upstream, nginx_port, valid_key)
+    } else {
+        None
+    };
+    if let Some(n) = &nginx
+        && cores > 1
+    {
+        pin(n.child.id(), server_core);
+    }
+    (nginx, ([127, 0, 0, 1], nginx_port).into())
+}
+
+/// The load generator's runtime: one worker thread, on the core the bench is pinned to.
+fn generator_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn main() {
@@ -568,28 +877,11 @@ fn main() {
         pin(std::process::id(), 0);
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = generator_runtime();
     let dir = tempfile::tempdir().expect("temp dir");
 
-    // Keys: 100k valid keys bulk-imported into the gateway's store before it starts.
     let format = KeyFormat::new("kg");
-    let valid: Vec<String> = (0..DISTINCT_KEYS)
-        .map(|_| format.generate().expect("rng"))
-        .collect();
-    {
-        let store = SledStore::open(&dir.path().join("store")).expect("store");
-        let records: Vec<KeyRecord> = valid
-            .iter()
-            .map(|k| KeyRecord::for_key(&format, k, "bench", 0))
-            .collect();
-        runtime
-            .block_on(store.import(&records))
-            .expect("import keys");
-    }
+    let valid = import_bench_keys(&runtime, dir.path(), &format);
     let invalid = invalid_keys(10_000);
 
     let upstream_listener = runtime
@@ -598,213 +890,56 @@ fn main() {
     let upstream = upstream_listener.local_addr().expect("addr");
     runtime.spawn(run_upstream(upstream_listener));
 
-    let (listen, admin) = (free_port(), free_port());
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
-    let gateway = start_keygate(
+    let (gateway, keygate_addr) =
+        start_pinned_keygate(dir.path(), upstream, threads, cores, server_core);
+    let nginx_wanted = wanted("nginx-valid") || wanted("nginx-invalid");
+    let (nginx, nginx_addr) = start_pinned_nginx(
+        nginx_wanted,
         dir.path(),
-        &sled_store(dir.path()),
-        &[],
         upstream,
-        listen,
-        admin,
-        threads,
+        &valid[0],
+        cores,
+        server_core,
     );
-    if cores > 1 {
-        pin(gateway.child.id(), server_core);
-    }
-    let keygate_addr: SocketAddr = ([127, 0, 0, 1], listen).into();
-    let nginx_port = free_port();
-    let nginx_dir = dir.path().join("nginx");
-    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
-    let nginx = if wanted("nginx-valid") || wanted("nginx-invalid") {
-        start_nginx(&nginx_dir, upstream, nginx_port, &valid[0])
-    } else {
-        None
-    };
-    if let Some(n) = &nginx
-        && cores > 1
-    {
-        pin(n.child.id(), server_core);
-    }
-    let nginx_addr: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
 
     // The same gateway on PostgreSQL, when the server binaries are installed (.ci/setup).
-    let pg_port = free_port();
-    let pg_dir = dir.path().join("pg-gateway");
-    std::fs::create_dir_all(&pg_dir).expect("pg gateway dir");
-    let pg_gateway = if wanted("postgres") && pg::find_bin_dir().is_some() {
-        let url = pg::fresh_database();
-        runtime.block_on(async {
-            let store = PgStore::connect(&url, 2, Duration::from_secs(5))
-                .await
-                .expect("connect to PostgreSQL");
-            store
-                .insert(&KeyRecord::for_key(&format, &valid[0], "bench", 0))
-                .await
-                .expect("insert the valid key");
-        });
-        let gateway = start_keygate(
-            &pg_dir,
-            "backend = \"postgres\"\nurl_env = \"KEYGATE_DATABASE_URL\"",
-            &[("KEYGATE_DATABASE_URL", url.as_str())],
-            upstream,
-            pg_port,
-            free_port(),
-            threads,
-        );
+    let (pg_gateway, pg_addr) = if wanted("postgres") && pg::find_bin_dir().is_some() {
+        let (gateway, addr) =
+            start_pg_gateway(&runtime, dir.path(), &format, &valid[0], upstream, threads);
         if cores > 1 {
             pin(gateway.child.id(), server_core);
         }
-        Some(gateway)
+        (Some(gateway), addr)
     } else {
-        None
+        (None, ([127, 0, 0, 1], 9).into())
     };
-    let pg_addr: SocketAddr = ([127, 0, 0, 1], pg_port).into();
 
-    type Row = (&'static str, &'static str, SocketAddr, Vec<Vec<u8>>);
-    let mut rows: Vec<Row> = vec![
-        (
-            "direct",
-            "direct to the upstream",
-            upstream,
-            vec![request("/", &[])],
-        ),
-        (
-            "none",
-            "keygate, auth = \"none\"",
-            keygate_addr,
-            vec![request("/open/x", &[])],
-        ),
-        (
-            "valid",
-            "keygate, one valid key",
-            keygate_addr,
-            vec![request("/x", &[("x-api-key", &valid[0])])],
-        ),
-        (
-            "invalid",
-            "keygate, random invalid keys",
-            keygate_addr,
-            invalid
-                .iter()
-                .map(|k| request("/x", &[("x-api-key", k)]))
-                .collect(),
-        ),
-        (
-            "distinct",
-            "keygate, 100k distinct valid keys (mostly first use: cache misses)",
-            keygate_addr,
-            valid
-                .iter()
-                .map(|k| request("/x", &[("x-api-key", k)]))
-                .collect(),
-        ),
-    ];
-    if pg_gateway.is_some() {
-        rows.push((
-            "postgres",
-            "keygate on PostgreSQL, one valid key (warm cache)",
-            pg_addr,
-            vec![request("/x", &[("x-api-key", &valid[0])])],
-        ));
-    }
-    if nginx.is_some() {
-        rows.push((
-            "nginx-valid",
-            "nginx map check, valid key",
-            nginx_addr,
-            vec![request("/x", &[("x-api-key", &valid[0])])],
-        ));
-        rows.push((
-            "nginx-invalid",
-            "nginx map check, invalid keys (401)",
-            nginx_addr,
-            invalid
-                .iter()
-                .map(|k| request("/x", &[("x-api-key", k)]))
-                .collect(),
-        ));
-    }
-
+    let targets = Targets {
+        upstream,
+        keygate: keygate_addr,
+        postgres: pg_gateway.is_some().then_some(pg_addr),
+        nginx: nginx.is_some().then_some(nginx_addr),
+    };
+    let rows = bench_rows(&targets, &valid, &invalid);
     let use_wrk = wrk_available();
-    println!(
-        "load: {connections} keep-alive connections, {seconds} s per row, gateway threads = {threads}, \
-         {cores} cores (servers pinned to core {server_core}), generator = {}",
-        if use_wrk {
-            "wrk (single-header rows)"
-        } else {
-            "built-in"
-        }
-    );
-    let mut results: Vec<(&str, &str, f64, f64, f64, String)> = Vec::new();
+    print_header(connections, seconds, threads, cores, server_core, use_wrk);
+    let mut results: Vec<Measured> = Vec::new();
     for (name, label, target, requests) in rows {
         if !wanted(name) {
             continue;
         }
-        let single = requests.len() == 1;
-        let wrk_result = if use_wrk && single {
-            let path = if name == "none" { "/open/x" } else { "/x" };
-            let header = (name.contains("valid")).then(|| ("x-api-key", valid[0].as_str()));
-            drive_wrk(
-                &format!("http://{target}{path}"),
-                header,
-                connections,
-                seconds,
-            )
-        } else {
-            None
+        let run = RowRun {
+            use_wrk,
+            valid_key: &valid[0],
+            connections,
+            seconds,
         };
-        let (rps, p50, p99, statuses) = match wrk_result {
-            Some((rps, p50, p99)) => (rps, p50, p99, "(wrk)".to_string()),
-            None => {
-                let r = runtime.block_on(drive(target, Arc::new(requests), connections, seconds));
-                let statuses = r
-                    .statuses
-                    .iter()
-                    .map(|(s, n)| format!("{s}×{n}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-                    + &if r.errors > 0 {
-                        format!(" errors×{}", r.errors)
-                    } else {
-                        String::new()
-                    };
-                (r.rps(), r.percentile(0.5), r.percentile(0.99), statuses)
-            }
-        };
+        let (rps, p50, p99, statuses) = run.measure(&runtime, name, target, requests);
         results.push((name, label, rps, p50, p99, statuses));
     }
 
-    let baseline = results
-        .iter()
-        .find(|r| r.0 == "none")
-        .map(|r| r.2)
-        .unwrap_or(f64::NAN);
-    let nginx_valid = results.iter().find(|r| r.0 == "nginx-valid").map(|r| r.2);
-    let nginx_invalid = results.iter().find(|r| r.0 == "nginx-invalid").map(|r| r.2);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | statuses |\n|---|---:|---:|---:|---:|---:|---|"
-    );
-    for (name, label, rps, p50, p99, statuses) in &results {
-        let vs_nginx = match *name {
-            "valid" | "distinct" | "postgres" => nginx_valid.map(|n| rps / n),
-            "invalid" => nginx_invalid.map(|n| rps / n),
-            _ => None,
-        }
-        .map_or("".to_string(), |r| format!("{r:.2}"));
-        let _ = writeln!(
-            out,
-            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {statuses} |",
-            rps / baseline
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nkeygate RSS after the run: {} MiB",
-        rss_kib(gateway.child.id()) / 1024
-    );
+    print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
     drop(pg_gateway);
     drop(gateway);
