@@ -50,6 +50,10 @@ impl Route {
         options.write_timeout = Some(self.config.write_timeout);
         options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
         options.ca = self.trust.clone();
+        // Pingora pools upstream connections by address, SNI and verification flags, not
+        // by trust roots: without a key of its own, a route could reuse a connection that
+        // was verified against another route's `ca_file`.
+        peer.group_key = self.pool_key;
         Some((Box::new(peer), addr))
     }
 
@@ -145,9 +149,16 @@ pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
     }
     balancer.health_check_frequency = Some(config.health_check_interval);
     balancer.parallel_health_check = true;
+    let pool_key = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        config.name.hash(&mut hasher);
+        hasher.finish()
+    };
     Ok(Route {
         config,
         balancer: Arc::new(balancer),
         trust,
+        pool_key,
     })
 }

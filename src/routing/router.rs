@@ -15,6 +15,8 @@ pub(crate) struct Route {
     pub balancer: Arc<LoadBalancer<RoundRobin>>,
     /// The route's own trust roots (`ca_file`), shared by every peer.
     pub(super) trust: Option<Arc<CaType>>,
+    /// Keeps this route's pooled upstream connections to itself (see `select_peer`).
+    pub(super) pool_key: u64,
 }
 
 impl Route {
