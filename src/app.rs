@@ -142,6 +142,24 @@ impl BackgroundService for Housekeeping {
     }
 }
 
+/// Closes WebSocket tunnels whose key was revoked or expired (see `tunnels`).
+struct TunnelSweep {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for TunnelSweep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut ticker = tokio::time::interval(crate::tunnels::SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.shared.tunnels.sweep(&self.shared.cache).await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// Fails early, with a clear message, when a listen address is taken: Pingora would retry
 /// for 30 s and then let that listener die silently.
 fn check_port_free(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -283,6 +301,13 @@ fn add_background_services(
     server.add_service(GenBackgroundService::new(
         "housekeeping".to_string(),
         Arc::new(housekeeping),
+    ));
+    let sweep = TunnelSweep {
+        shared: Arc::clone(shared),
+    };
+    server.add_service(GenBackgroundService::new(
+        "WebSocket tunnel sweep".to_string(),
+        Arc::new(sweep),
     ));
     Ok(())
 }

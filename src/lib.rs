@@ -6,7 +6,8 @@
 //! - `metrics`    Prometheus families in keygate's own registry; the `outcome` label
 //! - `error`      the request path's refusals, the error codes, the JSON error body
 //! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules
-//! - `http`       pure request logic: target, path readings, host, credentials, body framing
+//! - `http`       pure request logic: target, path readings, host, credentials, body framing,
+//!   upgrades
 //! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate, resolve)
 //! - `store`      the `KeyStore` trait, sled and PostgreSQL stores, the moka key cache,
 //!   PostgreSQL's invalidation listener
@@ -16,6 +17,7 @@
 //! - `lifecycle`  create, list, revoke, rotate, audit: the rules of keys over store and cache
 //! - `auth`       who a request's key belongs to (credentials, format, cache, expiry)
 //! - `drain`      requests in flight, and a stop that waits for them and no longer
+//! - `tunnels`    open WebSocket tunnels, closed when their key is revoked or expires
 //! - `state`      `Shared`: what the request path, the management API and the ops listener share
 //! - `session`    what keygate reads from and writes to a Pingora session: bodies, responses
 //! - `gateway`    the request path, top to bottom, and the per-request context
@@ -46,4 +48,5 @@ mod server;
 mod session;
 mod state;
 pub mod store;
+mod tunnels;
 pub mod usage;

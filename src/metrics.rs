@@ -23,6 +23,8 @@ pub struct Metrics {
     pub usage_flush_errors: IntCounter,
     pub management_requests: IntCounterVec,
     pub invalidation_listener_connected: IntGauge,
+    pub websocket_tunnels: IntGauge,
+    pub websocket_tunnels_closed: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -105,6 +107,14 @@ const INVALIDATION_LISTENER_CONNECTED: Family = (
      A silently dead connection is noticed within 10 s (heartbeat 5 s + its timeout 5 s); \
      revokes made meanwhile by other instances reach this cache when it reconnects",
 );
+const WEBSOCKET_TUNNELS: Family = (
+    "keygate_websocket_tunnels",
+    "WebSocket tunnels open through keygate",
+);
+const WEBSOCKET_TUNNELS_CLOSED: Family = (
+    "keygate_websocket_tunnels_closed_total",
+    "WebSocket tunnels keygate closed because their key was revoked or expired",
+);
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -185,6 +195,11 @@ impl Metrics {
                 &r,
                 IntGauge::with_opts(opts(INVALIDATION_LISTENER_CONNECTED)),
             ),
+            websocket_tunnels: register(&r, IntGauge::with_opts(opts(WEBSOCKET_TUNNELS))),
+            websocket_tunnels_closed: register(
+                &r,
+                IntCounterVec::new(opts(WEBSOCKET_TUNNELS_CLOSED), &["reason"]),
+            ),
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,
         };
@@ -192,6 +207,11 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        for reason in [CloseReason::Revoked, CloseReason::Expired] {
+            metrics
+                .websocket_tunnels_closed
+                .with_label_values(&[reason.label()]);
+        }
         for (operation, status) in MANAGEMENT_SERIES {
             metrics
                 .management_requests
@@ -300,6 +320,22 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::NoRoute => "no_route",
             Outcome::Public => "public",
+        }
+    }
+}
+
+/// Why keygate closed a WebSocket tunnel (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    Revoked,
+    Expired,
+}
+
+impl CloseReason {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            CloseReason::Revoked => "revoked",
+            CloseReason::Expired => "expired",
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::KeyLimits;
 use crate::routing::Router;
 use crate::store::KeyCache;
+use crate::tunnels::Tunnels;
 use crate::usage::UsageRecorder;
 
 pub(crate) struct Shared {
@@ -25,6 +26,8 @@ pub(crate) struct Shared {
     pub auth: Authenticator,
     /// Requests in flight, and whether the gateway is stopping.
     pub drain: &'static Drain,
+    /// Open WebSocket tunnels, swept for revoked and expired keys.
+    pub tunnels: Arc<Tunnels>,
 }
 
 impl Shared {
@@ -40,6 +43,7 @@ impl Shared {
             auth: Authenticator::new(format, Arc::clone(&cache), &metrics),
             rate_limits: KeyLimits::default(),
             drain: Drain::leak(),
+            tunnels: Arc::new(Tunnels::new(&metrics)),
             config,
             router,
             cache,

@@ -165,6 +165,8 @@ pub struct RouteConfig {
     pub auth: AuthMode,
     pub scopes: Vec<String>,
     pub strip_prefix: bool,
+    /// Whether `Upgrade: websocket` is forwarded (otherwise upgrade headers are removed).
+    pub websocket: bool,
     pub tls: bool,
     pub sni: String,
     /// DER certificates to trust for this route's upstreams instead of the system roots.

@@ -79,6 +79,7 @@ pub(super) fn validate_route(
         auth,
         scopes: route.scopes,
         strip_prefix: route.strip_prefix,
+        websocket: route.websocket,
         tls: route.tls,
         sni,
         ca_certificates,

@@ -10,6 +10,7 @@ use crate::metrics::Outcome;
 use crate::ratelimit::Decision;
 use crate::routing::Route;
 use crate::store::CachedKey;
+use crate::tunnels::TunnelGuard;
 
 /// Where the request path sent a request.
 #[derive(Default)]
@@ -50,6 +51,10 @@ pub(crate) struct RequestCtx {
     /// The body was framed both with `Content-Length` and `Transfer-Encoding` (found in
     /// the first hook, before keygate changes the connection's keep-alive).
     pub framed_both_ways: bool,
+    /// A WebSocket upgrade this route forwards (`websocket = true`).
+    pub websocket: bool,
+    /// Set once the upstream accepted the upgrade: the tunnel is watched until logging.
+    pub tunnel: Option<TunnelGuard>,
     /// Counts this request as in flight until the context is dropped, after logging.
     _in_flight: InFlight,
 }
@@ -74,6 +79,8 @@ impl RequestCtx {
             error_code: None,
             buffered_body: None,
             framed_both_ways: false,
+            websocket: false,
+            tunnel: None,
             _in_flight: in_flight,
         }
     }

@@ -19,6 +19,7 @@ use pingora::proxy::Session;
 
 use crate::clock::unix_now;
 use crate::error::GatewayError;
+use crate::http::upgrade::{self, UpgradeRequest};
 use crate::http::{body, forwarded, target};
 use crate::keys::scope::has_scopes;
 use crate::metrics::{Outcome, RouteMetrics};
@@ -80,15 +81,18 @@ impl Gateway {
         self.check_request_line(session.req_header(), ctx.framed_both_ways)?;
         target::normalize_target(session.req_header_mut())?;
         check_host_present(session.req_header())?;
-        // 2-3: where the path leads, read every way an upstream might read it.
+        // 2-3: where the path leads, read every way an upstream might read it; whether an
+        // upgrade may go there.
         let (index, route) = match self.destination_of(session.req_header())? {
             Destination::Management => {
+                settle_upgrade(session.req_header_mut(), false);
                 ctx.target = Target::Management;
                 return Ok(Admission::Management);
             }
             Destination::NoRoute => return Err(GatewayError::NoRoute),
             Destination::Route(index, route) => (index, Arc::clone(route)),
         };
+        ctx.websocket = settle_upgrade(session.req_header_mut(), route.config.websocket);
         ctx.target = Target::Route {
             index,
             route: Arc::clone(&route),
@@ -214,6 +218,20 @@ impl Gateway {
                 .get(index)
                 .unwrap_or(&self.no_route_metrics),
             Target::Undecided => &self.no_route_metrics,
+        }
+    }
+}
+
+/// Step 3: an upgrade goes through only to WebSocket, on a route that allows it; any other
+/// loses its upgrade headers and is forwarded as an ordinary request. True for a WebSocket
+/// upgrade that goes through.
+fn settle_upgrade(req: &mut RequestHeader, route_allows_websocket: bool) -> bool {
+    match upgrade::classify(req) {
+        UpgradeRequest::None => false,
+        UpgradeRequest::WebSocket if route_allows_websocket => true,
+        UpgradeRequest::WebSocket | UpgradeRequest::Other => {
+            upgrade::strip(req);
+            false
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Pure request logic, no Pingora session: the request target, paths as routed and as a
-//! lenient upstream may read them, the Host, credentials, forwarding headers, body framing.
+//! lenient upstream may read them, the Host, credentials, forwarding headers, body framing,
+//! upgrades.
 
 pub(crate) mod body;
 pub mod credentials;
@@ -7,3 +8,4 @@ pub(crate) mod forwarded;
 pub(crate) mod host;
 pub mod path;
 pub(crate) mod target;
+pub(crate) mod upgrade;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
+use pingora::protocols::UniqueID;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
@@ -33,6 +34,19 @@ async fn refuse(
     ctx.error_code = Some(refusal.code());
     let reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
     respond::send(session, reply, &ctx.request_id).await
+}
+
+/// A WebSocket upgrade the upstream accepted: from now on the connection is a tunnel that
+/// the sweep closes when its key is revoked or expires.
+fn watch_tunnel(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) {
+    let (true, Some(key)) = (ctx.websocket, &ctx.key) else {
+        return;
+    };
+    if let Some(stream) = session.downstream_session.stream() {
+        // On Unix a stream's unique id is its socket descriptor.
+        let socket = UniqueID::id(&**stream);
+        ctx.tunnel = Some(gateway.shared.tunnels.register(key, socket));
+    }
 }
 
 /// Maps a proxying failure to what the client is told; None when the client is gone.
@@ -192,11 +206,14 @@ impl ProxyHttp for KeygateProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            watch_tunnel(&self.gateway, session, ctx);
+        }
         if !upstream_response.headers.contains_key("x-request-id") {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
@@ -252,6 +269,8 @@ impl ProxyHttp for KeygateProxy {
     }
 
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
+        // Before Pingora closes the client socket the tunnel sweep may shut down.
+        ctx.tunnel = None;
         super::access::record(&self.gateway, session, ctx);
     }
 }

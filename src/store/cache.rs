@@ -21,6 +21,8 @@ pub struct CachedKey {
     pub id: String,
     /// The ULID of `id` as a number: the usage counters' map key.
     pub id_number: u128,
+    /// What the key is cached under: WebSocket tunnels look their key up again by it.
+    pub hash: KeyHash,
     pub owner: String,
     pub scopes: Vec<String>,
     pub expires_at: Option<i64>,
@@ -41,6 +43,9 @@ impl CachedKey {
             id_number: ulid::Ulid::from_string(&record.id)
                 .map(u128::from)
                 .map_err(|_| StoreError::Corrupt(format!("key id {} is not a ULID", record.id)))?,
+            hash: KeyHash::from_hex(&record.hash).ok_or_else(|| {
+                StoreError::Corrupt(format!("key {} has a malformed hash", record.id))
+            })?,
             id_header: header(&record.id)?,
             owner_header: header(&record.owner)?,
             scopes_header: header(&record.scopes.join(" "))?,

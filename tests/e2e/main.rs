@@ -21,3 +21,4 @@ mod security;
 mod store_conformance;
 mod store_faults;
 mod usage;
+mod websocket;

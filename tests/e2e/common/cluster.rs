@@ -8,7 +8,8 @@ use super::*;
 /// The admin token every cluster instance is started with.
 pub(crate) const ADMIN: &str = "cluster-admin-token-padded-to-32";
 
-/// One `keygate serve` on the PostgreSQL store at `db_url`, one route "/" to `upstream`.
+/// One `keygate serve` on the PostgreSQL store at `db_url`, one route "/" to `upstream`
+/// (WebSockets allowed).
 /// Reuses `common::Gateway` for the process (SIGTERM stop, kill on drop) and
 /// `common::GatewayConfig` for the temp dir and ports, with our own config text: the
 /// common one always writes a sled [store].
@@ -42,6 +43,7 @@ impl Instance {
              name = \"default\"\n\
              path_prefix = \"/\"\n\
              upstreams = [\"{upstream}\"]\n\
+             websocket = true\n\
              health_check_interval_ms = 200\n",
             listen = config.listen,
             admin = config.admin,
