@@ -23,6 +23,7 @@ pub(super) enum KeyedCall {
     RevokeByValue,
     Rotate(String),
     Audit,
+    Verify,
 }
 
 impl Call {
@@ -51,6 +52,7 @@ impl Call {
                 _ => return Err(ApiError::MethodNotAllowed("GET, POST")),
             },
             ["keys", "revoke"] => return only("POST", Call::Keyed(K::RevokeByValue)),
+            ["keys", "verify"] => return only("POST", Call::Keyed(K::Verify)),
             ["keys", id] if !id.is_empty() => match *method {
                 Method::GET => K::Get(id.to_string()),
                 Method::DELETE => K::Revoke(id.to_string()),
@@ -83,6 +85,7 @@ impl Call {
             Call::Keyed(KeyedCall::RevokeByValue) => "revoke_by_value",
             Call::Keyed(KeyedCall::Rotate(_)) => "rotate",
             Call::Keyed(KeyedCall::Audit) => "audit",
+            Call::Keyed(KeyedCall::Verify) => "verify",
         }
     }
 }
@@ -95,7 +98,7 @@ impl KeyedCall {
             KeyedCall::Create | KeyedCall::Rotate(_) => Some(ManagementBudget::Create),
             KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
             KeyedCall::Revoke(_) => Some(ManagementBudget::Revoke),
-            KeyedCall::RevokeByValue | KeyedCall::Audit => None,
+            KeyedCall::RevokeByValue | KeyedCall::Audit | KeyedCall::Verify => None,
         }
     }
 
@@ -103,7 +106,7 @@ impl KeyedCall {
     pub(super) fn takes_body(&self) -> bool {
         matches!(
             self,
-            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_)
+            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_) | KeyedCall::Verify
         )
     }
 }
