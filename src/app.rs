@@ -4,6 +4,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,6 +14,7 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 
 use crate::config::{Config, StoreBackend};
 use crate::drain::Drain;
@@ -39,6 +41,29 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
 struct StopSignals {
     drain: &'static Drain,
     grace: Duration,
+    /// Set by a stop signal that came before `recv` first ran: Pingora starts listening
+    /// before it listens for signals, and in between a signal's default action would kill
+    /// the process without the final usage flush.
+    early: Arc<AtomicUsize>,
+}
+
+/// From here on a stop signal is recorded instead of killing the process at once.
+fn catch_early_stop_signals() -> anyhow::Result<Arc<AtomicUsize>> {
+    let early = Arc::new(AtomicUsize::new(0));
+    for signal in [SIGTERM, SIGINT, SIGQUIT] {
+        let value = usize::try_from(signal).unwrap_or(1);
+        signal_hook::flag::register_usize(signal, Arc::clone(&early), value)
+            .context("cannot install signal handlers")?;
+    }
+    Ok(early)
+}
+
+fn signal_name(signal: usize) -> &'static str {
+    match i32::try_from(signal) {
+        Ok(SIGINT) => "SIGINT",
+        Ok(SIGQUIT) => "SIGQUIT",
+        _ => "SIGTERM",
+    }
 }
 
 #[async_trait]
@@ -53,10 +78,13 @@ impl ShutdownSignalWatch for StopSignals {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return std::future::pending().await;
         };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = quit.recv() => "SIGQUIT",
+        let name = match self.early.load(Ordering::SeqCst) {
+            0 => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
+            },
+            early => signal_name(early),
         };
         let in_flight = self.drain.in_flight();
         tracing::info!(
@@ -173,12 +201,18 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
         anyhow::anyhow!("invalid configuration {}:\n{errors}", config_path.display())
     })?);
     let _log_guard = crate::logging::init(&config.server.access_log)?;
+    let early = catch_early_stop_signals()?;
     check_port_free("server.listen", config.server.listen)?;
     check_port_free("server.admin_listen", config.server.admin_listen)?;
 
     let admin_token = admin_token(&config)?;
     let (shared, store) = build_state(Arc::clone(&config))?;
     let management = Arc::new(Management::new(Arc::clone(&shared), admin_token));
+    let stop = StopSignals {
+        drain: shared.drain,
+        grace: config.server.shutdown_grace,
+        early,
+    };
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
     add_background_services(&mut server, &shared, &store, &management)?;
@@ -191,10 +225,6 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
         routes = config.routes.len(),
         "keygate started"
     );
-    let stop = StopSignals {
-        drain: shared.drain,
-        grace: config.server.shutdown_grace,
-    };
     server.run(RunArgs {
         shutdown_signal: Box::new(stop),
     });

@@ -124,16 +124,20 @@ impl Tunnels {
             return;
         };
         tunnel.closed = true;
+        // Counted first: whoever sees the tunnel end also sees it counted.
+        match reason {
+            CloseReason::Revoked => self.closed_revoked.inc(),
+            CloseReason::Expired => self.closed_expired.inc(),
+        }
         // SAFETY: shutdown(2) on a descriptor only changes the state of the connection
         // behind it; the descriptor is the tunnel's client socket and still open (see
         // `OpenTunnel::socket`). It is not closed here: Pingora does that.
         let result = unsafe { libc::shutdown(tunnel.socket, libc::SHUT_RDWR) };
         if result == 0 {
-            match reason {
-                CloseReason::Revoked => self.closed_revoked.inc(),
-                CloseReason::Expired => self.closed_expired.inc(),
-            }
             tracing::info!(reason = reason.label(), "closed a WebSocket tunnel");
+        } else {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, "could not close a WebSocket tunnel");
         }
     }
 }

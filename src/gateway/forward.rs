@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
 use super::ctx::RequestCtx;
-use crate::http::{body, forwarded};
+use crate::http::{body, forwarded, upgrade};
 
 pub(crate) fn prepare_upstream_request(
     req: &mut RequestHeader,
@@ -44,6 +44,9 @@ pub(crate) fn prepare_upstream_request(
     req.insert_header("x-request-id", ctx.request_id.as_str())?;
     if let Some(length) = ctx.buffered_body {
         body::frame_as_buffered(req, length)?;
+    }
+    if ctx.websocket {
+        upgrade::unhold_empty_body(req);
     }
     if let Some(target) = ctx
         .route()

@@ -110,6 +110,10 @@ impl Gateway {
         // upstream gets it, is `prepare_upstream_request`.
         self.read_chunked_body(session, ctx).await?;
         self.count_usage(ctx);
+        if ctx.websocket {
+            upgrade::hold_empty_body(session.req_header_mut())
+                .map_err(|_| GatewayError::Internal)?;
+        }
         Ok(Admission::Forward)
     }
 

@@ -5,7 +5,7 @@
 //! an upstream can then never turn the connection into a tunnel.
 
 use http::HeaderValue;
-use http::header::{CONNECTION, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use pingora::http::RequestHeader;
 
 /// What to do with a request's `Upgrade`.
@@ -62,6 +62,33 @@ pub(crate) fn strip(req: &mut RequestHeader) {
     {
         // Cannot fail: the name is valid and the value was checked just above.
         let _ = req.insert_header(CONNECTION, value);
+    }
+}
+
+/// Works around Pingora 0.9.1 ending an upgrade right after its 101 when the upstream's
+/// answer is read before the proxy has passed on the end of the upgrade request's own,
+/// empty, body: that end is then taken for the end of the tunnel (cloudflare/pingora#946,
+/// unfixed in any release). Under load it closed about one tunnel in five here. A handshake
+/// without a body is announced to Pingora's request reader as a one-byte body, so no end is
+/// passed on before the 101; from the 101 on Pingora reads the connection as the tunnel.
+/// The upstream's copy of the request loses the announcement (`unhold_empty_body`).
+pub(crate) fn hold_empty_body(req: &mut RequestHeader) -> pingora::Result<()> {
+    if req.headers.contains_key(CONTENT_LENGTH) || req.headers.contains_key(TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    req.insert_header(CONTENT_LENGTH, HELD_LENGTH)
+}
+
+const HELD_LENGTH: &str = "1";
+
+/// The request as the upstream gets it: a handshake without a body again.
+pub(crate) fn unhold_empty_body(req: &mut RequestHeader) {
+    if req
+        .headers
+        .get(CONTENT_LENGTH)
+        .is_some_and(|v| v == HELD_LENGTH)
+    {
+        req.remove_header(&CONTENT_LENGTH);
     }
 }
 

@@ -115,7 +115,13 @@ impl ProxyHttp for KeygateProxy {
             session.set_keepalive(Some(keepalive.as_secs()));
         }
         // Without this Pingora answers the first of pipelined requests and drops the rest.
-        session.downstream_session.set_pipelining_enabled(true);
+        // Not for an upgrade: its idle read would take a tunnel's first bytes for the
+        // next pipelined request.
+        let upgrade = session
+            .req_header()
+            .headers
+            .contains_key(http::header::UPGRADE);
+        session.downstream_session.set_pipelining_enabled(!upgrade);
         Ok(())
     }
 

@@ -368,3 +368,93 @@ async fn a_revoke_on_another_gateway_closes_the_tunnel_within_a_second() {
     let took = time_to_close(&mut ws, Duration::from_secs(1)).await;
     eprintln!("B closed the tunnel {took:?} after A answered the revoke");
 }
+
+/// An upstream that answers 101 the moment it accepts a connection, before the request has
+/// even arrived, then skips the request's header and echoes every byte after it: the
+/// ordering in which Pingora 0.9.1 ends a fresh tunnel (cloudflare/pingora#946).
+async fn eager_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if stream.write_all(switching).await.is_err() {
+                    return;
+                }
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if let Some(end) = crate::common::raw::find(&seen, b"\r\n\r\n") {
+                        let rest = seen.split_off(end + 4);
+                        if stream.write_all(&rest).await.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_fresh_tunnel_survives_an_upstream_that_switches_at_once() {
+    use tokio::io::AsyncReadExt;
+    let (addr, upstream_task) = eager_upstream().await;
+    let upstream = Upstream::start("unused").await;
+    let config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"chat\"\npath_prefix = \"/\"\nupstreams = [\"{addr}\"]\nwebsocket = true\nauth = \"none\"\n"
+    ));
+    let env = Env::on(config, upstream).await;
+    for attempt in 0..20 {
+        let mut stream = TcpStream::connect(("127.0.0.1", env.config.listen))
+            .await
+            .expect("connect");
+        let handshake = "GET /chat HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        stream.write_all(handshake.as_bytes()).await.expect("write");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("no 101 within 5 s")
+                .expect("read");
+            assert!(n > 0, "attempt {attempt}: closed before the 101");
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(end) = crate::common::raw::find(&seen, b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        assert!(seen.starts_with(b"HTTP/1.1 101"), "attempt {attempt}");
+        let mut echoed = seen.split_off(head_end);
+        stream
+            .write_all(b"ping through the tunnel")
+            .await
+            .expect("write");
+        while echoed.len() < b"ping through the tunnel".len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("no echo within 5 s")
+                .expect("read");
+            assert!(
+                n > 0,
+                "attempt {attempt}: the tunnel ended right after its 101"
+            );
+            echoed.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(echoed, b"ping through the tunnel", "attempt {attempt}");
+    }
+    upstream_task.abort();
+}

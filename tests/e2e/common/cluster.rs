@@ -72,7 +72,29 @@ impl Instance {
             config,
         };
         instance.gateway.wait_ready(&instance.config).await;
+        instance.wait_listening().await;
         instance
+    }
+
+    /// Waits until the invalidation listener LISTENs: it clears the cache when it starts,
+    /// which would otherwise drop keys a test has just cached.
+    async fn wait_listening(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = scrape_metrics(&self.gateway.admin).await;
+            if metrics
+                .lines()
+                .any(|line| line == "keygate_invalidation_listener_connected 1")
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the invalidation listener did not connect; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub(crate) fn stderr(&self) -> String {
