@@ -23,6 +23,7 @@ pub struct Metrics {
     pub usage_flush_errors: IntCounter,
     pub management_requests: IntCounterVec,
     pub invalidation_listener_connected: IntGauge,
+    pub key_filter_ready: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -105,6 +106,11 @@ const INVALIDATION_LISTENER_CONNECTED: Family = (
      A silently dead connection is noticed within 10 s (heartbeat 5 s + its timeout 5 s); \
      revokes made meanwhile by other instances reach this cache when it reconnects",
 );
+const KEY_FILTER_READY: Family = (
+    "keygate_key_filter_ready",
+    "1 while the filter of stored key hashes is trusted to refuse unknown keys without a \
+     store read; 0 until it is built and while it is rebuilt after missed notifications",
+);
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -185,6 +191,7 @@ impl Metrics {
                 &r,
                 IntGauge::with_opts(opts(INVALIDATION_LISTENER_CONNECTED)),
             ),
+            key_filter_ready: register(&r, IntGauge::with_opts(opts(KEY_FILTER_READY))),
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,
         };
