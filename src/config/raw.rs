@@ -94,7 +94,7 @@ pub(super) struct RawStore {
     pub(super) cache_ttl_seconds: i64,
     pub(super) negative_cache_capacity: i64,
     pub(super) negative_cache_ttl_seconds: i64,
-    /// None: half of `pool_size` on PostgreSQL (at least 1), 16 on sled.
+    /// None: half of `pool_size` on PostgreSQL (at least 1), 64 on sled.
     pub(super) max_concurrent_reads: Option<i64>,
     pub(super) read_wait_ms: i64,
     pub(super) usage_flush_interval_ms: i64,
@@ -115,7 +115,7 @@ impl Default for RawStore {
             negative_cache_capacity: 10_000,
             negative_cache_ttl_seconds: 30,
             max_concurrent_reads: None,
-            read_wait_ms: 100,
+            read_wait_ms: 500,
             usage_flush_interval_ms: 1000,
         }
     }

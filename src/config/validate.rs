@@ -30,7 +30,7 @@ const CACHE_TTL_SECONDS: RangeInclusive<i64> = 1..=86_400;
 pub(super) const MAX_INTERVAL_MS: i64 = 3_600_000;
 /// A miss waiting longer than this for a store read slot is better answered 503.
 const MAX_READ_WAIT_MS: i64 = 60_000;
-const DEFAULT_SLED_READS: usize = 16;
+const DEFAULT_SLED_READS: usize = 64;
 
 /// The collector that reading and every section write their problems into.
 #[derive(Debug, Default)]
