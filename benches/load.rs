@@ -3,6 +3,8 @@
 //!   direct to the upstream | keygate, auth = "none" | keygate, one valid key |
 //!   keygate, random invalid keys | keygate, 100k distinct valid keys |
 //!   keygate on PostgreSQL (valid key, warm cache), when PostgreSQL is installed |
+//!   keygate, valid key alone and beside a flood of distinct unknown well-formed keys
+//!   (row `flood`, `benches/load/flood.rs`) |
 //!   nginx with a `map $http_x_api_key` check (valid key, and its 401 to invalid keys),
 //!   when nginx is installed
 //!
@@ -31,6 +33,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "../tests/pg/mod.rs"]
 mod pg;
+
+#[path = "load/flood.rs"]
+mod flood;
 
 const DISTINCT_KEYS: usize = 100_000;
 const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
@@ -939,6 +944,7 @@ fn main() {
         results.push((name, label, rps, p50, p99, statuses));
     }
 
+    flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
     print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
     drop(pg_gateway);

@@ -32,6 +32,8 @@ fn settings() -> CacheSettings {
         ttl: Duration::from_secs(300),
         negative_capacity: 10_000,
         negative_ttl: Duration::from_secs(30),
+        max_store_reads: 16,
+        store_read_wait: Duration::from_millis(100),
     }
 }
 

@@ -148,6 +148,24 @@ impl BackgroundService for InvalidationListener {
     }
 }
 
+/// Builds the filter of stored hashes whenever it is asked for one: at start on sled, each
+/// time the invalidation listener (re)starts LISTENing on PostgreSQL, and when the key count
+/// outgrows the filter. Until the first build is in, every cache miss reads the store.
+struct KeyFilterBuilder {
+    cache: Arc<KeyCache>,
+}
+
+#[async_trait]
+impl BackgroundService for KeyFilterBuilder {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let store = Arc::clone(self.cache.store());
+        self.cache
+            .filter()
+            .run_rebuilds(store.as_ref(), shutdown)
+            .await;
+    }
+}
+
 /// Drops the state of rate limits that have fully recovered, bounding their memory.
 struct Housekeeping {
     shared: Arc<Shared>,
@@ -287,8 +305,8 @@ fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// Health checks of every route, the usage flusher, the invalidation listener (on
-/// PostgreSQL) and housekeeping.
+/// Health checks of every route, the usage flusher, the key filter, the invalidation
+/// listener (on PostgreSQL) and housekeeping.
 fn add_background_services(
     server: &mut Server,
     shared: &Arc<Shared>,
@@ -309,7 +327,17 @@ fn add_background_services(
         "usage flusher".to_string(),
         Arc::new(flusher),
     ));
+    server.add_service(GenBackgroundService::new(
+        "key filter".to_string(),
+        Arc::new(KeyFilterBuilder {
+            cache: Arc::clone(&shared.cache),
+        }),
+    ));
     let backend = &shared.config.store.backend;
+    if matches!(backend, StoreBackend::Sled { .. }) {
+        // One process owns a sled store: nothing is created behind its back.
+        shared.cache.filter().request_rebuild();
+    }
     if let (StoreBackend::Postgres { url_env, .. }, Some(options)) =
         (backend, store::postgres_options(backend))
     {

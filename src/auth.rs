@@ -12,7 +12,7 @@ use crate::error::GatewayError;
 use crate::http::credentials::{self, CredentialSources};
 use crate::keys::{KeyFormat, KeyHash};
 use crate::metrics::{CacheMetrics, Metrics};
-use crate::store::{CachedKey, KeyCache, LookupSource};
+use crate::store::{CachedKey, KeyCache, LookupSource, StoreError};
 
 pub(crate) struct Authenticator {
     format: KeyFormat,
@@ -36,7 +36,8 @@ impl Authenticator {
     }
 
     /// Finds and checks the request's key: present, well-formed, known, not revoked, not
-    /// expired. Only a key missing from the cache costs a store read.
+    /// expired. Only a key missing from the cache, and not ruled out by the filter of
+    /// stored hashes, costs a store read.
     pub(crate) async fn authenticate(
         &self,
         headers: &HeaderMap,
@@ -62,16 +63,26 @@ impl Authenticator {
         }
         let hash = KeyHash::of(raw);
         let resolved = self.cache.resolve(&hash).await.map_err(|e| {
-            tracing::warn!(error = %e, "key store read failed");
+            match e {
+                // Expected under a flood, and one line per refused request would be a
+                // second flood, into the logs.
+                StoreError::Busy => tracing::debug!(error = %e, "key store read refused"),
+                e => tracing::warn!(error = %e, "key store read failed"),
+            }
             GatewayError::StoreUnavailable
         })?;
         match resolved.source {
             LookupSource::Hit => self.cache_metrics.hit.inc(),
-            LookupSource::NegativeHit => self.cache_metrics.negative_hit.inc(),
+            // The contract's labels are hit, miss and negative_hit: a key the filter rules
+            // out is answered from memory as certainly as a negative-cache entry.
+            LookupSource::NegativeHit | LookupSource::Filtered => {
+                self.cache_metrics.negative_hit.inc()
+            }
             LookupSource::Miss => {
                 self.cache_metrics.miss.inc();
                 self.store_reads.inc();
             }
+            LookupSource::SharedMiss => self.cache_metrics.miss.inc(),
         }
         Ok(resolved.key)
     }

@@ -262,7 +262,7 @@ impl Lifecycle {
             ..KeyRecord::for_key(&self.format, &raw, &new.owner, unix_now())
         };
         self.store().insert(&record).await?;
-        self.cache.forget_negative(&KeyHash::of(raw.as_bytes()));
+        self.cache.key_created(&KeyHash::of(raw.as_bytes()));
         Ok(Created { record, key: raw })
     }
 

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub invalidation_listener_connected: IntGauge,
     pub websocket_tunnels: IntGauge,
     pub websocket_tunnels_closed: IntCounterVec,
+    pub key_filter_ready: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -115,6 +116,11 @@ const WEBSOCKET_TUNNELS_CLOSED: Family = (
     "keygate_websocket_tunnels_closed_total",
     "WebSocket tunnels keygate closed because their key was revoked or expired",
 );
+const KEY_FILTER_READY: Family = (
+    "keygate_key_filter_ready",
+    "1 while the filter of stored key hashes is trusted to refuse unknown keys without a \
+     store read; 0 until it is built and while it is rebuilt after missed notifications",
+);
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -201,6 +207,7 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(opts(WEBSOCKET_TUNNELS_CLOSED), &["reason"]),
             ),
+            key_filter_ready: register(&r, IntGauge::with_opts(opts(KEY_FILTER_READY))),
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,
         };

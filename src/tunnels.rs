@@ -19,7 +19,7 @@ use prometheus::{IntCounter, IntGauge};
 use crate::clock::unix_now;
 use crate::keys::KeyHash;
 use crate::metrics::{CloseReason, Metrics};
-use crate::store::{CachedKey, KeyCache};
+use crate::store::{CachedKey, KeyCache, StoreError};
 
 /// Leaves the promised 1 s with room for the store read that follows an invalidation.
 pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
@@ -106,6 +106,8 @@ impl Tunnels {
                     Some(key) if key.is_expired(unix_now()) => Some(CloseReason::Expired),
                     Some(_) => None,
                 },
+                // Busy: the read bound is taken (a flood); the next sweep tries again.
+                Err(StoreError::Busy) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot recheck a WebSocket tunnel's key");
                     None

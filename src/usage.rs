@@ -201,6 +201,9 @@ mod tests {
         async fn find_by_hash(&self, _: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
             unused()
         }
+        async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
+            unused()
+        }
         async fn list(&self, _: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
             unused()
         }

@@ -112,6 +112,11 @@ pub struct StoreConfig {
     pub cache_ttl: Duration,
     pub negative_cache_capacity: u64,
     pub negative_cache_ttl: Duration,
+    /// Cache misses reading the store at once; kept below the PostgreSQL pool so that the
+    /// usage flusher and management calls keep connections under a flood.
+    pub max_concurrent_reads: usize,
+    /// How long a miss waits for one of those before it is answered 503.
+    pub read_wait: Duration,
     pub usage_flush_interval: Duration,
 }
 

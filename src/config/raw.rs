@@ -94,6 +94,9 @@ pub(super) struct RawStore {
     pub(super) cache_ttl_seconds: i64,
     pub(super) negative_cache_capacity: i64,
     pub(super) negative_cache_ttl_seconds: i64,
+    /// None: half of `pool_size` on PostgreSQL (at least 1), 64 on sled.
+    pub(super) max_concurrent_reads: Option<i64>,
+    pub(super) read_wait_ms: i64,
     pub(super) usage_flush_interval_ms: i64,
 }
 
@@ -111,6 +114,8 @@ impl Default for RawStore {
             cache_ttl_seconds: 300,
             negative_cache_capacity: 10_000,
             negative_cache_ttl_seconds: 30,
+            max_concurrent_reads: None,
+            read_wait_ms: 500,
             usage_flush_interval_ms: 1000,
         }
     }
@@ -132,6 +137,8 @@ impl RawStore {
             negative_cache_capacity: f.int("negative_cache_capacity", d.negative_cache_capacity),
             negative_cache_ttl_seconds: f
                 .int("negative_cache_ttl_seconds", d.negative_cache_ttl_seconds),
+            max_concurrent_reads: f.opt_int("max_concurrent_reads"),
+            read_wait_ms: f.int("read_wait_ms", d.read_wait_ms),
             usage_flush_interval_ms: f.int("usage_flush_interval_ms", d.usage_flush_interval_ms),
         }
     }

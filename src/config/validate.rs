@@ -28,6 +28,9 @@ const CACHE_CAPACITY: RangeInclusive<i64> = 1..=100_000_000;
 const CACHE_TTL_SECONDS: RangeInclusive<i64> = 1..=86_400;
 /// Upper bound of the millisecond-counted intervals and timeouts: one hour.
 pub(super) const MAX_INTERVAL_MS: i64 = 3_600_000;
+/// A miss waiting longer than this for a store read slot is better answered 503.
+const MAX_READ_WAIT_MS: i64 = 60_000;
+const DEFAULT_SLED_READS: usize = 64;
 
 /// The collector that reading and every section write their problems into.
 #[derive(Debug, Default)]
@@ -205,7 +208,14 @@ fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
             p.add("store.ca_file", "only used by the postgres backend");
         }
     }
+    let max_concurrent_reads = max_concurrent_reads(&raw, &backend, p);
     StoreConfig {
+        max_concurrent_reads,
+        read_wait: Duration::from_millis(p.ranged(
+            "store.read_wait_ms",
+            raw.read_wait_ms,
+            1..=MAX_READ_WAIT_MS,
+        )),
         backend,
         cache_capacity: p.ranged("store.cache_capacity", raw.cache_capacity, CACHE_CAPACITY),
         cache_ttl: Duration::from_secs(p.ranged(
@@ -229,6 +239,29 @@ fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
             10..=MAX_INTERVAL_MS,
         )),
     }
+}
+
+/// The default leaves PostgreSQL half its pool for the usage flusher and management calls;
+/// sled has no pool, and its reads only occupy threads of the blocking pool.
+fn max_concurrent_reads(raw: &RawStore, backend: &StoreBackend, p: &mut Problems) -> usize {
+    let pool_size = match backend {
+        StoreBackend::Postgres { pool_size, .. } => Some(*pool_size),
+        StoreBackend::Sled { .. } => None,
+    };
+    let Some(value) = raw.max_concurrent_reads else {
+        return pool_size.map_or(DEFAULT_SLED_READS, |pool| (pool / 2).max(1));
+    };
+    let reads = p.ranged("store.max_concurrent_reads", value, 1..=1024) as usize;
+    if let Some(pool) = pool_size.filter(|pool| *pool > 1 && reads >= *pool) {
+        p.add(
+            "store.max_concurrent_reads",
+            format!(
+                "must be below store.pool_size ({pool}), so that usage flushes and management \
+                 calls keep connections while cache misses wait"
+            ),
+        );
+    }
+    reads
 }
 
 fn store_backend(raw: &RawStore, p: &mut Problems) -> StoreBackend {

@@ -51,6 +51,10 @@ impl OpsApp {
         }
         shared
             .metrics
+            .key_filter_ready
+            .set(i64::from(shared.cache.filter().is_ready()));
+        shared
+            .metrics
             .usage_pending
             .set(shared.usage.pending_keys() as i64);
     }

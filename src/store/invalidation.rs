@@ -1,6 +1,8 @@
 //! Cross-instance cache coherence on PostgreSQL: revokes, rotations and other changes are
 //! NOTIFYed in the transaction that makes them, and every gateway LISTENs and drops the
-//! hashes it is told about from its own cache.
+//! hashes it is told about from its own cache. Creates are NOTIFYed too, and added to the
+//! key filter; while the listener is away the filter is not trusted (a key created on
+//! another gateway meanwhile would be wrongly refused) and is rebuilt once it is back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::KeyCache;
 use super::PgOptions;
 use super::pg_connection::Connector;
-use super::postgres::{INVALIDATION_CHANNEL, describe};
+use super::postgres::{CREATED_CHANNEL, INVALIDATION_CHANNEL, describe};
 use crate::keys::KeyHash;
 
 const LISTENER_FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -83,6 +85,9 @@ pub async fn run_listener_with(
         if let Some(gauge) = &connected {
             gauge.set(0);
         }
+        // Creates on other gateways are no longer heard of: until a rebuild that starts
+        // after LISTEN is back, the filter could refuse them.
+        cache.filter().mark_stale();
         match ended {
             Listening::Shutdown => return,
             Listening::Lost(reason) => {
@@ -116,17 +121,27 @@ enum Listening {
 }
 
 /// Applies one notification. A payload that is not a key hash is from something this
-/// build does not understand: clear everything rather than guess.
-fn apply_notification(cache: &KeyCache, payload: &str) {
-    match KeyHash::from_hex(payload) {
-        Some(hash) => cache.invalidate(&hash),
-        None => {
+/// build does not understand: clear everything (or rebuild the filter) rather than guess.
+fn apply_notification(cache: &KeyCache, channel: &str, payload: &str) {
+    match (channel, KeyHash::from_hex(payload)) {
+        (INVALIDATION_CHANNEL, Some(hash)) => cache.invalidate(&hash),
+        (INVALIDATION_CHANNEL, None) => {
             tracing::warn!(
                 payload,
                 "unexpected invalidation payload; key cache cleared"
             );
             cache.clear();
         }
+        (CREATED_CHANNEL, Some(hash)) => cache.key_created(&hash),
+        (CREATED_CHANNEL, None) => {
+            tracing::warn!(
+                payload,
+                "unexpected key creation payload; key filter rebuilt"
+            );
+            cache.filter().mark_stale();
+            cache.filter().request_rebuild();
+        }
+        _ => {}
     }
 }
 
@@ -154,8 +169,8 @@ async fn listen_until_lost(
     let mut driver = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == INVALIDATION_CHANNEL => {
-                    apply_notification(&driver_cache, n.payload());
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    apply_notification(&driver_cache, n.channel(), n.payload());
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return describe(&e),
@@ -166,14 +181,16 @@ async fn listen_until_lost(
     let abort = driver.abort_handle();
     let _abort_on_return = AbortOnDrop(abort);
 
-    let listen = format!("LISTEN {INVALIDATION_CHANNEL}");
+    let listen = format!("LISTEN {INVALIDATION_CHANNEL}; LISTEN {CREATED_CHANNEL}");
     match tokio::time::timeout(LISTENER_CONNECT_TIMEOUT, client.batch_execute(&listen)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Listening::Lost(describe(&e)),
         Err(_) => return Listening::Lost("timed out starting LISTEN".to_string()),
     }
-    // Anything revoked before the LISTEN took effect was not notified to us.
+    // Anything revoked or created before the LISTEN took effect was not notified to us.
     cache.clear();
+    cache.filter().mark_stale();
+    cache.filter().request_rebuild();
     if let Some(gauge) = connected {
         gauge.set(1);
     }

@@ -3,12 +3,16 @@
 //! listener that keeps every gateway's cache coherent.
 
 mod cache;
+mod filter;
+#[cfg(test)]
+mod gated;
 pub mod invalidation;
 mod pg_connection;
 pub mod postgres;
 mod sled_store;
 
 pub use cache::{CacheSettings, CachedKey, KeyCache, LookupSource, Resolved};
+pub use filter::KeyFilter;
 pub use pg_connection::{PgOptions, SslMode};
 pub use postgres::PgStore;
 pub use sled_store::SledStore;
@@ -32,6 +36,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("a key with this id already exists")]
     Duplicate,
+    /// Too many cache misses are reading the store at once (see `store.max_concurrent_reads`).
+    #[error("too many key look-ups are waiting for the store")]
+    Busy,
 }
 
 impl StoreError {
@@ -76,6 +83,9 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError>;
     async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError>;
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError>;
+    /// The hash of every stored key, revoked ones included, in no particular order: what
+    /// the key filter is built from (about 32 bytes a key, all in memory at once).
+    async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError>;
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError>;
     /// Marks a key revoked at `at`; a key revoked before keeps its first `revoked_at`.
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError>;
@@ -156,6 +166,8 @@ pub fn cache_for(config: &StoreConfig, store: Arc<dyn KeyStore>) -> Arc<KeyCache
             ttl: config.cache_ttl,
             negative_capacity: config.negative_cache_capacity,
             negative_ttl: config.negative_cache_ttl,
+            max_store_reads: config.max_concurrent_reads,
+            store_read_wait: config.read_wait,
         },
     ))
 }

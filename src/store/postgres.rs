@@ -9,7 +9,9 @@
 //!   never a read-modify-write, so concurrent flushes from many instances lose nothing;
 //! - revoke and expiry changes notify `keygate_invalidate` with the key's hash in the same
 //!   transaction, and `run_invalidation_listener` turns those notifications into cache
-//!   invalidations on every other instance.
+//!   invalidations on every other instance;
+//! - inserts notify `keygate_key_created` with the new key's hash, so that every other
+//!   instance's key filter learns it within milliseconds.
 //!
 //! The schema is created and upgraded by `MIGRATIONS` at start-up, under an advisory lock,
 //! so that instances starting together apply each migration exactly once.
@@ -29,6 +31,11 @@ use crate::keys::{KeyHash, KeyRecord, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
 pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
+
+/// The channel inserts notify, with the new key's hash in hex as payload. A channel of its
+/// own: builds that predate the key filter read any unexpected payload on
+/// `keygate_invalidate` as "clear the whole cache", which every create would then do.
+pub const CREATED_CHANNEL: &str = "keygate_key_created";
 
 /// Advisory lock key held while migrating ("keygate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
@@ -295,20 +302,28 @@ impl KeyStore for PgStore {
             ));
         }
         let client = self.client().await?;
-        // Without a conflict target, DO NOTHING covers both the id and the hash.
+        // Without a conflict target, DO NOTHING covers both the id and the hash. One
+        // statement, so the notification is sent exactly when the row commits.
         let insert = client
             .prepare_cached(
-                "INSERT INTO keys (id, hash, owner, record) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT DO NOTHING",
+                "WITH inserted AS (INSERT INTO keys (id, hash, owner, record) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING hash) \
+                 SELECT pg_notify($5, encode(hash, 'hex')) FROM inserted",
             )
             .await?;
         let inserted = client
-            .execute(
+            .query(
                 &insert,
-                &[&record.id, &&hash.0[..], &record.owner, &Json(record)],
+                &[
+                    &record.id,
+                    &&hash.0[..],
+                    &record.owner,
+                    &Json(record),
+                    &CREATED_CHANNEL,
+                ],
             )
             .await?;
-        if inserted == 0 {
+        if inserted.is_empty() {
             return Err(StoreError::Duplicate);
         }
         Ok(())
@@ -337,6 +352,22 @@ impl KeyStore for PgStore {
             Some(row) => Ok(Some(decode_record(&row, 0)?)),
             None => Ok(None),
         }
+    }
+
+    async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
+        let client = self.client().await?;
+        let select = client.prepare_cached("SELECT hash FROM keys").await?;
+        client
+            .query(&select, &[])
+            .await?
+            .iter()
+            .map(|row| {
+                let hash: &[u8] = row.try_get(0).map_err(StoreError::corrupt)?;
+                <[u8; 32]>::try_from(hash)
+                    .map(KeyHash)
+                    .map_err(|_| StoreError::corrupt("a stored key hash is not 32 bytes"))
+            })
+            .collect()
     }
 
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

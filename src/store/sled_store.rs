@@ -11,9 +11,10 @@ use crate::keys::{KeyHash, KeyRecord, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
-/// The embedded store. Reads go straight to sled, on the calling (proxy worker) thread:
-/// they are lock-free and served from sled's page cache, and they never wait on a flush.
-/// Writes run one at a time on
+/// The embedded store. Reads by hash or id run on tokio's blocking pool, never on the
+/// calling (proxy worker) thread: a read that misses sled's page cache waits on the disk,
+/// and a flood of them would stall every request on that worker, cached keys included
+/// (the key cache bounds how many run at once). Writes run one at a time on
 /// one writer thread: sled 0.34 can deadlock when transactions run concurrently with flushes
 /// (sled issues #1308, #1241), and a stuck sled call must never occupy a proxy worker
 /// thread. A write is acknowledged only after a flush that covers it; writes that queue up
@@ -202,6 +203,17 @@ impl SledStore {
             .map_err(|_| StoreError::Io("the store write failed unexpectedly".into()))?
     }
 
+    /// Runs a read on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let trees = Arc::clone(&self.trees);
+        tokio::task::spawn_blocking(move || op(&trees))
+            .await
+            .map_err(|_| StoreError::Io("a store read failed unexpectedly".into()))?
+    }
+
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
     /// as `insert`; on error, the records before the failing one are kept.
     pub async fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
@@ -291,20 +303,43 @@ impl KeyStore for SledStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<KeyWithUsage>, StoreError> {
-        match self.trees.keys.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(self.trees.with_usage(Trees::decode_record(&bytes)?)?)),
+        let id = id.to_string();
+        self.read(move |trees| match trees.keys.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(trees.with_usage(Trees::decode_record(&bytes)?)?)),
             None => Ok(None),
-        }
+        })
+        .await
     }
 
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        let Some(id) = self.trees.hashes.get(hash.0)? else {
-            return Ok(None);
-        };
-        match self.trees.keys.get(&id)? {
-            Some(bytes) => Ok(Some(Trees::decode_record(&bytes)?)),
-            None => Err(StoreError::corrupt("hash index points at a missing key")),
-        }
+        let hash = *hash;
+        self.read(move |trees| {
+            let Some(id) = trees.hashes.get(hash.0)? else {
+                return Ok(None);
+            };
+            match trees.keys.get(&id)? {
+                Some(bytes) => Ok(Some(Trees::decode_record(&bytes)?)),
+                None => Err(StoreError::corrupt("hash index points at a missing key")),
+            }
+        })
+        .await
+    }
+
+    async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
+        self.read(|trees| {
+            trees
+                .hashes
+                .iter()
+                .keys()
+                .map(|hash| {
+                    let hash = hash?;
+                    <[u8; 32]>::try_from(hash.as_ref())
+                        .map(KeyHash)
+                        .map_err(|_| StoreError::corrupt("a stored key hash is not 32 bytes"))
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

@@ -10,6 +10,7 @@ mod api;
 mod cluster;
 mod cluster_outage;
 mod first_hour;
+mod flood;
 mod forward_auth;
 mod hardening;
 mod layout;

@@ -97,6 +97,7 @@ conformance!(
     add_usage_sums_counts_and_keeps_latest_use,
     concurrent_add_usage_loses_nothing,
     count_counts_key_records,
+    stored_hashes_are_every_stored_key_once,
     audit_is_newest_first_and_pages_with_before,
     ping_succeeds,
 );
@@ -656,6 +657,25 @@ async fn count_counts_key_records(store: Arc<dyn KeyStore>) {
     assert_eq!(store.count().await.expect("count"), 5);
 }
 
+/// What the key filter is built from: every key, revoked and retired ones included.
+async fn stored_hashes_are_every_stored_key_once(store: Arc<dyn KeyStore>) {
+    assert!(store.stored_hashes().await.expect("hashes").is_empty());
+    let records: Vec<KeyRecord> = (0..25)
+        .map(|i| record(if i % 2 == 0 { "alice" } else { "bob" }))
+        .collect();
+    for r in &records {
+        store.insert(r).await.expect("insert");
+    }
+    store.revoke(&records[0].id, 1).await.expect("revoke");
+    store.retire(&records[1].id, 1).await.expect("retire");
+    assert!(store.insert(&records[2]).await.is_err(), "a duplicate");
+    let mut stored = store.stored_hashes().await.expect("hashes");
+    stored.sort();
+    let mut expected: Vec<KeyHash> = records.iter().map(hash_of).collect();
+    expected.sort();
+    assert_eq!(stored, expected);
+}
+
 async fn audit_is_newest_first_and_pages_with_before(store: Arc<dyn KeyStore>) {
     let entry = |i: usize| AuditEntry {
         id: format!("A{i:04}"),
@@ -769,6 +789,8 @@ mod postgres_only {
                 ttl: Duration::from_secs(600),
                 negative_capacity: 10_000,
                 negative_ttl: Duration::from_secs(600),
+                max_store_reads: 4,
+                store_read_wait: Duration::from_secs(5),
             },
         ))
     }
@@ -1018,7 +1040,7 @@ mod postgres_only {
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
                  WHERE datname = current_database() \
                  AND pid <> pg_backend_pid() \
-                 AND query IN ('LISTEN keygate_invalidate', 'SELECT 1')",
+                 AND (query LIKE 'LISTEN keygate_invalidate%' OR query = 'SELECT 1')",
                 &[],
             )
             .await
@@ -1046,6 +1068,73 @@ mod postgres_only {
             .expect("invalidations work after reconnecting");
 
         stop_listener(stop, task).await;
+    }
+
+    /// Keys created through another instance reach this one's key filter by NOTIFY; when
+    /// the listener loses its connection the filter stops refusing (creates may have been
+    /// missed) until a rebuild after the reconnect.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_key_filter_learns_other_instances_keys_and_is_rebuilt_after_a_drop() {
+        let url = crate::common::pg::fresh_database();
+        let writer = pg_store(&url).await;
+        let index = index_over(pg_store(&url).await);
+        let (stop, task) = spawn_listener(&url, &index);
+        let rebuilds = {
+            let (index, stopped) = (Arc::clone(&index), stop.subscribe());
+            tokio::spawn(async move {
+                let store = Arc::clone(index.store());
+                index.filter().run_rebuilds(store.as_ref(), stopped).await;
+            })
+        };
+        wait_until_listening(&writer, &index).await;
+        let ready = |want: bool| {
+            let index = Arc::clone(&index);
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while index.filter().is_ready() != want {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the filter never became ready={want}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        ready(true).await;
+
+        for _ in 0..20 {
+            let key = record("alice");
+            writer.insert(&key).await.expect("insert");
+            let hash = hash_of(&key);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while index.filter().rules_out(&hash) {
+                assert!(
+                    Instant::now() < deadline,
+                    "another instance's key is refused"
+                );
+                tokio::task::yield_now().await;
+            }
+            assert!(index.resolve(&hash).await.expect("resolve").key.is_some());
+        }
+
+        let terminated: i64 = sql_client(&url)
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() \
+                 AND (query LIKE 'LISTEN keygate_invalidate%' OR query = 'SELECT 1')",
+                &[],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        assert_eq!(terminated, 1, "exactly one listener connection");
+        ready(false).await;
+        ready(true).await;
+
+        stop_listener(stop, task).await;
+        rebuilds.await.expect("the rebuild task does not panic");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

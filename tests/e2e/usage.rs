@@ -173,6 +173,9 @@ impl KeyStore for FlakyStore {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.find_by_hash(hash).await
     }
+    async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
+        self.inner.stored_hashes().await
+    }
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         self.inner.list(query).await
     }

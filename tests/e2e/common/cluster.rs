@@ -20,6 +20,15 @@ pub(crate) struct Instance {
 
 impl Instance {
     pub(crate) async fn start(db_url: &str, upstream: SocketAddr) -> Instance {
+        Self::start_with(db_url, upstream, "").await
+    }
+
+    /// `start`, with `store_extra` (TOML lines) added to its [store].
+    pub(crate) async fn start_with(
+        db_url: &str,
+        upstream: SocketAddr,
+        store_extra: &str,
+    ) -> Instance {
         let config = GatewayConfig::single_route(&[upstream]);
         let text = format!(
             "[server]\n\
@@ -35,6 +44,7 @@ impl Instance {
              pool_size = 4\n\
              connect_timeout_seconds = 1\n\
              usage_flush_interval_ms = 200\n\
+             {store_extra}\n\
              \n\
              [management]\n\
              admin_token_env = \"KEYGATE_ADMIN_TOKEN\"\n\

@@ -91,6 +91,37 @@ pub(crate) fn execute(url: &str, sql: &str) -> Result<(), String> {
     .unwrap_or_else(|_| Err("the SQL helper thread panicked".to_string()))
 }
 
+/// Holds `table` locked (ACCESS EXCLUSIVE, in an open transaction, so that every read of
+/// it waits) while `hold` runs, then rolls back. Blocking: call it on a thread of its own.
+#[allow(dead_code)] // benches/load.rs includes this file
+pub(crate) fn hold_lock(url: &str, table: &str, hold: impl FnOnce()) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| chain(&e))?;
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .map_err(|e| chain(&e))?;
+        // Nothing needs driving meanwhile: the server keeps the lock for the transaction.
+        hold();
+        let outcome = client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| chain(&e));
+        drop(client);
+        let _ = driver.await;
+        outcome
+    })
+}
+
 /// The same server and credentials, another database.
 pub(crate) fn with_database(url: &str, database: &str) -> String {
     for scheme in ["postgres://", "postgresql://"] {
