@@ -23,6 +23,11 @@ pub struct Metrics {
     pub usage_flush_errors: IntCounter,
     pub management_requests: IntCounterVec,
     pub invalidation_listener_connected: IntGauge,
+    pub tls_handshake_errors: IntCounterVec,
+    pub tls_certificate_expiry: IntGauge,
+    pub downstream_requests: IntCounterVec,
+    /// `downstream_requests`' series, resolved once (they are counted per request).
+    pub by_protocol: [IntCounter; PROTOCOLS.len()],
     pub build_info: IntGaugeVec,
 }
 
@@ -105,6 +110,25 @@ const INVALIDATION_LISTENER_CONNECTED: Family = (
      A silently dead connection is noticed within 10 s (heartbeat 5 s + its timeout 5 s); \
      revokes made meanwhile by other instances reach this cache when it reconnects",
 );
+const TLS_HANDSHAKE_ERRORS: Family = (
+    "keygate_tls_handshake_errors_total",
+    "Connections to a TLS listener that never completed a handshake, by reason: `failed` \
+     (the client or keygate refused the other's parameters or certificate), `timeout` (not \
+     complete within header_read_timeout_seconds), `plaintext` (plain HTTP sent to the TLS port)",
+);
+const TLS_CERTIFICATE_EXPIRY: Family = (
+    "keygate_tls_certificate_expiry_timestamp_seconds",
+    "When the certificate `listen` serves expires (Unix seconds); 0 without [server.tls]. \
+     Unchanged after a reload means the reload kept the old certificate",
+);
+const DOWNSTREAM_REQUESTS: Family = (
+    "keygate_downstream_requests_total",
+    "Requests on the proxy listener by client protocol (`http/1.0`, `http/1.1`, `h2`)",
+);
+/// The `reason` values of `keygate_tls_handshake_errors_total`.
+pub(crate) const HANDSHAKE_ERROR_REASONS: [&str; 3] = ["failed", "timeout", "plaintext"];
+/// The `protocol` values of `keygate_downstream_requests_total`.
+pub(crate) const PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -144,6 +168,11 @@ fn histogram_opts((name, help): Family, buckets: &[f64]) -> HistogramOpts {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        let downstream_requests: IntCounterVec = register(
+            &r,
+            IntCounterVec::new(opts(DOWNSTREAM_REQUESTS), &["protocol"]),
+        );
+        let by_protocol = PROTOCOLS.map(|p| downstream_requests.with_label_values(&[p]));
         let metrics = Metrics {
             requests: register(
                 &r,
@@ -185,6 +214,13 @@ impl Metrics {
                 &r,
                 IntGauge::with_opts(opts(INVALIDATION_LISTENER_CONNECTED)),
             ),
+            tls_handshake_errors: register(
+                &r,
+                IntCounterVec::new(opts(TLS_HANDSHAKE_ERRORS), &["reason"]),
+            ),
+            tls_certificate_expiry: register(&r, IntGauge::with_opts(opts(TLS_CERTIFICATE_EXPIRY))),
+            downstream_requests,
+            by_protocol,
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,
         };
@@ -192,12 +228,26 @@ impl Metrics {
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        for reason in HANDSHAKE_ERROR_REASONS {
+            metrics.tls_handshake_errors.with_label_values(&[reason]);
+        }
         for (operation, status) in MANAGEMENT_SERIES {
             metrics
                 .management_requests
                 .with_label_values(&[operation, status]);
         }
         metrics
+    }
+
+    /// Counts a request on the proxy listener by its HTTP version; returns the label.
+    pub(crate) fn count_protocol(&self, version: http::Version) -> &'static str {
+        let index = match version {
+            http::Version::HTTP_2 => 2,
+            http::Version::HTTP_10 | http::Version::HTTP_09 => 0,
+            _ => 1,
+        };
+        self.by_protocol[index].inc();
+        PROTOCOLS[index]
     }
 
     /// The Prometheus text exposition of every family.

@@ -50,6 +50,8 @@ pub(crate) struct RequestCtx {
     /// The body was framed both with `Content-Length` and `Transfer-Encoding` (found in
     /// the first hook, before keygate changes the connection's keep-alive).
     pub framed_both_ways: bool,
+    /// The client reached keygate over TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
     /// Counts this request as in flight until the context is dropped, after logging.
     _in_flight: InFlight,
 }
@@ -74,6 +76,7 @@ impl RequestCtx {
             error_code: None,
             buffered_body: None,
             framed_both_ways: false,
+            https: false,
             _in_flight: in_flight,
         }
     }
