@@ -8,6 +8,7 @@ pub(crate) mod keys;
 pub(crate) mod management;
 pub(crate) mod pg;
 pub(crate) mod raw;
+pub(crate) mod tls;
 
 pub(crate) use envelope::Reply;
 
