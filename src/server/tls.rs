@@ -7,21 +7,24 @@
 //! then serves either on the TLS stream. The certificate sits behind a resolver so that a
 //! reload swaps it for new handshakes, keeping the old one when the new files are bad.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dashmap::DashMap;
 use parking_lot::RwLock;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{Peek, Stream};
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::{ALPN, Peek, Stream};
 use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use prometheus::IntCounter;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
 
 use crate::config::{CertificateProblem, TlsConfig, load_certificate};
@@ -37,6 +40,27 @@ pub(crate) fn is_tls(session: &Session) -> bool {
     session
         .digest()
         .is_some_and(|digest| digest.ssl_digest.is_some())
+}
+
+/// HTTP/2 connections still waiting for their first request, by the address of their TLS
+/// digest, which every stream of the connection shares (the entry holds the digest, so the
+/// address cannot be reused while it is there). Pingora's HTTP/2 handshake has no
+/// deadline: without this a client could finish TLS, never send its preface, and hold a
+/// connection slot for ever.
+type Waiting = DashMap<usize, (Arc<SslDigest>, oneshot::Sender<()>)>;
+static FIRST_REQUEST: LazyLock<Waiting> = LazyLock::new(DashMap::new);
+
+/// Marks an HTTP/2 connection as past its first request (from `early_request_filter`).
+pub(crate) fn h2_request_seen(session: &Session) {
+    if !session.is_http2() || FIRST_REQUEST.is_empty() {
+        return;
+    }
+    let Some(digest) = session.digest().and_then(|d| d.ssl_digest.as_ref()) else {
+        return;
+    };
+    if let Some((_, (_, seen))) = FIRST_REQUEST.remove(&(Arc::as_ptr(digest) as usize)) {
+        let _ = seen.send(());
+    }
 }
 
 /// The listener's certificate, swapped whole on reload.
@@ -209,9 +233,34 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for TlsTermination<A> {
             return self.inner.process_new(stream, shutdown).await;
         };
         let tls = edge.terminate(stream).await?;
+        let digest = tls.get_ssl_digest();
+        let waiting = match digest {
+            Some(digest) if matches!(tls.selected_alpn_proto(), Some(ALPN::H2)) => {
+                let (seen, first) = oneshot::channel();
+                let key = Arc::as_ptr(&digest) as usize;
+                FIRST_REQUEST.insert(key, (digest, seen));
+                Some((key, first))
+            }
+            _ => None,
+        };
         // Pingora would hand a returned stream back to `process_new`, which would then
         // try a second handshake on it; the HTTP layer has served all it will anyway.
-        self.inner.process_new(tls, shutdown).await;
+        let work = self.inner.process_new(tls, shutdown);
+        let Some((key, first)) = waiting else {
+            work.await;
+            return None;
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            _ = &mut work => {}
+            _ = first => {
+                work.await;
+            }
+            // Dropping the connection's future closes it.
+            _ = tokio::time::sleep(edge.handshake_timeout) => edge.errors.timeout.inc(),
+        }
+        FIRST_REQUEST.remove(&key);
         None
     }
 

@@ -167,6 +167,37 @@ async fn a_client_silent_after_connecting_is_cut_off_at_the_header_deadline() {
     assert_eq!(client.get("/", &[]).await.status, 401);
 }
 
+#[tokio::test]
+async fn an_http2_client_that_never_sends_a_request_is_cut_off_too() {
+    let upstream = Upstream::start("a").await;
+    let mut config = GatewayConfig::single_route(&[upstream.addr]);
+    config.server_extra = "header_read_timeout_seconds = 1\n".into();
+    let ca = with_tls(&mut config);
+    let _gateway = Gateway::start(&config).await;
+
+    // TLS done, `h2` agreed, then nothing: not even the connection preface.
+    let mut silent = handshake(config.listen, "localhost", client_config(&ca.pem, &[b"h2"]))
+        .await
+        .expect("handshake");
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut sink))
+        .await
+        .expect("keygate closes a silent HTTP/2 connection");
+    // Closed: an end of stream, or a reset (the TLS close_notify may not come).
+    drop(read);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(metric(&config.admin_url(), TIMEOUT).await, 1.0);
+
+    // A connection that does send a request in time is not cut off later.
+    let mut client = EdgeClient::connect(config.listen, &ca.pem, Proto::H2).await;
+    assert_eq!(client.get("/", &[]).await.status, 401);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(client.get("/", &[]).await.status, 401);
+    assert_eq!(metric(&config.admin_url(), TIMEOUT).await, 1.0);
+}
+
 /// `keygate check` on `[server.tls]`: (stderr, exit code).
 fn check(config: &GatewayConfig) -> (String, i32) {
     let path = config.write();
