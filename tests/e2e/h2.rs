@@ -114,6 +114,12 @@ async fn table(client: &mut EdgeClient, keys: &Keys, limited: &str) -> Vec<(Stri
         // Public only on its host: routed elsewhere, it would need a key.
         ("host route", "/hosted/x", vec![]),
         ("dot segment", "/read/../x", vec![]),
+        // Over `max_header_bytes` (64 KiB), under what the HTTP/2 layer itself refuses.
+        (
+            "header too large",
+            "/x",
+            vec![("x-big", "a".repeat(70 * 1024))],
+        ),
         ("limited 1", "/limited", vec![("x-api-key", limited.into())]),
         ("limited 2", "/limited", vec![("x-api-key", limited.into())]),
         ("limited 3", "/limited", vec![("x-api-key", limited.into())]),
@@ -176,6 +182,7 @@ async fn every_outcome_over_http2_is_the_outcome_over_http1() {
         ("public", 200, ""),
         ("host route", 200, ""),
         ("dot segment", 400, "invalid_path"),
+        ("header too large", 431, "header_too_large"),
         ("limited 1", 200, ""),
         ("limited 2", 200, ""),
         ("limited 3", 429, "rate_limited"),
@@ -190,7 +197,7 @@ async fn every_outcome_over_http2_is_the_outcome_over_http1() {
             "{name}: HTTP/2 differs from HTTP/1.1"
         );
     }
-    let limited_3 = &over_h2[15].1;
+    let limited_3 = &over_h2[16].1;
     assert!(
         limited_3
             .headers
@@ -202,14 +209,14 @@ async fn every_outcome_over_http2_is_the_outcome_over_http1() {
     assert_same_upstream_requests(&h1_seen, &h2_seen, config.listen, &keys.alice);
 
     let admin = config.admin_url();
-    assert!(metric(&admin, "keygate_downstream_requests_total{protocol=\"h2\"}").await >= 16.0);
+    assert!(metric(&admin, "keygate_downstream_requests_total{protocol=\"h2\"}").await >= 17.0);
     assert!(
         metric(
             &admin,
             "keygate_downstream_requests_total{protocol=\"http/1.1\"}"
         )
         .await
-            >= 16.0
+            >= 17.0
     );
     let log = std::fs::read_to_string(config.access_log_path()).expect("access log");
     assert!(log.contains("\"protocol\":\"h2\""), "{log}");
