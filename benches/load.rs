@@ -6,7 +6,8 @@
 //!   keygate, valid key alone and beside a flood of distinct unknown well-formed keys
 //!   (row `flood`, `benches/load/flood.rs`) |
 //!   nginx with a `map $http_x_api_key` check (valid key, and its 401 to invalid keys),
-//!   when nginx is installed
+//!   when nginx is installed | HTTPS HTTP/1.1 and HTTP/2 with a valid key, keygate and
+//!   nginx each terminating TLS (`load/tls.rs`)
 //!
 //! `cargo bench --bench load` builds the release gateway (bench profile) and runs it from
 //! `CARGO_BIN_EXE_keygate`; nothing is built by hand. HTTP/1.1 keep-alive, a fixed number
@@ -33,6 +34,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "../tests/pg/mod.rs"]
 mod pg;
+#[path = "load/tls.rs"]
+mod tls;
 
 #[path = "load/flood.rs"]
 mod flood;
@@ -716,6 +719,22 @@ struct RowRun<'a> {
 }
 
 impl RowRun<'_> {
+    /// Every row of `rows` that `wanted` names, in order.
+    fn measure_rows(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        rows: Vec<Row>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Vec<Measured> {
+        rows.into_iter()
+            .filter(|row| wanted(row.0))
+            .map(|(name, label, target, requests)| {
+                let (rps, p50, p99, statuses) = self.measure(runtime, name, target, requests);
+                (name, label, rps, p50, p99, statuses)
+            })
+            .collect()
+    }
+
     fn measure(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -782,6 +801,7 @@ fn print_table(results: &[Measured], rss_kib: u64) {
         let vs_nginx = match *name {
             "valid" | "distinct" | "postgres" => nginx_valid.map(|n| rps / n),
             "invalid" => nginx_invalid.map(|n| rps / n),
+            "tls-valid" | "h2-valid" => tls::nginx_ratio(results, name, *rps),
             _ => None,
         }
         .map_or("".to_string(), |r| format!("{r:.2}"));
@@ -929,22 +949,26 @@ fn main() {
     let rows = bench_rows(&targets, &valid, &invalid);
     let use_wrk = wrk_available();
     print_header(connections, seconds, threads, cores, server_core, use_wrk);
-    let mut results: Vec<Measured> = Vec::new();
-    for (name, label, target, requests) in rows {
-        if !wanted(name) {
-            continue;
-        }
-        let run = RowRun {
-            use_wrk,
-            valid_key: &valid[0],
-            connections,
-            seconds,
-        };
-        let (rps, p50, p99, statuses) = run.measure(&runtime, name, target, requests);
-        results.push((name, label, rps, p50, p99, statuses));
-    }
+    let run = RowRun {
+        use_wrk,
+        valid_key: &valid[0],
+        connections,
+        seconds,
+    };
+    let mut results = run.measure_rows(&runtime, rows, &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
+    let edge = tls::EdgeRun {
+        dir: dir.path(),
+        upstream,
+        key: &valid[0],
+        threads,
+        cores,
+        server_core,
+        connections,
+        seconds,
+    };
+    results.extend(edge.measure(&runtime, &wanted));
     print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
     drop(pg_gateway);

@@ -25,6 +25,7 @@ use crate::routing::{Router, build_route};
 use crate::server::conn_limits::{ConnectionCap, HeaderDeadline};
 use crate::server::ops::OpsApp;
 use crate::server::proxy::KeygateProxy;
+use crate::server::tls::{CertResolver, TlsEdge, TlsTermination};
 use crate::state::Shared;
 use crate::store::{self, KeyCache, KeyStore, PgOptions};
 use crate::usage::UsageRecorder;
@@ -206,6 +207,39 @@ impl BackgroundService for TunnelSweep {
     }
 }
 
+/// SIGHUP reads the listener's certificate files again (until live reconfiguration
+/// re-reads the whole file on it); a bad file keeps the certificate in use.
+struct CertificateReload {
+    resolver: Arc<CertResolver>,
+    expiry: IntGauge,
+}
+
+#[async_trait]
+impl BackgroundService for CertificateReload {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler; certificates load at start only");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => match self.resolver.reload() {
+                    Ok(not_after) => {
+                        self.expiry.set(not_after);
+                        tracing::info!("SIGHUP: the TLS certificate was read again");
+                    }
+                    Err(problem) => tracing::error!(
+                        %problem,
+                        "SIGHUP: the TLS certificate could not be read again; the one in use stays"
+                    ),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// Fails early, with a clear message, when a listen address is taken: Pingora would retry
 /// for 30 s and then let that listener die silently.
 fn check_port_free(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -220,6 +254,9 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     })?);
     let _log_guard = crate::logging::init(&config.server.access_log)?;
     let early = catch_early_stop_signals()?;
+    for warning in config.warnings(crate::clock::unix_now()) {
+        tracing::warn!(%warning, "configuration warning");
+    }
     check_port_free("server.listen", config.server.listen)?;
     check_port_free("server.admin_listen", config.server.admin_listen)?;
 
@@ -234,11 +271,13 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
     add_background_services(&mut server, &shared, &store, &management)?;
-    server.add_service(proxy_service(&server, &shared, management));
+    let tls = tls_edge(&mut server, &shared)?;
+    server.add_service(proxy_service(&server, &shared, management, tls));
     server.add_service(ops_service(&shared));
 
     tracing::info!(
         listen = %config.server.listen,
+        tls = config.server.tls.is_some(),
         admin_listen = %config.server.admin_listen,
         routes = config.routes.len(),
         "keygate started"
@@ -370,11 +409,47 @@ fn add_background_services(
     Ok(())
 }
 
-/// The proxy on `listen`, inside the connection cap and the per-request header deadline.
+/// With `[server.tls]`: the certificate (a bad one stops the start), its SIGHUP reload
+/// and the acceptor; the handshake shares the header's deadline.
+fn tls_edge(server: &mut Server, shared: &Arc<Shared>) -> anyhow::Result<Option<TlsEdge>> {
+    let Some(config) = &shared.config.server.tls else {
+        return Ok(None);
+    };
+    let resolver = Arc::new(CertResolver::load(config).map_err(|p| anyhow::anyhow!("{p}"))?);
+    let metrics = &shared.metrics;
+    metrics.tls_certificate_expiry.set(config.not_after);
+    let reload = CertificateReload {
+        resolver: Arc::clone(&resolver),
+        expiry: metrics.tls_certificate_expiry.clone(),
+    };
+    server.add_service(GenBackgroundService::new(
+        "certificate reload".to_string(),
+        Arc::new(reload),
+    ));
+    let timeout = shared.config.server.header_read_timeout;
+    Ok(Some(TlsEdge::new(resolver, timeout, metrics)?))
+}
+
+/// HTTP/2's counterparts of the HTTP/1.1 limits: streams per connection, the header block
+/// (Pingora's 64 KiB default, or twice `max_header_bytes` when larger, so that a header
+/// between the two still gets keygate's JSON 431; HPACK counts 32 bytes a field more).
+fn h2_options(
+    server: &crate::config::ServerConfig,
+) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options.max_concurrent_streams(server.h2_max_concurrent_streams);
+    let header_list = (2 * server.max_header_bytes).max(64 * 1024);
+    options.max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX));
+    options
+}
+
+/// The proxy on `listen`, inside the connection cap, TLS when configured, and the
+/// per-request header deadline.
 fn proxy_service(
     server: &Server,
     shared: &Arc<Shared>,
     management: Arc<Management>,
+    tls: Option<TlsEdge>,
 ) -> impl pingora::services::Service + 'static {
     let hooks = KeygateProxy {
         gateway: Arc::new(Gateway::new(Arc::clone(shared))),
@@ -385,14 +460,18 @@ fn proxy_service(
     // (Pingora's built-in refusal is a bare 405).
     let mut options = pingora::apps::HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
-    proxy.server_options = Some(options);
     let server_config = &shared.config.server;
+    // An idle HTTP/2 connection is closed as an idle HTTP/1.1 keep-alive one is.
+    options.h2_idle_timeout = Some(server_config.keepalive_timeout);
+    proxy.server_options = Some(options);
+    proxy.h2_options = Some(h2_options(server_config));
     let deadline = HeaderDeadline::new(
         proxy,
         server_config.header_read_timeout,
         server_config.keepalive_timeout,
     );
-    let capped = ConnectionCap::new(deadline, server_config.max_connections, shared.drain);
+    let terminated = TlsTermination::new(deadline, tls);
+    let capped = ConnectionCap::new(terminated, server_config.max_connections, shared.drain);
     let mut service = Service::new("keygate proxy".to_string(), capped);
     service.add_tcp(&server_config.listen.to_string());
     service

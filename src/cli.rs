@@ -112,10 +112,13 @@ pub fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let problems = match Config::load(path) {
-        Ok(config) => config.environment_problems(),
-        Err(errors) => errors.0,
+    let (problems, warnings) = match Config::load(path) {
+        Ok(config) => (config.environment_problems(), config.warnings(unix_now())),
+        Err(errors) => (errors.0, Vec::new()),
     };
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
     if problems.is_empty() {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;

@@ -8,7 +8,8 @@
 //! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules
 //! - `http`       pure request logic: target, path readings, host, credentials, body framing,
 //!   upgrades
-//! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate, resolve)
+//! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate,
+//!   resolve, route, tls: the listener's certificate read and checked)
 //! - `store`      the `KeyStore` trait, sled and PostgreSQL stores, the moka key cache,
 //!   PostgreSQL's invalidation listener
 //! - `ratelimit`  GCRA limits: per key, per route, per management budget
@@ -22,7 +23,8 @@
 //! - `session`    what keygate reads from and writes to a Pingora session: bodies, responses
 //! - `gateway`    the request path, top to bottom, and the per-request context
 //! - `management` the management API: calls, caller, fields, handlers, views, OpenAPI
-//! - `server`     Pingora's traits: proxy hooks, connection limits, ops listener, access log
+//! - `server`     Pingora's traits: proxy hooks, connection limits, TLS termination, ops
+//!   listener, access log
 //! - `logging`    log set-up
 //! - `app`        assembles the state and the Pingora services; runs and stops them
 //! - `cli`        the `keygate` command line (serve, check, offline key commands)

@@ -26,6 +26,11 @@ pub struct Metrics {
     pub websocket_tunnels: IntGauge,
     pub websocket_tunnels_closed: IntCounterVec,
     pub key_filter_ready: IntGauge,
+    pub tls_handshake_errors: IntCounterVec,
+    pub tls_certificate_expiry: IntGauge,
+    pub downstream_requests: IntCounterVec,
+    /// `downstream_requests`' series, resolved once (they are counted per request).
+    pub by_protocol: [IntCounter; PROTOCOLS.len()],
     pub build_info: IntGaugeVec,
 }
 
@@ -121,6 +126,25 @@ const KEY_FILTER_READY: Family = (
     "1 while the filter of stored key hashes is trusted to refuse unknown keys without a \
      store read; 0 until it is built and while it is rebuilt after missed notifications",
 );
+const TLS_HANDSHAKE_ERRORS: Family = (
+    "keygate_tls_handshake_errors_total",
+    "Connections to a TLS listener that never completed a handshake, by reason: `failed` \
+     (the client or keygate refused the other's parameters or certificate), `timeout` (not \
+     complete within header_read_timeout_seconds), `plaintext` (plain HTTP sent to the TLS port)",
+);
+const TLS_CERTIFICATE_EXPIRY: Family = (
+    "keygate_tls_certificate_expiry_timestamp_seconds",
+    "When the certificate `listen` serves expires (Unix seconds); 0 without [server.tls]. \
+     Unchanged after a reload means the reload kept the old certificate",
+);
+const DOWNSTREAM_REQUESTS: Family = (
+    "keygate_downstream_requests_total",
+    "Requests on the proxy listener by client protocol (`http/1.0`, `http/1.1`, `h2`)",
+);
+/// The `reason` values of `keygate_tls_handshake_errors_total`.
+pub(crate) const HANDSHAKE_ERROR_REASONS: [&str; 3] = ["failed", "timeout", "plaintext"];
+/// The `protocol` values of `keygate_downstream_requests_total`.
+pub(crate) const PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
@@ -161,6 +185,11 @@ fn histogram_opts((name, help): Family, buckets: &[f64]) -> HistogramOpts {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        let downstream_requests: IntCounterVec = register(
+            &r,
+            IntCounterVec::new(opts(DOWNSTREAM_REQUESTS), &["protocol"]),
+        );
+        let by_protocol = PROTOCOLS.map(|p| downstream_requests.with_label_values(&[p]));
         let metrics = Metrics {
             requests: register(
                 &r,
@@ -208,9 +237,23 @@ impl Metrics {
                 IntCounterVec::new(opts(WEBSOCKET_TUNNELS_CLOSED), &["reason"]),
             ),
             key_filter_ready: register(&r, IntGauge::with_opts(opts(KEY_FILTER_READY))),
+            tls_handshake_errors: register(
+                &r,
+                IntCounterVec::new(opts(TLS_HANDSHAKE_ERRORS), &["reason"]),
+            ),
+            tls_certificate_expiry: register(&r, IntGauge::with_opts(opts(TLS_CERTIFICATE_EXPIRY))),
+            downstream_requests,
+            by_protocol,
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
             registry: r,
         };
+        metrics.start_series();
+        metrics
+    }
+
+    /// Series that exist from the start (at 0), so that rate() works before the first event.
+    fn start_series(&self) {
+        let metrics = self;
         metrics
             .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -220,12 +263,25 @@ impl Metrics {
                 .websocket_tunnels_closed
                 .with_label_values(&[reason.label()]);
         }
+        for reason in HANDSHAKE_ERROR_REASONS {
+            metrics.tls_handshake_errors.with_label_values(&[reason]);
+        }
         for (operation, status) in MANAGEMENT_SERIES {
             metrics
                 .management_requests
                 .with_label_values(&[operation, status]);
         }
-        metrics
+    }
+
+    /// Counts a request on the proxy listener by its HTTP version; returns the label.
+    pub(crate) fn count_protocol(&self, version: http::Version) -> &'static str {
+        let index = match version {
+            http::Version::HTTP_2 => 2,
+            http::Version::HTTP_10 | http::Version::HTTP_09 => 0,
+            _ => 1,
+        };
+        self.by_protocol[index].inc();
+        PROTOCOLS[index]
     }
 
     /// The Prometheus text exposition of every family.

@@ -8,6 +8,7 @@ mod raw;
 mod read;
 mod resolve;
 mod route;
+mod tls;
 mod validate;
 
 use std::fmt;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::keys::RateLimit;
+
+pub use tls::{CertificateProblem, LoadedCertificate, TlsConfig, load_certificate};
 
 use raw::RawConfig;
 use read::Fields;
@@ -79,6 +82,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Streams a client may have open at once on one HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+    /// When set, `listen` speaks TLS only (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +222,15 @@ impl Config {
     /// token), for `keygate check` and `keygate serve` alike.
     pub fn environment_problems(&self) -> Vec<ConfigProblem> {
         self.management.admin_token().err().into_iter().collect()
+    }
+
+    /// What does not stop the start but will hurt: a certificate expired or not valid yet.
+    pub fn warnings(&self, now: i64) -> Vec<ConfigProblem> {
+        self.server
+            .tls
+            .as_ref()
+            .map(|tls| tls::validity_warnings(tls, now))
+            .unwrap_or_default()
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

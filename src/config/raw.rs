@@ -42,6 +42,8 @@ pub(super) struct RawServer {
     pub(super) max_connections: i64,
     pub(super) max_header_bytes: i64,
     pub(super) trusted_proxies: Vec<String>,
+    pub(super) h2_max_concurrent_streams: i64,
+    pub(super) tls: Option<RawTls>,
 }
 
 impl Default for RawServer {
@@ -57,6 +59,8 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
             trusted_proxies: Vec::new(),
+            h2_max_concurrent_streams: 100,
+            tls: None,
         }
     }
 }
@@ -77,6 +81,25 @@ impl RawServer {
             max_connections: f.int("max_connections", d.max_connections),
             max_header_bytes: f.int("max_header_bytes", d.max_header_bytes),
             trusted_proxies: f.strings("trusted_proxies"),
+            h2_max_concurrent_streams: f
+                .int("h2_max_concurrent_streams", d.h2_max_concurrent_streams),
+            tls: f.table("tls", RawTls::read),
+        }
+    }
+}
+
+/// `[server.tls]`: both files are required once the table is there.
+#[derive(Debug, Default)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+}
+
+impl RawTls {
+    fn read(f: &mut Fields<'_>) -> Self {
+        RawTls {
+            cert_file: f.opt_string("cert_file"),
+            key_file: f.opt_string("key_file"),
         }
     }
 }

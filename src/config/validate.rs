@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::raw::{RawConfig, RawKeys, RawManagement, RawServer, RawSignup, RawStore};
 use super::resolve::load_ca_file;
 use super::route::{SeenRoutes, validate_route};
+use super::tls::validate_tls;
 use super::{
     AccessLog, Config, ConfigProblem, KeysConfig, ManagementConfig, ManagementLimits, ServerConfig,
     SignupConfig, StoreBackend, StoreConfig,
@@ -175,6 +176,12 @@ fn validate_server(raw: RawServer, p: &mut Problems) -> ServerConfig {
             1024..=1024 * 1024,
         ) as usize,
         trusted_proxies: trusted_proxies(&raw.trusted_proxies, p),
+        h2_max_concurrent_streams: p.ranged(
+            "server.h2_max_concurrent_streams",
+            raw.h2_max_concurrent_streams,
+            1..=10_000,
+        ) as u32,
+        tls: validate_tls(raw.tls, p),
     }
 }
 

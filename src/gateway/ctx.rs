@@ -59,6 +59,8 @@ pub(crate) struct RequestCtx {
     pub websocket: bool,
     /// Set once the upstream accepted the upgrade: the tunnel is watched until logging.
     pub tunnel: Option<TunnelGuard>,
+    /// The client reached keygate over TLS (`X-Forwarded-Proto: https`).
+    pub https: bool,
     /// Counts this request as in flight until the context is dropped, after logging.
     _in_flight: InFlight,
 }
@@ -87,6 +89,7 @@ impl RequestCtx {
             original_path: None,
             websocket: false,
             tunnel: None,
+            https: false,
             _in_flight: in_flight,
         }
     }

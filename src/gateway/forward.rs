@@ -32,7 +32,8 @@ pub(crate) fn prepare_upstream_request(
     if let Some(value) = forwarded_for {
         req.insert_header("x-forwarded-for", value)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    let proto = if ctx.https { "https" } else { "http" };
+    req.insert_header("x-forwarded-proto", proto)?;
     if let Some(host) = req.headers.get(http::header::HOST).cloned() {
         req.insert_header("x-forwarded-host", host)?;
     }

@@ -32,6 +32,7 @@ pub(crate) fn request_id(headers: &HeaderMap) -> String {
 /// (Pingora has already refused a different one). Any other form is refused: Pingora
 /// would route it as `/` but forward it as sent, for the upstream to read as it likes.
 pub(crate) fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayError> {
+    host_from_authority(req)?;
     let target = req.raw_path();
     // Pingora routes on a lossy UTF-8 reading of the target but forwards its raw bytes.
     if std::str::from_utf8(target).is_err() {
@@ -75,6 +76,22 @@ pub(crate) fn normalize_target(req: &mut RequestHeader) -> Result<(), GatewayErr
         .map_err(|_| GatewayError::InvalidPath)
 }
 
+/// An HTTP/2 request names its host in `:authority`, usually without a `Host` header
+/// (RFC 9113 8.3.1); routing, `X-Forwarded-Host` and the upstream's HTTP/1.1 request all
+/// read `Host`, so it is set from the authority (Pingora has refused the two differing).
+fn host_from_authority(req: &mut RequestHeader) -> Result<(), GatewayError> {
+    if req.version != http::Version::HTTP_2 || req.headers.contains_key(http::header::HOST) {
+        return Ok(());
+    }
+    let Some(authority) = req.uri.authority() else {
+        return Ok(());
+    };
+    let host =
+        HeaderValue::from_str(authority.as_str()).map_err(|_| GatewayError::InvalidTarget)?;
+    req.insert_header(http::header::HOST, host)
+        .map_err(|_| GatewayError::InvalidTarget)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +104,17 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_eq!(request_id(&h).len(), 26);
         assert_eq!(request_id(&HeaderMap::new()).len(), 26);
+    }
+
+    #[test]
+    fn an_h2_authority_becomes_the_host() {
+        let mut req = RequestHeader::build("GET", b"/p?q=1", None).expect("req");
+        req.set_version(http::Version::HTTP_2);
+        req.set_uri("https://api.example:8443/p?q=1".parse().expect("uri"));
+        normalize_target(&mut req).expect("normalized");
+        assert_eq!(req.headers["host"], "api.example:8443");
+        let mut h1 = RequestHeader::build("GET", b"/p", None).expect("req");
+        normalize_target(&mut h1).expect("normalized");
+        assert!(!h1.headers.contains_key("host"), "HTTP/1.1 is left alone");
     }
 }

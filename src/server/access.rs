@@ -20,6 +20,7 @@ pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
     }
 
     let req = session.req_header();
+    let protocol = gateway.shared.metrics.count_protocol(req.version);
     let route = match &ctx.target {
         Target::Management => MANAGEMENT_LABEL,
         Target::Route { route, .. } => route.name(),
@@ -30,6 +31,7 @@ pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
         request_id = %ctx.request_id,
         route,
         method = %req.method,
+        protocol,
         path = req.uri.path(),
         original_path = ctx.original_path.as_deref(),
         status,

@@ -1,7 +1,9 @@
 //! Everything that implements Pingora's traits: the proxy hooks, the connection limits
-//! around the proxy service, the ops listener, and the access log the last hook writes.
+//! and TLS termination around the proxy service, the ops listener, and the access log the
+//! last hook writes.
 
 pub(crate) mod access;
 pub(crate) mod conn_limits;
 pub(crate) mod ops;
 pub(crate) mod proxy;
+pub(crate) mod tls;

@@ -102,6 +102,8 @@ impl ProxyHttp for KeygateProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         super::conn_limits::header_parsed();
+        ctx.https = super::tls::is_tls(session);
+        super::tls::h2_request_seen(session);
         let keepalive_off = session.get_keepalive().is_none();
         ctx.framed_both_ways = body::framed_both_ways(session.req_header(), keepalive_off);
         // Pingora keeps idle downstream connections forever unless told otherwise. Where it
