@@ -11,8 +11,8 @@ use super::raw::{RawConfig, RawKeys, RawManagement, RawServer, RawSignup, RawSto
 use super::resolve::load_ca_file;
 use super::route::{SeenRoutes, validate_route};
 use super::{
-    AccessLog, Config, ConfigProblem, KeysConfig, ManagementConfig, ManagementLimits, ServerConfig,
-    SignupConfig, StoreBackend, StoreConfig,
+    AccessLog, Config, ConfigProblem, ConsoleConfig, KeysConfig, ManagementConfig,
+    ManagementLimits, ServerConfig, SignupConfig, StoreBackend, StoreConfig,
 };
 
 /// Longest scope, route name and key prefix, in bytes (all ASCII).
@@ -107,6 +107,9 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
     let keys = validate_keys(raw.keys, p);
     let management = validate_management(raw.management, p);
     let signup = validate_signup(raw.signup, p);
+    let console = ConsoleConfig {
+        enabled: raw.console.enabled,
+    };
     if raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is needed");
     }
@@ -123,6 +126,7 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
         keys,
         management,
         signup,
+        console,
         routes,
     }
 }
