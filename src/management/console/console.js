@@ -74,14 +74,16 @@ function describe(error) {
     key_expired: "That key has expired.",
     insufficient_scope: "This key may not do that (it needs the keys:manage scope, or the action is the admin's).",
     rate_limited: "Too many calls: wait a moment and try again.",
-    validation_failed: "Some fields are invalid.",
+    validation_failed: "Some fields are invalid:",
     key_revoked: "That key is revoked.",
     key_rotated: "That key was already rotated: rotate its successor.",
     not_found: "No such key (or not yours).",
     store_unavailable: "The key store is unavailable: try again shortly.",
   };
-  const lead = words[error.code] || "The request failed.";
-  const message = error.message && error.message !== lead ? ` ${error.message}` : "";
+  const said = error.message ? error.message.charAt(0).toUpperCase() + error.message.slice(1) : "";
+  // The 422's own message only says to look at the details, which are listed.
+  const echo = error.code === "validation_failed" ? "" : said;
+  const lead = words[error.code] ? `${words[error.code]} ${echo}`.trim() : said || "The request failed.";
   const details = [];
   if (error.details && typeof error.details === "object") {
     for (const [field, reasons] of Object.entries(error.details)) {
@@ -89,7 +91,7 @@ function describe(error) {
     }
   }
   const id = error.requestId ? `, request ${error.requestId}` : "";
-  return { text: `${lead}${message} (code: ${error.code}${id})`, details };
+  return { text: `${lead} (code: ${error.code}${id})`, details };
 }
 
 function showNotice(text, details = [], ok = false) {
@@ -115,6 +117,7 @@ function showInline(id, error) {
   const { text, details } = describe(error);
   $(id).textContent = [text, ...details].join(" — ");
   $(id).hidden = false;
+  $(id).scrollIntoView({ block: "nearest" });
 }
 
 // ------------------------------------------------------------------ session
@@ -350,9 +353,10 @@ function keyRow(record, columns) {
     button.addEventListener("click", () => ACTIONS[name](record, button));
     return button;
   };
-  const actions = el("td", { class: "actions" },
-    action("details", "Details", false),
-    action("rotate", "Rotate", state !== "active"),
+  // Spaces between the buttons: breaks there are what `nowrap` holds back at full width.
+  const actions = el("td", { class: "key-actions" },
+    action("details", "Details", false), " ",
+    action("rotate", "Rotate", state !== "active"), " ",
     action("revoke", "Revoke", state === "revoked", "danger small"));
   return el("tr", { "data-key-id": record.id, "data-state": state }, ...columns.map(cell), actions);
 }
@@ -458,12 +462,18 @@ $("new-key").addEventListener("click", () => {
   (session.admin ? $("create-owner") : $("create-name")).focus();
 });
 
+// An error speaks of what was sent: it goes once the form is changed.
+$("create-form").addEventListener("input", () => {
+  $("create-error").hidden = true;
+});
+
 $("create-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const { body, errors } = createBody();
   if (errors.length) {
     $("create-error").textContent = `Not sent: ${errors.join("; ")}.`;
     $("create-error").hidden = false;
+    $("create-error").scrollIntoView({ block: "nearest" });
     return;
   }
   $("create-submit").disabled = true;
