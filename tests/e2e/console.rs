@@ -289,7 +289,7 @@ async fn the_admin_manages_keys_in_a_real_browser() {
                    "ttl_seconds": 86400 * 30, "rate_limit": {"requests": 10, "window_seconds": 1}}),
         )
         .await;
-    let browser = Browser::start(1280, 860).await;
+    let browser = Browser::start(1360, 1000).await;
     open_console(&browser, &env).await;
     sign_in_after_a_wrong_token(&browser).await;
     let key = create_in_the_dialog(&browser).await;
@@ -311,11 +311,6 @@ async fn the_admin_manages_keys_in_a_real_browser() {
         "document.querySelector('#keys-head th[aria-sort]')?.textContent.startsWith('Usage')";
     browser.wait_until(sorted, "sort").await;
     browser.click("#notice-close").await;
-    browser
-        .client
-        .set_window_size(1360, 1000)
-        .await
-        .expect("resize");
     let list_shot = browser.screenshot("key-list").await;
     assert_nothing_ran(&browser).await;
     browser.close().await;

@@ -62,6 +62,9 @@ impl Browser {
                     "--headless=new",
                     // CI runs as root, where Chromium's sandbox cannot start.
                     "--no-sandbox",
+                    // DevTools over a pipe, not a port: a listening browser could take a port
+                    // another test picked and has not bound yet (or a restarting gateway's).
+                    "--remote-debugging-pipe",
                     "--disable-gpu",
                     "--disable-dev-shm-usage",
                     "--no-first-run",
@@ -200,8 +203,8 @@ fn spawn_driver(driver: &Path, port: u16, profile: &Path) -> Child {
     use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(profile.join("chromedriver.log")).expect("driver log");
     Command::new(driver)
+        // Without --allowed-ips chromedriver listens on loopback only.
         .arg(format!("--port={port}"))
-        .arg("--allowed-ips=127.0.0.1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
