@@ -21,6 +21,10 @@ const DRIVER: &[&str] = &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriv
 /// How long any one wait for the page may take.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// One browser at a time: a Chromium takes a core while it starts and renders, and the
+/// rest of the suite (timing tests among it) runs beside it on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn first_existing(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.is_file())
 }
@@ -30,6 +34,7 @@ pub(crate) struct Browser {
     /// Dropped before the profile directory it writes into.
     driver: DriverGuard,
     _profile: tempfile::TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Browser {
@@ -43,6 +48,7 @@ impl Browser {
                  `apt-get install chromium chromium-driver` (looked for {CHROMIUM:?} and {DRIVER:?})"
             );
         };
+        let turn = ONE_AT_A_TIME.lock().await;
         let profile = tempfile::tempdir().expect("profile dir");
         let port = free_port();
         let driver = DriverGuard(Some(spawn_driver(&driver, port, profile.path())));
@@ -89,6 +95,7 @@ impl Browser {
             client,
             driver,
             _profile: profile,
+            _turn: turn,
         }
     }
 
@@ -185,6 +192,7 @@ impl Browser {
             client,
             driver,
             _profile,
+            _turn,
         } = self;
         let _ = client.close().await;
         drop(driver);
