@@ -44,10 +44,23 @@ impl Authenticator {
         let credential = credentials::extract(headers, &self.format)
             .map_err(|_| GatewayError::ConflictingCredentials)?
             .ok_or(GatewayError::MissingCredentials)?;
-        self.format
-            .check(credential.value)
-            .map_err(|_| GatewayError::InvalidKey)?;
-        let hash = KeyHash::of(credential.value);
+        let key = self
+            .find(credential.value)
+            .await?
+            .ok_or(GatewayError::InvalidKey)?;
+        if key.is_expired(unix_now()) {
+            return Err(GatewayError::KeyExpired);
+        }
+        Ok((key, credential.sources))
+    }
+
+    /// The live (not revoked) key `raw` is, expired or not; None for a malformed, unknown
+    /// or revoked key.
+    pub(crate) async fn find(&self, raw: &[u8]) -> Result<Option<Arc<CachedKey>>, GatewayError> {
+        if self.format.check(raw).is_err() {
+            return Ok(None);
+        }
+        let hash = KeyHash::of(raw);
         let resolved = self.cache.resolve(&hash).await.map_err(|e| {
             tracing::warn!(error = %e, "key store read failed");
             GatewayError::StoreUnavailable
@@ -60,10 +73,6 @@ impl Authenticator {
                 self.store_reads.inc();
             }
         }
-        let key = resolved.key.ok_or(GatewayError::InvalidKey)?;
-        if key.is_expired(unix_now()) {
-            return Err(GatewayError::KeyExpired);
-        }
-        Ok((key, credential.sources))
+        Ok(resolved.key)
     }
 }

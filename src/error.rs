@@ -88,6 +88,12 @@ pub(crate) enum GatewayError {
     ConnectNotAllowed,
     #[error("the request header is too large")]
     HeaderTooLarge,
+    #[error(
+        "the original request is named differently by two of X-Forwarded-Uri, X-Original-URI and the path after /authorize (or their methods, or a header sent twice)"
+    )]
+    ConflictingOriginal,
+    #[error("the original request's method, URI or host is malformed")]
+    InvalidOriginal,
     #[error("the request could not be processed")]
     Internal,
 }
@@ -105,6 +111,8 @@ impl GatewayError {
             | GatewayError::ConflictingFraming
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
+            | GatewayError::ConflictingOriginal
+            | GatewayError::InvalidOriginal
             | GatewayError::MalformedBody => 400,
             GatewayError::BodyTimeout => 408,
             GatewayError::ChunkedBodyTooLarge => 413,
@@ -138,6 +146,8 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => code::UPSTREAM_TIMEOUT,
             GatewayError::MalformedRequest
             | GatewayError::MalformedBody
+            | GatewayError::ConflictingOriginal
+            | GatewayError::InvalidOriginal
             | GatewayError::InvalidTarget
             | GatewayError::MissingHost
             | GatewayError::InvalidHost
@@ -180,6 +190,8 @@ impl GatewayError {
             | GatewayError::ConflictingFraming
             | GatewayError::ConflictingCredentials
             | GatewayError::MalformedRequest
+            | GatewayError::ConflictingOriginal
+            | GatewayError::InvalidOriginal
             | GatewayError::MalformedBody
             | GatewayError::ChunkedBodyTooLarge
             | GatewayError::BodyTimeout

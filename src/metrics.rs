@@ -118,7 +118,7 @@ const WEBSOCKET_TUNNELS_CLOSED: Family = (
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
-const MANAGEMENT_SERIES: [(&str, &str); 10] = [
+const MANAGEMENT_SERIES: [(&str, &str); 11] = [
     ("create", "201"),
     ("list", "200"),
     ("get", "200"),
@@ -128,6 +128,7 @@ const MANAGEMENT_SERIES: [(&str, &str); 10] = [
     ("audit", "200"),
     ("signup", "201"),
     ("openapi", "200"),
+    ("verify", "200"),
     // The console's files: loaded without credentials, never an API call.
     ("console", "200"),
 ];

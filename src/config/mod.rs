@@ -174,6 +174,8 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Whether `Upgrade: websocket` is forwarded (otherwise upgrade headers are removed).
     pub websocket: bool,
+    /// How long a proxy may cache an admitted forward-auth decision (0: `no-store`).
+    pub decision_cache_seconds: u32,
     pub tls: bool,
     pub sni: String,
     /// DER certificates to trust for this route's upstreams instead of the system roots.

@@ -56,6 +56,11 @@ impl<'p> Fields<'p> {
         }
     }
 
+    /// Whether the table has `key` at all (before it is read).
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     pub(super) fn string(&mut self, key: &'static str, default: String) -> String {
         self.opt_string(key).unwrap_or(default)
     }

@@ -12,6 +12,9 @@ use super::{AuthMode, RouteConfig, UpstreamAddr};
 use crate::keys::RateLimit;
 use crate::keys::scope::valid_scope;
 
+/// An hour: a cached decision outlives a revoke by up to this long.
+const MAX_DECISION_CACHE_SECONDS: u32 = 3600;
+
 /// What the routes validated so far have claimed: names, and (path prefix, host) matchers.
 #[derive(Default)]
 pub(super) struct SeenRoutes {
@@ -40,7 +43,7 @@ pub(super) fn validate_route(
             "another route already has this path_prefix (ignoring case) and host",
         );
     }
-    let upstreams = route_upstreams(i, &route.upstreams, p);
+    let upstreams = route_upstreams(i, route.upstreams.as_deref(), p);
     let auth = route_auth(i, &route, p);
     let sni = route_sni(&route, &at("sni"), p);
     let ca_certificates = route_ca_certificates(&route, &at("ca_file"), p);
@@ -80,6 +83,16 @@ pub(super) fn validate_route(
         scopes: route.scopes,
         strip_prefix: route.strip_prefix,
         websocket: route.websocket,
+        decision_cache_seconds: u32::try_from(route.decision_cache_seconds)
+            .ok()
+            .filter(|s| *s <= MAX_DECISION_CACHE_SECONDS)
+            .unwrap_or_else(|| {
+                p.add(
+                    at("decision_cache_seconds"),
+                    format!("must be 0 to {MAX_DECISION_CACHE_SECONDS}"),
+                );
+                0
+            }),
         tls: route.tls,
         sni,
         ca_certificates,
@@ -141,13 +154,16 @@ fn route_host(host: Option<&str>, at: &str, p: &mut Problems) -> Option<String> 
     host
 }
 
-fn route_upstreams(i: usize, names: &[String], p: &mut Problems) -> Vec<UpstreamAddr> {
-    if names.is_empty() {
+/// The route's upstreams: required, and `[]` only on purpose (a route for forward-auth
+/// decisions only).
+fn route_upstreams(i: usize, names: Option<&[String]>, p: &mut Problems) -> Vec<UpstreamAddr> {
+    let Some(names) = names else {
         p.add(
             format!("routes[{i}].upstreams"),
-            "needs at least one upstream address",
+            "needs upstream addresses (`upstreams = []` for a route that only answers forward-auth decisions)",
         );
-    }
+        return Vec::new();
+    };
     names
         .iter()
         .enumerate()
@@ -210,7 +226,9 @@ fn route_sni(route: &RawRoute, at: &str, p: &mut Problems) -> String {
         (Some(sni), true) => sni.clone(),
         (None, true) => route
             .upstreams
-            .first()
+            .iter()
+            .flatten()
+            .next()
             .and_then(|u| u.rsplit_once(':'))
             .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
             .unwrap_or_default(),

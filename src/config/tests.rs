@@ -78,7 +78,6 @@ prefix = "k_g"
 path = "_keygate/"
 [[routes]]
 name = "a"
-upstreams = []
 auth = "maybe"
 scopes = ["UPPER"]
 [[routes]]
@@ -361,4 +360,20 @@ fn postgres_statement_timeout_and_ca_file_are_read_and_checked() {
     }
     let sled = format!("[store]\nca_file = \"{}\"\n{MINIMAL}", ca.display());
     assert!(has(&problems(&sled), "store.ca_file"));
+}
+
+#[test]
+fn decision_only_routes_need_upstreams_written_out_as_empty() {
+    let decisions = "[[routes]]\nname = \"d\"\nupstreams = []\ndecision_cache_seconds = 30\n";
+    let config = Config::parse(decisions).expect("`upstreams = []` is a decision-only route");
+    assert!(config.routes[0].upstreams.is_empty());
+    assert_eq!(config.routes[0].decision_cache_seconds, 30);
+    let missing = problems("[[routes]]\nname = \"d\"\n");
+    assert!(has(&missing, "routes[0].upstreams"), "{missing:?}");
+    for bad in ["-1", "3601"] {
+        let p = problems(&format!(
+            "[[routes]]\nname = \"d\"\nupstreams = []\ndecision_cache_seconds = {bad}\n"
+        ));
+        assert!(has(&p, "routes[0].decision_cache_seconds"), "{bad}: {p:?}");
+    }
 }

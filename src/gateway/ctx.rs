@@ -51,6 +51,10 @@ pub(crate) struct RequestCtx {
     /// The body was framed both with `Content-Length` and `Transfer-Encoding` (found in
     /// the first hook, before keygate changes the connection's keep-alive).
     pub framed_both_ways: bool,
+    /// A forward-auth call (`<management.path>/authorize`), and the path of the original
+    /// request it named once known.
+    pub forward_auth: bool,
+    pub original_path: Option<String>,
     /// A WebSocket upgrade this route forwards (`websocket = true`).
     pub websocket: bool,
     /// Set once the upstream accepted the upgrade: the tunnel is watched until logging.
@@ -79,6 +83,8 @@ impl RequestCtx {
             error_code: None,
             buffered_body: None,
             framed_both_ways: false,
+            forward_auth: false,
+            original_path: None,
             websocket: false,
             tunnel: None,
             _in_flight: in_flight,

@@ -6,10 +6,12 @@
 mod ctx;
 mod destination;
 mod forward;
+mod forward_auth;
 
 pub(crate) use ctx::{RequestCtx, Target};
 pub(crate) use destination::management_rest;
 pub(crate) use forward::prepare_upstream_request;
+pub(crate) use forward_auth::admitted as admitted_decision;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,6 +40,8 @@ pub(crate) enum Admission {
     Forward,
     /// A management API call; the API authenticates it itself.
     Management,
+    /// A forward-auth call whose original request is admitted: answered, not forwarded.
+    Decided,
 }
 
 pub(crate) struct Gateway {
@@ -86,6 +90,12 @@ impl Gateway {
         let (index, route) = match self.destination_of(session.req_header())? {
             Destination::Management => {
                 settle_upgrade(session.req_header_mut(), false);
+                let management_path = &self.shared.config.management.path;
+                let path = session.req_header().uri.path();
+                if let Some(suffix) = forward_auth::authorize_suffix(management_path, path) {
+                    let suffix = suffix.to_string();
+                    return self.decide(session, ctx, &suffix).await;
+                }
                 ctx.target = Target::Management;
                 return Ok(Admission::Management);
             }
@@ -93,22 +103,35 @@ impl Gateway {
             Destination::Route(index, route) => (index, Arc::clone(route)),
         };
         ctx.websocket = settle_upgrade(session.req_header_mut(), route.config.websocket);
-        ctx.target = Target::Route {
-            index,
-            route: Arc::clone(&route),
-        };
         // 4-7: the key, and what it may do here.
-        if route.is_public() {
-            ctx.outcome = Outcome::Public;
-        } else {
-            let key = self.authenticate(session.req_header(), ctx).await?;
-            self.authorize(key, &route, index, ctx)?;
-        }
+        self.admit_to_route(session.req_header(), ctx, index, route)
+            .await?;
         // 8-9: a chunked body read whole; usage counted. Step 10, the request as the
         // upstream gets it, is `prepare_upstream_request`.
         self.read_chunked_body(session, ctx).await?;
         self.count_usage(ctx);
         Ok(Admission::Forward)
+    }
+
+    /// Steps 4 to 7 on the route a request (or a forward-auth call's original) selected:
+    /// nothing on a public route, else the key (from `req`'s headers) and its rights.
+    async fn admit_to_route(
+        &self,
+        req: &RequestHeader,
+        ctx: &mut RequestCtx,
+        index: usize,
+        route: Arc<Route>,
+    ) -> Result<(), GatewayError> {
+        ctx.target = Target::Route {
+            index,
+            route: Arc::clone(&route),
+        };
+        if route.is_public() {
+            ctx.outcome = Outcome::Public;
+            return Ok(());
+        }
+        let key = self.authenticate(req, ctx).await?;
+        self.authorize(key, &route, index, ctx)
     }
 
     /// The peer, and the client behind it when the peer is a trusted proxy.

@@ -26,6 +26,7 @@ pub(super) enum KeyedCall {
     RevokeByValue,
     Rotate(String),
     Audit,
+    Verify,
 }
 
 impl Call {
@@ -59,6 +60,7 @@ impl Call {
                 _ => return Err(ApiError::MethodNotAllowed("GET, POST")),
             },
             ["keys", "revoke"] => return only("POST", Call::Keyed(K::RevokeByValue)),
+            ["keys", "verify"] => return only("POST", Call::Keyed(K::Verify)),
             ["keys", id] if !id.is_empty() => match *method {
                 Method::GET => K::Get(id.to_string()),
                 Method::DELETE => K::Revoke(id.to_string()),
@@ -93,6 +95,7 @@ impl Call {
             Call::Keyed(KeyedCall::RevokeByValue) => "revoke_by_value",
             Call::Keyed(KeyedCall::Rotate(_)) => "rotate",
             Call::Keyed(KeyedCall::Audit) => "audit",
+            Call::Keyed(KeyedCall::Verify) => "verify",
         }
     }
 }
@@ -105,7 +108,7 @@ impl KeyedCall {
             KeyedCall::Create | KeyedCall::Rotate(_) => Some(ManagementBudget::Create),
             KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
             KeyedCall::Revoke(_) => Some(ManagementBudget::Revoke),
-            KeyedCall::RevokeByValue | KeyedCall::Audit => None,
+            KeyedCall::RevokeByValue | KeyedCall::Audit | KeyedCall::Verify => None,
         }
     }
 
@@ -113,7 +116,7 @@ impl KeyedCall {
     pub(super) fn takes_body(&self) -> bool {
         matches!(
             self,
-            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_)
+            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_) | KeyedCall::Verify
         )
     }
 }

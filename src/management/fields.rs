@@ -297,6 +297,18 @@ pub(super) fn read_revoke_by_value(body: Map<String, Value>) -> Result<String, A
     Ok(key.unwrap_or_default())
 }
 
+/// `POST /keys/verify`: `{"key", "scopes"?}`; returns the key and the scopes asked for.
+pub(super) fn read_verify(body: Map<String, Value>) -> Result<(String, Vec<String>), ApiError> {
+    let mut f = Fields::new(body, &["key", "scopes"]);
+    let key = f.string("key");
+    if key.is_none() && !f.errors.contains_key("key") {
+        f.bad("key", "required");
+    }
+    let scopes = f.strings("scopes").unwrap_or_default();
+    f.finish()?;
+    Ok((key.unwrap_or_default(), scopes))
+}
+
 /// `POST /signup`: `{"name"?}`; the handler adds its own findings.
 pub(super) fn read_signup(body: Map<String, Value>) -> (Option<String>, Fields) {
     let mut f = Fields::new(body, &["name"]);

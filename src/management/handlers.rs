@@ -17,12 +17,14 @@ use crate::keys::{KeyRecord, RateLimit, new_key_id};
 use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
 use crate::ratelimit::{ManagementBudget, ManagementLimiters};
 use crate::session::respond::Reply;
+use crate::state::Shared;
 use crate::store::KeyWithUsage;
 
 pub(super) type ApiResult = Result<Reply, ApiError>;
 
 /// What every authenticated handler knows of its call.
 pub(super) struct Request<'a> {
+    pub shared: &'a Shared,
     pub keys: &'a Lifecycle,
     pub limiters: &'a ManagementLimiters,
     pub caller: &'a Caller,

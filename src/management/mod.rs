@@ -10,6 +10,7 @@ mod error;
 mod fields;
 mod handlers;
 mod openapi;
+mod verify;
 pub(crate) mod views;
 
 use std::collections::HashMap;
@@ -162,6 +163,7 @@ impl Management {
             Map::new()
         };
         let request = Request {
+            shared: &self.shared,
             keys: &self.keys,
             limiters: &self.limiters,
             actor: caller.actor(),
@@ -220,6 +222,13 @@ impl Management {
 /// Without `keys:manage` a key may only revoke itself by value; the audit log is the
 /// admin's alone.
 fn authorize(call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
+    if *call == KeyedCall::Verify {
+        return if verify::may_verify(caller) {
+            Ok(())
+        } else {
+            Err(crate::error::GatewayError::InsufficientScope.into())
+        };
+    }
     if !caller.can_manage() && *call != KeyedCall::RevokeByValue {
         return Err(crate::error::GatewayError::InsufficientScope.into());
     }
@@ -238,6 +247,7 @@ async fn dispatch(call: KeyedCall, request: Request<'_>) -> ApiResult {
         KeyedCall::RevokeByValue => handlers::revoke_by_value(request).await,
         KeyedCall::Rotate(id) => handlers::rotate(request, &id).await,
         KeyedCall::Audit => handlers::audit(request).await,
+        KeyedCall::Verify => verify::verify(request).await,
     }
 }
 

@@ -63,17 +63,21 @@ mod tests {
         let served = [
             "DELETE /keys/{id}",
             "GET /audit",
+            "GET /authorize",
+            "GET /authorize/{original}",
             "GET /keys",
             "GET /keys/{id}",
             "GET /openapi.json",
             "POST /keys",
             "POST /keys/revoke",
+            "POST /keys/verify",
             "POST /keys/{id}/rotate",
             "POST /signup",
         ];
         assert_eq!(documented, served);
-        // Each documented operation is routed.
-        for entry in served {
+        // Each documented operation is routed (forward-auth decisions are the request
+        // path's, in `gateway::forward_auth`).
+        for entry in served.iter().filter(|e| !e.contains("/authorize")) {
             let (method, path) = entry.split_once(' ').expect("method and path");
             let method: Method = method.parse().expect("method");
             let path = path.replace("{id}", "01KEY");

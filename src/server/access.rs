@@ -31,6 +31,7 @@ pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
         route,
         method = %req.method,
         path = req.uri.path(),
+        original_path = ctx.original_path.as_deref(),
         status,
         outcome = ctx.outcome.label(),
         error = ctx.error_code,

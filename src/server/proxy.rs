@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::UniqueID;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -32,7 +33,11 @@ async fn refuse(
     refusal: GatewayError,
 ) -> pingora::Result<()> {
     ctx.error_code = Some(refusal.code());
-    let reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
+    let mut reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
+    if ctx.forward_auth {
+        // A proxy in front must not reuse a refusal for later requests.
+        reply = reply.with_header("cache-control", HeaderValue::from_static("no-store"));
+    }
     respond::send(session, reply, &ctx.request_id).await
 }
 
@@ -124,6 +129,11 @@ impl ProxyHttp for KeygateProxy {
             Ok(Admission::Forward) => Ok(false),
             Ok(Admission::Management) => {
                 self.management.serve(session, ctx).await?;
+                Ok(true)
+            }
+            Ok(Admission::Decided) => {
+                let reply = gateway::admitted_decision(ctx);
+                respond::send(session, reply, &ctx.request_id).await?;
                 Ok(true)
             }
             Err(error) => {

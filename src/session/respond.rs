@@ -79,7 +79,9 @@ pub(crate) async fn send(
     request_id: &str,
 ) -> pingora::Result<()> {
     let mut header = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
-    header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
+    if !reply.body.is_empty() {
+        header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
+    }
     // A 304 has no body, and a Content-Length there would describe the cached file's.
     if reply.status != 304 {
         header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;

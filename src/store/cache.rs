@@ -27,6 +27,7 @@ pub struct CachedKey {
     pub scopes: Vec<String>,
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub id_header: HeaderValue,
     pub owner_header: HeaderValue,
     pub scopes_header: HeaderValue,
@@ -54,6 +55,7 @@ impl CachedKey {
             scopes: record.scopes.clone(),
             expires_at: record.expires_at,
             rate_limit: record.rate_limit,
+            metadata: record.metadata.clone(),
         })
     }
 

@@ -11,6 +11,7 @@ mod cluster;
 mod cluster_outage;
 mod console;
 mod first_hour;
+mod forward_auth;
 mod hardening;
 mod layout;
 mod limits;

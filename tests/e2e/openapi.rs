@@ -158,7 +158,15 @@ impl Spec {
         };
         let mut problems = Vec::new();
         let schema = format!("{pointer}/content/application~1json/schema");
-        if self.doc.pointer(&schema).is_none() {
+        if self.doc.pointer(&format!("{pointer}/content")).is_none() {
+            // A response documented without content must have none.
+            if !exchange.reply.bytes.is_empty() {
+                problems.push(format!(
+                    "{what}: {pointer} documents no body, the answer has {} bytes",
+                    exchange.reply.bytes.len()
+                ));
+            }
+        } else if self.doc.pointer(&schema).is_none() {
             problems.push(format!(
                 "{what}: {pointer} documents no application/json body"
             ));
@@ -337,6 +345,28 @@ impl Recorder<'_> {
             .await
     }
 
+    /// As `send`, for an answer that is not a management answer (a forward-auth decision
+    /// has no body): `headers` are added, nothing is asserted of the answer.
+    async fn send_unchecked(
+        &mut self,
+        template: &'static str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) {
+        let url = format!("{}/_keygate{path}", self.env.config.base_url());
+        let mut req = self.env.http.get(url);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = req.send().await.expect("request");
+        let reply = Reply::read(format!("GET {path}"), resp).await;
+        self.exchanges.push(Exchange {
+            method: Method::GET,
+            template,
+            reply,
+        });
+    }
+
     fn last(&self) -> &Reply {
         &self.exchanges.last().expect("an exchange").reply
     }
@@ -400,6 +430,25 @@ async fn rotate_revoke_and_the_rest(r: &mut Recorder<'_>, key: &str) {
     r.post("/signup", "/signup", Cred::None, name).await;
     r.get("/audit", "/audit?limit=2", Cred::Admin).await;
     r.get("/openapi.json", "/openapi.json", Cred::None).await;
+    let verify = Body::Json(json!({"key": key, "scopes": ["read"]}));
+    r.post("/keys/verify", "/keys/verify", Cred::Admin, verify)
+        .await;
+    let unknown = Body::Json(json!({"key": "kg_nope"}));
+    r.post("/keys/verify", "/keys/verify", Cred::Admin, unknown)
+        .await;
+    let original = [("x-forwarded-uri", "/items?page=1"), ("x-api-key", key)];
+    r.send_unchecked("/authorize", "/authorize", &original)
+        .await;
+    assert_eq!(r.last().status, 200, "{}", r.last().text);
+    r.send_unchecked(
+        "/authorize/{original}",
+        "/authorize/items",
+        &[("x-api-key", key)],
+    )
+    .await;
+    r.send_unchecked("/authorize", "/authorize", &[("x-forwarded-uri", "/items")])
+        .await;
+    assert_eq!(r.last().status, 401, "{}", r.last().text);
 }
 
 /// The check is not vacuous: a real record without a required property, and a real record

@@ -7,6 +7,7 @@ pub(crate) mod cluster;
 pub(crate) mod envelope;
 pub(crate) mod keys;
 pub(crate) mod management;
+pub(crate) mod nginx;
 pub(crate) mod pg;
 pub(crate) mod raw;
 
