@@ -148,7 +148,7 @@ pub(crate) const PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
-const MANAGEMENT_SERIES: [(&str, &str); 10] = [
+const MANAGEMENT_SERIES: [(&str, &str); 11] = [
     ("create", "201"),
     ("list", "200"),
     ("get", "200"),
@@ -159,6 +159,8 @@ const MANAGEMENT_SERIES: [(&str, &str); 10] = [
     ("signup", "201"),
     ("openapi", "200"),
     ("verify", "200"),
+    // The console's files: loaded without credentials, never an API call.
+    ("console", "200"),
 ];
 
 /// Registers `metric` in `registry`. The names are literals of this file, so a failure is

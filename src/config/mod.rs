@@ -63,6 +63,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub management: ManagementConfig,
     pub signup: SignupConfig,
+    pub console: ConsoleConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -153,6 +154,12 @@ pub struct ManagementLimits {
 pub struct SignupConfig {
     pub enabled: bool,
     pub per_client_per_hour: u32,
+}
+
+/// The key console under `<management.path>/console/` (contract section 15).
+#[derive(Debug, Clone, Copy)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

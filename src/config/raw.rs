@@ -12,6 +12,7 @@ pub(super) struct RawConfig {
     pub(super) keys: RawKeys,
     pub(super) management: RawManagement,
     pub(super) signup: RawSignup,
+    pub(super) console: RawConsole,
     pub(super) routes: Vec<RawRoute>,
 }
 
@@ -25,6 +26,7 @@ impl RawConfig {
                 .table("management", RawManagement::read)
                 .unwrap_or_default(),
             signup: f.table("signup", RawSignup::read).unwrap_or_default(),
+            console: f.table("console", RawConsole::read).unwrap_or_default(),
             routes: f.tables("routes", RawRoute::read),
         }
     }
@@ -271,6 +273,25 @@ impl RawSignup {
         RawSignup {
             enabled: f.bool("enabled", d.enabled),
             per_client_per_hour: f.int("per_client_per_hour", d.per_client_per_hour),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawConsole {
+    pub(super) enabled: bool,
+}
+
+impl Default for RawConsole {
+    fn default() -> Self {
+        RawConsole { enabled: true }
+    }
+}
+
+impl RawConsole {
+    fn read(f: &mut Fields<'_>) -> Self {
+        RawConsole {
+            enabled: f.bool("enabled", Self::default().enabled),
         }
     }
 }

@@ -12,8 +12,8 @@ use super::resolve::load_ca_file;
 use super::route::{SeenRoutes, validate_route};
 use super::tls::validate_tls;
 use super::{
-    AccessLog, Config, ConfigProblem, KeysConfig, ManagementConfig, ManagementLimits, ServerConfig,
-    SignupConfig, StoreBackend, StoreConfig,
+    AccessLog, Config, ConfigProblem, ConsoleConfig, KeysConfig, ManagementConfig,
+    ManagementLimits, ServerConfig, SignupConfig, StoreBackend, StoreConfig,
 };
 
 /// Longest scope, route name and key prefix, in bytes (all ASCII).
@@ -111,6 +111,9 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
     let keys = validate_keys(raw.keys, p);
     let management = validate_management(raw.management, p);
     let signup = validate_signup(raw.signup, p);
+    let console = ConsoleConfig {
+        enabled: raw.console.enabled,
+    };
     if raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is needed");
     }
@@ -127,6 +130,7 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
         keys,
         management,
         signup,
+        console,
         routes,
     }
 }

@@ -10,6 +10,9 @@ use crate::ratelimit::ManagementBudget;
 pub(super) enum Call {
     OpenApi,
     Signup,
+    /// A file of the key console: the path below `console`, for any method (the console
+    /// answers 404 to every one while it is off).
+    Console(String),
     Keyed(KeyedCall),
 }
 
@@ -34,6 +37,11 @@ impl Call {
         method: &Method,
         signup_enabled: bool,
     ) -> Result<Call, ApiError> {
+        if let Some(file) = rest.strip_prefix("/console")
+            && (file.is_empty() || file.starts_with('/'))
+        {
+            return Ok(Call::Console(file.to_string()));
+        }
         let segments: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
         let only = |allowed: &'static str, call: Call| {
             if method.as_str() == allowed {
@@ -68,7 +76,8 @@ impl Call {
     }
 
     /// Whether a path is answered without credentials (the document and sign-up), so that
-    /// its 404 or 405 needs none either.
+    /// its 404 or 405 needs none either. (Console paths always parse, and answer their own
+    /// 404 and 405.)
     pub(super) fn is_public_path(rest: &str) -> bool {
         matches!(rest, "/openapi.json" | "/signup")
     }
@@ -78,6 +87,7 @@ impl Call {
         match self {
             Call::OpenApi => "openapi",
             Call::Signup => "signup",
+            Call::Console(_) => "console",
             Call::Keyed(KeyedCall::Create) => "create",
             Call::Keyed(KeyedCall::List) => "list",
             Call::Keyed(KeyedCall::Get(_)) => "get",
@@ -156,6 +166,27 @@ mod tests {
         assert!(matches!(parse("", Method::GET), Err(ApiError::NotFound)));
         assert!(matches!(
             parse("/keys//rotate", Method::POST),
+            Err(ApiError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn console_paths_take_any_method_and_only_whole_segments() {
+        for (rest, file) in [
+            ("/console", ""),
+            ("/console/", "/"),
+            ("/console/x.js", "/x.js"),
+        ] {
+            for method in [Method::GET, Method::POST, Method::DELETE] {
+                let call = parse(rest, method);
+                assert!(
+                    matches!(&call, Ok(Call::Console(f)) if f == file),
+                    "{call:?}"
+                );
+            }
+        }
+        assert!(matches!(
+            parse("/consoles", Method::GET),
             Err(ApiError::NotFound)
         ));
     }

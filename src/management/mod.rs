@@ -5,6 +5,7 @@
 
 mod call;
 mod caller;
+mod console;
 mod error;
 mod fields;
 mod handlers;
@@ -25,6 +26,7 @@ use crate::clock::unix_now;
 use crate::error::GatewayError;
 use crate::gateway::{RequestCtx, management_rest};
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Outcome;
 use crate::ratelimit::{
     FAILURE_WINDOW, FailureThrottle, ManagementBudget, ManagementLimiters, client_bucket,
 };
@@ -47,6 +49,7 @@ pub(crate) struct Management {
     openapi: Bytes,
     /// Clients that keep presenting wrong credentials are slowed down.
     failures: FailureThrottle,
+    console: console::Console,
 }
 
 impl Management {
@@ -62,6 +65,7 @@ impl Management {
             limiters: ManagementLimiters::new(limits, config.signup.per_client_per_hour),
             openapi: openapi::document(config.signup.enabled),
             failures: FailureThrottle::new(limits.auth_failures_per_minute),
+            console: console::Console::new(config.console.enabled, &config.management.path),
             admin_token,
             shared,
         }
@@ -91,7 +95,10 @@ impl Management {
             .unwrap_or_else(|e| {
                 ctx.outcome = e.outcome();
                 ctx.error_code = Some(e.code());
-                e.reply(&ctx.request_id)
+                match label {
+                    "console" => console::with_security_headers(e.reply(&ctx.request_id)),
+                    _ => e.reply(&ctx.request_id),
+                }
             });
         let status = reply.status.to_string();
         let counter = &self.shared.metrics.management_requests;
@@ -99,7 +106,16 @@ impl Management {
         if reply.status == 413 && !session.is_body_done() {
             session.set_keepalive(None);
         }
-        let reply = reply.with_header("cache-control", HeaderValue::from_static("no-store"));
+        // Console files set their own; every API answer holds data.
+        let reply = if reply
+            .headers
+            .iter()
+            .any(|(name, _)| *name == "cache-control")
+        {
+            reply
+        } else {
+            reply.with_header("cache-control", HeaderValue::from_static("no-store"))
+        };
         respond::send(session, reply, &ctx.request_id).await
     }
 
@@ -113,6 +129,13 @@ impl Management {
         let call = match call {
             Ok(Call::OpenApi) => return Ok(Reply::json(200, self.openapi.clone())),
             Ok(Call::Signup) => return self.signup(session, ctx.client).await,
+            Ok(Call::Console(file)) => {
+                let req = session.req_header();
+                let reply = self.console.answer(&file, &req.method, &req.headers);
+                // No credential is read: the load is public, whoever then signs in.
+                ctx.outcome = Outcome::Public;
+                return reply;
+            }
             Ok(Call::Keyed(call)) => Ok(call),
             // A path that takes no credentials says what is wrong without asking for them.
             Err(e) if Call::is_public_path(rest) => return Err(e),

@@ -26,6 +26,9 @@ pub(crate) struct KeyView {
     pub metadata: Option<Map<String, Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotated_from: Option<String>,
+    /// Whether a rotation replaced this key (it lives out its grace period at most): the
+    /// console's "rotated" state, which nothing else in the record tells.
+    pub rotated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
@@ -46,6 +49,7 @@ impl KeyView {
             rate_limit: record.rate_limit,
             metadata: record.metadata,
             rotated_from: record.rotated_from,
+            rotated: record.superseded,
             key: None,
         }
     }

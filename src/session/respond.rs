@@ -82,7 +82,10 @@ pub(crate) async fn send(
     if !reply.body.is_empty() {
         header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
     }
-    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+    // A 304 has no body, and a Content-Length there would describe the cached file's.
+    if reply.status != 304 {
+        header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+    }
     header.insert_header("x-request-id", request_id)?;
     for (name, value) in reply.headers {
         header.append_header(name, value)?;

@@ -9,6 +9,7 @@ mod common;
 mod api;
 mod cluster;
 mod cluster_outage;
+mod console;
 mod first_hour;
 mod flood;
 mod forward_auth;

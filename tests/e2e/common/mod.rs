@@ -2,6 +2,7 @@
 //! receives), the real `keygate` binary on free loopback ports with a generated config in a
 //! temp dir, and helpers for the offline CLI.
 
+pub(crate) mod browser;
 pub(crate) mod cluster;
 pub(crate) mod envelope;
 pub(crate) mod keys;
