@@ -39,6 +39,8 @@ mod tls;
 
 #[path = "load/flood.rs"]
 mod flood;
+#[path = "load/forward_auth.rs"]
+mod forward_auth;
 
 const DISTINCT_KEYS: usize = 100_000;
 const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
@@ -531,11 +533,7 @@ fn scale_check() {
     let dir = tempfile::tempdir().expect("temp dir");
     let format = KeyFormat::new("kg");
     let sample = import_scale_keys(&runtime, dir.path(), &format, keys);
-    let upstream_listener = runtime
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("upstream");
-    let upstream = upstream_listener.local_addr().expect("addr");
-    runtime.spawn(run_upstream(upstream_listener));
+    let upstream = start_upstream(&runtime);
     let (listen, admin) = (free_port(), free_port());
     let admin_token = "scale-check-admin-token-of-32-chars-or-more";
     let started = Instant::now();
@@ -633,6 +631,7 @@ struct Targets {
     keygate: SocketAddr,
     postgres: Option<SocketAddr>,
     nginx: Option<SocketAddr>,
+    nginx_auth: Option<SocketAddr>,
 }
 
 /// (name for LOAD_ROWS, label, target, the requests its connections cycle through)
@@ -702,7 +701,14 @@ fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Ro
                 .collect(),
         ));
     }
-
+    if let Some(addr) = targets.nginx_auth {
+        rows.push((
+            "nginx-auth",
+            "nginx auth_request -> keygate (both on the server core), valid key",
+            addr,
+            vec![request("/x", &[("x-api-key", &valid[0])])],
+        ));
+    }
     rows
 }
 
@@ -799,7 +805,7 @@ fn print_table(results: &[Measured], rss_kib: u64) {
     );
     for (name, label, rps, p50, p99, statuses) in results {
         let vs_nginx = match *name {
-            "valid" | "distinct" | "postgres" => nginx_valid.map(|n| rps / n),
+            "valid" | "distinct" | "postgres" | "nginx-auth" => nginx_valid.map(|n| rps / n),
             "invalid" => nginx_invalid.map(|n| rps / n),
             "tls-valid" | "h2-valid" => tls::nginx_ratio(results, name, *rps),
             _ => None,
@@ -875,6 +881,34 @@ fn start_pinned_nginx(
     (nginx, ([127, 0, 0, 1], nginx_port).into())
 }
 
+/// The rows `LOAD_ROWS` names (comma-separated; all when unset).
+fn wanted_rows() -> impl Fn(&str) -> bool {
+    let only: Option<Vec<String>> = std::env::var("LOAD_ROWS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    move |row| only.as_ref().is_none_or(|o| o.iter().any(|r| r == row))
+}
+
+/// Pins this process (the generator and the upstream) to the first core; returns the
+/// number of cores and the one the servers get.
+fn pin_generator() -> (usize, usize) {
+    let cores = cores();
+    if cores > 1 {
+        pin(std::process::id(), 0);
+    }
+    (cores, cores.saturating_sub(1))
+}
+
+/// The upstream every row ends at, served on the generator's runtime.
+fn start_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    let listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("upstream");
+    let upstream = listener.local_addr().expect("addr");
+    runtime.spawn(run_upstream(listener));
+    upstream
+}
+
 /// The load generator's runtime: one worker thread, on the core the bench is pinned to.
 fn generator_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -892,15 +926,8 @@ fn main() {
     // `cargo bench` passes --bench; any other argument is ignored.
     let seconds: u64 = env_or("LOAD_SECONDS", 5);
     let connections: usize = env_or("LOAD_CONNECTIONS", 32);
-    let only: Option<Vec<String>> = std::env::var("LOAD_ROWS")
-        .ok()
-        .map(|v| v.split(',').map(str::to_string).collect());
-    let wanted = |row: &str| only.as_ref().is_none_or(|o| o.iter().any(|r| r == row));
-    let cores = cores();
-    let server_core = cores.saturating_sub(1);
-    if cores > 1 {
-        pin(std::process::id(), 0);
-    }
+    let wanted = wanted_rows();
+    let (cores, server_core) = pin_generator();
 
     let runtime = generator_runtime();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -928,23 +955,29 @@ fn main() {
         server_core,
     );
 
+    let pin_to = (cores > 1).then_some(server_core);
     // The same gateway on PostgreSQL, when the server binaries are installed (.ci/setup).
-    let (pg_gateway, pg_addr) = if wanted("postgres") && pg::find_bin_dir().is_some() {
-        let (gateway, addr) =
-            start_pg_gateway(&runtime, dir.path(), &format, &valid[0], upstream, threads);
-        if cores > 1 {
-            pin(gateway.child.id(), server_core);
-        }
-        (Some(gateway), addr)
-    } else {
-        (None, ([127, 0, 0, 1], 9).into())
-    };
-
+    let pg_gateway = (wanted("postgres") && pg::find_bin_dir().is_some()).then(|| {
+        let started = start_pg_gateway(&runtime, dir.path(), &format, &valid[0], upstream, threads);
+        pin_to.inspect(|core| pin(started.0.child.id(), *core));
+        started
+    });
+    let nginx_auth = wanted("nginx-auth")
+        .then(|| {
+            forward_auth::start(
+                &dir.path().join("nginx-auth"),
+                keygate_addr,
+                upstream,
+                pin_to,
+            )
+        })
+        .flatten();
     let targets = Targets {
         upstream,
         keygate: keygate_addr,
-        postgres: pg_gateway.is_some().then_some(pg_addr),
+        postgres: pg_gateway.as_ref().map(|(_, addr)| *addr),
         nginx: nginx.is_some().then_some(nginx_addr),
+        nginx_auth: nginx_auth.as_ref().map(|(_, addr)| *addr),
     };
     let rows = bench_rows(&targets, &valid, &invalid);
     let use_wrk = wrk_available();
@@ -971,6 +1004,7 @@ fn main() {
     results.extend(edge.measure(&runtime, &wanted));
     print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
+    drop(nginx_auth);
     drop(pg_gateway);
     drop(gateway);
 }

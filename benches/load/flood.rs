@@ -1,6 +1,7 @@
-//! The store-read flood rows (issue 16, item 9): valid-key throughput alone, then with a
-//! flood of distinct well-formed unknown keys (valid checksum) side by side, on the same
-//! gateway, the connections split evenly between the two. Distinct keys beyond the
+//! The store-read flood rows (issue 16, item 9): valid-key throughput alone, then beside a
+//! paced flood (`LOAD_FLOOD_RATE` distinct well-formed unknown keys a second, valid
+//! checksums), then beside an unpaced flood on half the connections (which shows the
+//! gateway's one core shared, not store reads), on the same gateway. Distinct keys beyond the
 //! negative cache's capacity, so that without the filter of stored hashes every flood
 //! request would be a store read.
 
@@ -9,7 +10,12 @@ use std::sync::Arc;
 
 use keygate::keys::KeyFormat;
 
-use super::{Gateway, RowResult, drive, env_or, request};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{Gateway, RowResult, drive, env_or, read_response, request};
 
 /// More than the negative cache holds (10 000 by default), so it cannot absorb them.
 const FLOOD_KEYS: usize = 200_000;
@@ -32,12 +38,71 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Flood requests per second in the paced pass (`LOAD_FLOOD_RATE`): an attacker's steady
+/// stream, each request of which would be a store read without the filter.
+const DEFAULT_FLOOD_RATE: u64 = 5_000;
+/// Connections the paced flood spreads its rate over.
+const FLOOD_CONNECTIONS: u64 = 8;
+
+/// Sends `rate` requests a second for `seconds` (after a 0.5 s warm-up, as `drive`),
+/// cycling through `requests`; returns the requests answered in the measured time.
+async fn drive_paced(
+    target: SocketAddr,
+    requests: Arc<Vec<Vec<u8>>>,
+    rate: u64,
+    seconds: u64,
+) -> u64 {
+    let interval = Duration::from_secs_f64(FLOOD_CONNECTIONS as f64 / rate.max(1) as f64);
+    let started = Instant::now();
+    let warmup = Duration::from_millis(500);
+    let end = started + warmup + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..FLOOD_CONNECTIONS as usize)
+        .map(|c| {
+            let requests = Arc::clone(&requests);
+            tokio::spawn(async move {
+                let Ok(mut stream) = TcpStream::connect(target).await else {
+                    return 0u64;
+                };
+                let _ = stream.set_nodelay(true);
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let (mut buf, mut answered, mut i) = (Vec::with_capacity(4096), 0u64, c * 7919);
+                while Instant::now() < end {
+                    ticker.tick().await;
+                    if stream
+                        .write_all(&requests[i % requests.len()])
+                        .await
+                        .is_err()
+                        || read_response(&mut stream, &mut buf).await.is_none()
+                    {
+                        break;
+                    }
+                    i += 1;
+                    if started.elapsed() > warmup {
+                        answered += 1;
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for task in tasks {
+        answered += task.await.unwrap_or(0);
+    }
+    answered
+}
+
 struct FloodResult {
     alone: RowResult,
+    /// Valid keys beside a paced flood, and the flood's measured rate.
+    paced_valid: RowResult,
+    paced_rate: f64,
     valid: RowResult,
     flood: RowResult,
     /// CPU seconds of the gateway and of this process (generator and upstream), per pass.
     cpu_alone: (f64, f64),
+    cpu_paced: (f64, f64),
     cpu_flood: (f64, f64),
 }
 
@@ -64,8 +129,16 @@ fn run(
     let spent = |from: (f64, f64), to: (f64, f64)| (to.0 - from.0, to.1 - from.1);
 
     let before = cpu();
-    let alone = runtime.block_on(drive(target, Arc::clone(&valid), half, seconds));
+    let alone = runtime.block_on(drive(target, Arc::clone(&valid), connections, seconds));
     let after_alone = cpu();
+    let rate = env_or("LOAD_FLOOD_RATE", DEFAULT_FLOOD_RATE);
+    let (paced_valid, paced) = runtime.block_on(async {
+        tokio::join!(
+            drive(target, Arc::clone(&valid), connections, seconds),
+            drive_paced(target, Arc::clone(&flood), rate, seconds)
+        )
+    });
+    let after_paced = cpu();
     let (valid, flood) = runtime.block_on(async {
         tokio::join!(
             drive(target, valid, half, seconds),
@@ -75,10 +148,13 @@ fn run(
     let after_flood = cpu();
     FloodResult {
         alone,
+        paced_valid,
+        paced_rate: paced as f64 / seconds as f64,
         valid,
         flood,
         cpu_alone: spent(before, after_alone),
-        cpu_flood: spent(after_alone, after_flood),
+        cpu_paced: spent(after_alone, after_paced),
+        cpu_flood: spent(after_paced, after_flood),
     }
 }
 
@@ -126,7 +202,17 @@ fn print(result: &FloodResult, seconds: u64) {
         statuses(&result.alone)
     );
     println!(
-        "| valid key + flood of unknown keys | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} / {} |",
+        "| valid key + a paced flood of unknown keys ({:.0}/s) | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+        result.paced_rate,
+        result.paced_valid.rps(),
+        result.paced_rate,
+        result.paced_valid.percentile(0.99),
+        result.cpu_paced.0,
+        result.cpu_paced.1,
+        statuses(&result.paced_valid)
+    );
+    println!(
+        "| valid key (half the connections) + an unpaced flood (the other half) | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} / {} |",
         result.valid.rps(),
         result.flood.rps(),
         result.valid.percentile(0.99),
@@ -136,8 +222,10 @@ fn print(result: &FloodResult, seconds: u64) {
         statuses(&result.flood)
     );
     println!(
-        "\nvalid-key throughput with the flood / alone: {:.2} ({seconds} s per pass, each pass's \
+        "\nvalid-key throughput with the paced flood / alone: {:.2}; with the unpaced flood: {:.2} \
+         (the gateway's one core then serves both: see its CPU) ({seconds} s per pass, each pass's \
          CPU includes its 0.5 s warm-up)",
+        result.paced_valid.rps() / result.alone.rps(),
         result.valid.rps() / result.alone.rps()
     );
 }
