@@ -37,6 +37,8 @@ mod pg;
 #[path = "load/tls.rs"]
 mod tls;
 
+#[path = "load/cores.rs"]
+mod cores;
 #[path = "load/flood.rs"]
 mod flood;
 #[path = "load/forward_auth.rs"]
@@ -713,7 +715,9 @@ fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Ro
 }
 
 /// (name, label, requests/s, p50 µs, p99 µs, statuses)
-type Measured = (&'static str, &'static str, f64, f64, f64, String);
+/// (name, label, requests/s, p50 µs, p99 µs, statuses, per-core CPU and which core was
+/// the limit)
+type Measured = (&'static str, &'static str, f64, f64, f64, String, String);
 
 /// How one row is driven: wrk for single-request rows when it is installed, else the
 /// built-in generator.
@@ -722,6 +726,8 @@ struct RowRun<'a> {
     valid_key: &'a str,
     connections: usize,
     seconds: u64,
+    /// The core the proxy under test has to itself.
+    server_core: usize,
 }
 
 impl RowRun<'_> {
@@ -735,8 +741,10 @@ impl RowRun<'_> {
         rows.into_iter()
             .filter(|row| wanted(row.0))
             .map(|(name, label, target, requests)| {
-                let (rps, p50, p99, statuses) = self.measure(runtime, name, target, requests);
-                (name, label, rps, p50, p99, statuses)
+                let ((rps, p50, p99, statuses), cpu) = cores::measured(self.server_core, || {
+                    self.measure(runtime, name, target, requests)
+                });
+                (name, label, rps, p50, p99, statuses, cpu)
             })
             .collect()
     }
@@ -801,9 +809,9 @@ fn print_table(results: &[Measured], rss_kib: u64) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | statuses |\n|---|---:|---:|---:|---:|---:|---|"
+        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | CPU per core during the row | statuses |\n|---|---:|---:|---:|---:|---:|---|---|"
     );
-    for (name, label, rps, p50, p99, statuses) in results {
+    for (name, label, rps, p50, p99, statuses, cpu) in results {
         let vs_nginx = match *name {
             "valid" | "distinct" | "postgres" | "nginx-auth" => nginx_valid.map(|n| rps / n),
             "invalid" => nginx_invalid.map(|n| rps / n),
@@ -813,7 +821,7 @@ fn print_table(results: &[Measured], rss_kib: u64) {
         .map_or("".to_string(), |r| format!("{r:.2}"));
         let _ = writeln!(
             out,
-            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {statuses} |",
+            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {cpu} | {statuses} |",
             rps / baseline
         );
     }
@@ -979,7 +987,6 @@ fn main() {
         nginx: nginx.is_some().then_some(nginx_addr),
         nginx_auth: nginx_auth.as_ref().map(|(_, addr)| *addr),
     };
-    let rows = bench_rows(&targets, &valid, &invalid);
     let use_wrk = wrk_available();
     print_header(connections, seconds, threads, cores, server_core, use_wrk);
     let run = RowRun {
@@ -987,8 +994,9 @@ fn main() {
         valid_key: &valid[0],
         connections,
         seconds,
+        server_core,
     };
-    let mut results = run.measure_rows(&runtime, rows, &wanted);
+    let mut results = run.measure_rows(&runtime, bench_rows(&targets, &valid, &invalid), &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
     let edge = tls::EdgeRun {

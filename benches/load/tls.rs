@@ -336,14 +336,16 @@ impl EdgeRun<'_> {
         pem: &str,
         h2: bool,
     ) -> Measured {
-        let r = runtime.block_on(drive_tls(
-            target,
-            pem,
-            self.key,
-            h2,
-            self.connections,
-            self.seconds,
-        ));
+        let (r, cpu) = super::cores::measured(self.server_core, || {
+            runtime.block_on(drive_tls(
+                target,
+                pem,
+                self.key,
+                h2,
+                self.connections,
+                self.seconds,
+            ))
+        });
         let mut statuses: Vec<String> =
             r.statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
         if r.errors > 0 {
@@ -356,6 +358,7 @@ impl EdgeRun<'_> {
             r.percentile(0.5),
             r.percentile(0.99),
             statuses.join(" "),
+            cpu,
         )
     }
 }
