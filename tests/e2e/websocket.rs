@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -131,7 +131,10 @@ async fn open(port: u16, path: &str, key: Option<&str>) -> Result<Client, WsErro
     Ok(ws)
 }
 
-async fn echo_round_trip(ws: &mut Client, text: &str) {
+async fn echo_round_trip<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    text: &str,
+) {
     ws.send(Message::text(text)).await.expect("send");
     let answer = tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
@@ -143,7 +146,10 @@ async fn echo_round_trip(ws: &mut Client, text: &str) {
 
 /// Waits (at most `limit`) for the tunnel to end, as a client sees it: the stream ends, a
 /// read fails, or a close frame arrives. Returns how long that took.
-async fn time_to_close(ws: &mut Client, limit: Duration) -> Duration {
+async fn time_to_close<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    limit: Duration,
+) -> Duration {
     let started = Instant::now();
     let ended = tokio::time::timeout(limit, async {
         loop {
@@ -457,4 +463,60 @@ async fn a_fresh_tunnel_survives_an_upstream_that_switches_at_once() {
         assert_eq!(echoed, b"ping through the tunnel", "attempt {attempt}");
     }
     upstream_task.abort();
+}
+
+/// Over TLS (`wss://`): the tunnel goes through keygate's TLS termination, and a revoke
+/// still closes it (the sweep shuts down the TCP socket under the TLS session).
+#[tokio::test]
+async fn a_tunnel_over_tls_closes_on_revoke_too() {
+    use crate::common::tls::{EdgeClient, Proto, client_config, handshake, with_tls};
+    let echo = EchoUpstream::start().await;
+    let mut config = GatewayConfig::with_routes(&format!(
+        "[[routes]]\nname = \"chat\"\npath_prefix = \"/chat\"\nupstreams = [\"{}\"]\nwebsocket = true\n",
+        echo.addr
+    ));
+    let ca = with_tls(&mut config);
+    config.write();
+    let (record, key) = crate::common::create_key(&config.path(), "alice", &[], None);
+    let _gateway = crate::common::management::Env::start_gateway(&config).await;
+
+    let tls = handshake(
+        config.listen,
+        "localhost",
+        client_config(&ca.pem, &[b"http/1.1"]),
+    )
+    .await
+    .expect("TLS handshake");
+    let mut request = format!("wss://localhost:{}/chat", config.listen)
+        .into_client_request()
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("x-api-key", key.parse().expect("header value"));
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, tls),
+    )
+    .await
+    .expect("the handshake timed out")
+    .expect("upgrade over TLS");
+    echo_round_trip(&mut ws, "over tls").await;
+    assert_eq!(
+        echo.last_handshake_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+
+    let mut admin = EdgeClient::connect(config.listen, &ca.pem, Proto::H1).await;
+    let id = record["id"].as_str().expect("id");
+    let bearer = format!("Bearer {}", crate::common::management::ADMIN);
+    let revoked = admin
+        .send(
+            "DELETE",
+            &format!("/_keygate/keys/{id}"),
+            &[("authorization", bearer.as_str())],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(revoked.status, 200);
+    time_to_close(&mut ws, Duration::from_secs(1)).await;
 }
