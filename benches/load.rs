@@ -58,13 +58,34 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Pins a process to one core (best effort: `taskset` may be missing).
+/// Pins a process, every thread of it and every process it has started (nginx's workers,
+/// forked before this runs, would otherwise keep the generator's core) to one core (best
+/// effort: `taskset` may be missing).
 fn pin(pid: u32, core: usize) {
     let _ = Command::new("taskset")
         .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+    for child in children(pid) {
+        pin(child, core);
+    }
+}
+
+/// The processes `pid` started, from /proc (empty where it cannot be read).
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -358,26 +379,20 @@ upstreams = ["{upstream}"]
 }
 
 fn start_nginx(dir: &Path, upstream: SocketAddr, listen: u16, valid_key: &str) -> Option<Gateway> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
-    let conf = format!(
-        r#"worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log error;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  map_hash_bucket_size 128;
+    let block = nginx_map_check(upstream, valid_key, &format!("listen 127.0.0.1:{listen};"));
+    spawn_nginx(dir, &block, listen, "nginx")
+}
+
+/// nginx's side of the comparison: a `map` of `x-api-key` to the one valid key, a 401 in
+/// keygate's words otherwise, and a keep-alive proxy to `upstream`; `listen` holds the
+/// server's listen (and TLS) directives.
+fn nginx_map_check(upstream: SocketAddr, valid_key: &str, listen: &str) -> String {
+    format!(
+        r#"  map_hash_bucket_size 128;
   map $http_x_api_key $api_key_ok {{ default 0; "{valid_key}" 1; }}
   upstream backend {{ server {upstream}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{listen};
+    {listen}
     keepalive_requests 100000000;
     location / {{
       default_type application/json;
@@ -389,10 +404,24 @@ http {{
       proxy_set_header X-Api-Key "";
       proxy_pass http://backend;
     }}
-  }}
-}}
-"#,
-        dir = dir.display()
+  }}"#
+    )
+}
+
+/// nginx (one worker, no access log, its temp files under `dir`) with `http_block` inside
+/// `http {}`, once it accepts connections on `listen`; None when nginx is not installed.
+fn spawn_nginx(dir: &Path, http_block: &str, listen: u16, what: &str) -> Option<Gateway> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    std::fs::create_dir_all(dir).ok()?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         {http_block}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).ok()?;
@@ -409,7 +438,7 @@ http {{
         .stderr(Stdio::inherit())
         .spawn()
         .ok()?;
-    wait_for_port(listen, "nginx");
+    wait_for_port(listen, what);
     Some(Gateway { child })
 }
 

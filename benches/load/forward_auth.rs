@@ -5,9 +5,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use super::{Gateway, free_port, pin, wait_for_port};
+use super::{Gateway, free_port, pin, spawn_nginx};
 
 /// nginx with the shipped recipe, pointed at `keygate` and `upstream` (and pinned to core
 /// `pin_to`); None when nginx is not installed.
@@ -17,9 +16,6 @@ pub(crate) fn start(
     upstream: SocketAddr,
     pin_to: Option<usize>,
 ) -> Option<(Gateway, SocketAddr)> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
     let recipe = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/config/nginx-forward-auth.conf"
@@ -35,33 +31,9 @@ pub(crate) fn start(
             "listen 127.0.0.1",
             "keepalive_requests 100000000;\n    listen 127.0.0.1",
         );
-    let d = dir.display();
-    let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
-         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         {recipe}\n}}\n"
-    );
-    std::fs::create_dir_all(dir).ok()?;
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).ok()?;
-    let child = Command::new(nginx)
-        .args([
-            "-p",
-            dir.to_str()?,
-            "-c",
-            path.to_str()?,
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .ok()?;
-    wait_for_port(listen, "nginx (auth_request)");
+    let gateway = spawn_nginx(dir, &recipe, listen, "nginx (auth_request)")?;
     if let Some(core) = pin_to {
-        pin(child.id(), core);
+        pin(gateway.child.id(), core);
     }
-    Some((Gateway { child }, ([127, 0, 0, 1], listen).into()))
+    Some((gateway, ([127, 0, 0, 1], listen).into()))
 }

@@ -172,63 +172,13 @@ async fn drive_tls(
 
 /// nginx terminating TLS (HTTP/1.1 and HTTP/2 by ALPN) with the same `map` check.
 fn start_nginx_tls(dir: &Path, upstream: SocketAddr, listen: u16, key: &str) -> Option<Gateway> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
     let (cert_file, key_file, _) = self_signed(dir);
-    let conf = format!(
-        r#"worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log error;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  map_hash_bucket_size 128;
-  map $http_x_api_key $api_key_ok {{ default 0; "{key}" 1; }}
-  upstream backend {{ server {upstream}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{listen} ssl http2;
-    ssl_certificate {cert_file};
-    ssl_certificate_key {key_file};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    keepalive_requests 100000000;
-    location / {{
-      default_type application/json;
-      if ($api_key_ok = 0) {{
-        return 401 '{{"error":{{"code":"invalid_key","message":"the API key is not valid"}}}}';
-      }}
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Api-Key "";
-      proxy_pass http://backend;
-    }}
-  }}
-}}
-"#,
-        dir = dir.display()
+    let listen_tls = format!(
+        "listen 127.0.0.1:{listen} ssl http2;\n    ssl_certificate {cert_file};\n    \
+         ssl_certificate_key {key_file};\n    ssl_protocols TLSv1.2 TLSv1.3;"
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).ok()?;
-    let child = Command::new(nginx)
-        .args([
-            "-p",
-            dir.to_str()?,
-            "-c",
-            path.to_str()?,
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .ok()?;
-    wait_for_port(listen, "nginx (TLS)");
-    Some(Gateway { child })
+    let block = super::nginx_map_check(upstream, key, &listen_tls);
+    super::spawn_nginx(dir, &block, listen, "nginx (TLS)")
 }
 
 /// What the edge rows need: the run's shape and the servers' placement.
