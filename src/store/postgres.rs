@@ -7,7 +7,7 @@
 //!   order exactly as sled does, whatever the database's default collation;
 //! - usage is added by one batched upsert (`count = count + delta`, `last_used = GREATEST`),
 //!   never a read-modify-write, so concurrent flushes from many instances lose nothing;
-//! - revoke and expiry changes notify `keygate_invalidate` with the key's hash in the same
+//! - revokes, expiry changes and patches notify `keygate_invalidate` with the key's hash in the same
 //!   transaction, and `run_invalidation_listener` turns those notifications into cache
 //!   invalidations on every other instance;
 //! - inserts notify `keygate_key_created` with the new key's hash, so that every other
@@ -27,7 +27,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use super::pg_connection::{Connector, with_tls_hint};
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgOptions, StoreError};
-use crate::keys::{KeyHash, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
 pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
@@ -416,6 +416,51 @@ impl KeyStore for PgStore {
     async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
         self.update_record(id, move |record| record.retire(expires_at))
             .await
+    }
+
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, |record| record.apply(patch)).await
+    }
+
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // The same rule as `KeyRecord::purgeable`, on the JSON record. SKIP LOCKED: several
+        // gateways purging at once share the work instead of waiting on each other.
+        let select = tx
+            .prepare_cached(
+                "SELECT id FROM keys WHERE (record->>'revoked_at')::bigint < $1 \
+                 OR (record->>'expires_at')::bigint < $1 \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )
+            .await?;
+        let ids: Vec<String> = tx
+            .query(&select, &[&before, &sql_limit(limit)])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0).map_err(StoreError::corrupt))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let usage = tx
+            .prepare_cached("DELETE FROM usage WHERE key_id = ANY($1)")
+            .await?;
+        tx.execute(&usage, &[&ids]).await?;
+        let keys = tx
+            .prepare_cached("DELETE FROM keys WHERE id = ANY($1) RETURNING hash")
+            .await?;
+        let rows = tx.query(&keys, &[&ids]).await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                let hash: &[u8] = row.try_get(0).map_err(StoreError::corrupt)?;
+                <[u8; 32]>::try_from(hash)
+                    .map(KeyHash)
+                    .map_err(|_| StoreError::corrupt("a stored key hash is not 32 bytes"))
+            })
+            .collect()
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
