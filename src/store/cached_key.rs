@@ -121,7 +121,10 @@ mod tests {
         let cached = CachedKey::from_record(&key).expect("cached");
         let header = cached.metadata_header.expect("a header");
         let text = header.to_str().expect("visible ASCII");
-        assert!(!text.contains("\": ") && !text.contains(", \""), "compact: {text}");
+        assert!(
+            !text.contains("\": ") && !text.contains(", \""),
+            "compact: {text}"
+        );
         let back: serde_json::Value = serde_json::from_str(text).expect("JSON");
         assert_eq!(back, meta);
         let mut empty = record();
