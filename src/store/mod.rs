@@ -9,6 +9,7 @@ mod filter;
 mod gated;
 pub mod invalidation;
 mod pg_connection;
+mod pg_schema;
 pub mod postgres;
 mod sled_store;
 
