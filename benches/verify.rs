@@ -213,6 +213,7 @@ fn generation_and_create(c: &mut Criterion) {
                 expires_at: None,
                 rate_limit: None,
                 metadata: None,
+                allowed_ips: Vec::new(),
             };
             let created = rt.block_on(keys.create(new, audit)).expect("create");
             black_box(created)

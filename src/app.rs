@@ -34,6 +34,8 @@ use crate::usage::UsageRecorder;
 const UPSTREAM_KEEPALIVE_POOL: usize = 256;
 /// How often recovered rate-limit state is dropped.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(60);
+/// How often long-dead keys are purged (also once at start).
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// SIGTERM, SIGINT and SIGQUIT all stop gracefully: new connections are closed and the
 /// process stops once no request is in flight, within `shutdown_grace_seconds` (see
@@ -167,7 +169,9 @@ impl BackgroundService for KeyFilterBuilder {
     }
 }
 
-/// Drops the state of rate limits that have fully recovered, bounding their memory.
+/// Drops the state of rate limits that have fully recovered, bounding their memory, and,
+/// with `keys.purge_revoked_after_days`, deletes long-dead keys (hourly, in batches, on
+/// this background task: the request path never waits for it).
 struct Housekeeping {
     shared: Arc<Shared>,
     management: Arc<Management>,
@@ -177,11 +181,16 @@ struct Housekeeping {
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut ticker = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        let mut purges = tokio::time::interval(PURGE_INTERVAL);
+        purges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.shared.rate_limits.forget_idle();
                     self.management.forget_idle_limits();
+                }
+                _ = purges.tick(), if self.shared.config.keys.purge_revoked_after.is_some() => {
+                    self.management.purge_dead_keys().await;
                 }
                 _ = shutdown.changed() => return,
             }

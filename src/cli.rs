@@ -18,6 +18,8 @@ use crate::management::views::{KeyView, RevokeResult};
 use crate::store;
 use crate::usage::UsageRecorder;
 
+mod scan;
+
 const DEFAULT_CONFIG: &str = "config/keygate.toml";
 
 #[derive(Parser)]
@@ -86,6 +88,21 @@ enum KeysCommand {
         #[arg(long)]
         owner: Option<String>,
     },
+    /// Look for keys in files, directories (recursively; binary files and .git are
+    /// skipped) or standard input (no PATH, or `-`), e.g. in a pre-commit hook. Prints
+    /// `path:line: preview` for each well-formed key with a valid checksum, never the key.
+    /// Exits 1 when it found any, 0 when not, 2 when a path could not be read.
+    Scan {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The key prefix to look for; default: `keys.prefix` of the configuration, or
+        /// "kg" when that file does not exist.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Files or directories to scan.
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
     /// Revoke a key at once; print `{"id", "revoked": true, "revoked_at"}`.
     Revoke {
         #[command(flatten)]
@@ -100,6 +117,14 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => crate::app::serve(&config.config),
         Command::Check { config } => return check(&config.config),
+        Command::Keys {
+            command:
+                KeysCommand::Scan {
+                    config,
+                    prefix,
+                    paths,
+                },
+        } => return scan_command(&config.config, prefix, &paths),
         Command::Keys { command } => keys(command),
     };
     match result {
@@ -109,6 +134,24 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn scan_command(config: &Path, prefix: Option<String>, paths: &[PathBuf]) -> ExitCode {
+    let prefix = match prefix {
+        Some(prefix) => prefix,
+        None if !config.exists() => "kg".to_string(),
+        None => match Config::load(config) {
+            Ok(config) => config.keys.prefix.clone(),
+            Err(errors) => {
+                eprintln!(
+                    "keygate: invalid configuration {}:\n{errors}",
+                    config.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    scan::run(&prefix, paths)
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -194,6 +237,8 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             } => create(&config.config, owner, name, scopes, ttl_seconds).await,
             KeysCommand::List { config, owner } => list(&config.config, owner.as_deref()).await,
             KeysCommand::Revoke { config, id } => revoke(&config.config, &id).await,
+            // Needs no store and no runtime: `main` runs it.
+            KeysCommand::Scan { .. } => Ok(()),
         }
     })
 }
@@ -218,6 +263,7 @@ async fn create(
         expires_at,
         rate_limit: None,
         metadata: None,
+        allowed_ips: Vec::new(),
     };
     // Checked before the store is opened: a typo is reported without touching it.
     new.check(&mut errors);

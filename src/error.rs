@@ -16,6 +16,7 @@ pub(crate) mod code {
     pub(crate) const INVALID_JSON: &str = "invalid_json";
     pub(crate) const INVALID_KEY: &str = "invalid_key";
     pub(crate) const INVALID_PATH: &str = "invalid_path";
+    pub(crate) const IP_NOT_ALLOWED: &str = "ip_not_allowed";
     pub(crate) const KEY_EXPIRED: &str = "key_expired";
     pub(crate) const KEY_REVOKED: &str = "key_revoked";
     pub(crate) const KEY_ROTATED: &str = "key_rotated";
@@ -62,6 +63,8 @@ pub(crate) enum GatewayError {
     KeyExpired,
     #[error("the API key lacks a scope this route requires")]
     InsufficientScope,
+    #[error("the API key may not be used from this client address")]
+    IpNotAllowed,
     #[error("rate limit exceeded; retry after the time in Retry-After")]
     RateLimited { retry_after: u64 },
     #[error("the key store is unavailable; try again shortly")]
@@ -121,7 +124,7 @@ impl GatewayError {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired => 401,
-            GatewayError::InsufficientScope => 403,
+            GatewayError::InsufficientScope | GatewayError::IpNotAllowed => 403,
             GatewayError::RateLimited { .. } => 429,
             GatewayError::StoreUnavailable | GatewayError::NoHealthyUpstream => 503,
             GatewayError::UpstreamUnavailable => 502,
@@ -139,6 +142,7 @@ impl GatewayError {
             GatewayError::InvalidKey => code::INVALID_KEY,
             GatewayError::KeyExpired => code::KEY_EXPIRED,
             GatewayError::InsufficientScope => code::INSUFFICIENT_SCOPE,
+            GatewayError::IpNotAllowed => code::IP_NOT_ALLOWED,
             GatewayError::RateLimited { .. } => code::RATE_LIMITED,
             GatewayError::StoreUnavailable => code::STORE_UNAVAILABLE,
             GatewayError::NoHealthyUpstream => code::NO_HEALTHY_UPSTREAM,
@@ -201,6 +205,7 @@ impl GatewayError {
             GatewayError::InvalidKey => Outcome::InvalidKey,
             GatewayError::KeyExpired => Outcome::KeyExpired,
             GatewayError::InsufficientScope => Outcome::InsufficientScope,
+            GatewayError::IpNotAllowed => Outcome::IpNotAllowed,
             GatewayError::RateLimited { .. } => Outcome::RateLimited,
             GatewayError::StoreUnavailable => Outcome::StoreUnavailable,
             GatewayError::NoHealthyUpstream

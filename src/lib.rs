@@ -5,7 +5,8 @@
 //! - `hint`       the nearest known name for a mistyped one
 //! - `metrics`    Prometheus families in keygate's own registry; the `outcome` label
 //! - `error`      the request path's refusals, the error codes, the JSON error body
-//! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules
+//! - `keys`       key format, hash, ids, scope grammar, the persisted record and its rules,
+//!   patches, finding keys in text (scan)
 //! - `http`       pure request logic: target, path readings, host, credentials, body framing,
 //!   upgrades
 //! - `config`     TOML as written -> validated, typed configuration (folder: raw, validate,
@@ -15,7 +16,8 @@
 //! - `ratelimit`  GCRA limits: per key, per route, per management budget
 //! - `usage`      in-memory usage counters and their flusher
 //! - `routing`    routes, longest-prefix matching, upstream pools and health checks
-//! - `lifecycle`  create, list, revoke, rotate, audit: the rules of keys over store and cache
+//! - `lifecycle`  create, list (filtered), revoke, rotate, change in place, purge, audit: the
+//!   rules of keys over store and cache
 //! - `auth`       who a request's key belongs to (credentials, format, cache, expiry)
 //! - `drain`      requests in flight, and a stop that waits for them and no longer
 //! - `tunnels`    open WebSocket tunnels, closed when their key is revoked or expires
@@ -27,7 +29,7 @@
 //!   listener, access log
 //! - `logging`    log set-up
 //! - `app`        assembles the state and the Pingora services; runs and stops them
-//! - `cli`        the `keygate` command line (serve, check, offline key commands)
+//! - `cli`        the `keygate` command line (serve, check, offline key commands, key scan)
 
 mod app;
 mod auth;

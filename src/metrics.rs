@@ -148,13 +148,14 @@ pub(crate) const PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
-const MANAGEMENT_SERIES: [(&str, &str); 11] = [
+const MANAGEMENT_SERIES: [(&str, &str); 12] = [
     ("create", "201"),
     ("list", "200"),
     ("get", "200"),
     ("revoke", "200"),
     ("revoke_by_value", "200"),
     ("rotate", "201"),
+    ("update", "200"),
     ("audit", "200"),
     ("signup", "201"),
     ("openapi", "200"),
@@ -303,12 +304,13 @@ pub(crate) struct RouteMetrics {
     status_classes: [IntCounter; 5],
 }
 
-const OUTCOMES: [Outcome; 10] = [
+const OUTCOMES: [Outcome; 11] = [
     Outcome::Allowed,
     Outcome::MissingCredentials,
     Outcome::InvalidKey,
     Outcome::KeyExpired,
     Outcome::InsufficientScope,
+    Outcome::IpNotAllowed,
     Outcome::RateLimited,
     Outcome::StoreUnavailable,
     Outcome::BadRequest,
@@ -366,6 +368,7 @@ pub(crate) enum Outcome {
     InvalidKey,
     KeyExpired,
     InsufficientScope,
+    IpNotAllowed,
     RateLimited,
     StoreUnavailable,
     BadRequest,
@@ -381,6 +384,7 @@ impl Outcome {
             Outcome::InvalidKey => "invalid_key",
             Outcome::KeyExpired => "key_expired",
             Outcome::InsufficientScope => "insufficient_scope",
+            Outcome::IpNotAllowed => "ip_not_allowed",
             Outcome::RateLimited => "rate_limited",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::BadRequest => "bad_request",

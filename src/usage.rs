@@ -175,7 +175,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::keys::{KeyHash, KeyRecord};
+    use crate::keys::{KeyHash, KeyPatch, KeyRecord};
     use crate::store::{AuditEntry, KeyWithUsage, ListQuery};
 
     /// A store whose usage writes fail while `down` is set, and which records the batches
@@ -211,6 +211,12 @@ mod tests {
             unused()
         }
         async fn retire(&self, _: &str, _: i64) -> Result<Option<KeyRecord>, StoreError> {
+            unused()
+        }
+        async fn update(&self, _: &str, _: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+            unused()
+        }
+        async fn purge(&self, _: i64, _: usize) -> Result<Vec<KeyHash>, StoreError> {
             unused()
         }
         async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {

@@ -131,6 +131,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone)]
 pub struct KeysConfig {
     pub prefix: String,
+    /// Revoked and expired keys are deleted this long after; None: kept.
+    pub purge_revoked_after: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +188,8 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Whether `Upgrade: websocket` is forwarded (otherwise upgrade headers are removed).
     pub websocket: bool,
+    /// Whether admitted requests carry the key's metadata in `x-keygate-metadata`.
+    pub forward_metadata: bool,
     /// How long a proxy may cache an admitted forward-auth decision (0: `no-store`).
     pub decision_cache_seconds: u32,
     pub tls: bool,

@@ -172,12 +172,14 @@ impl RawStore {
 #[derive(Debug)]
 pub(super) struct RawKeys {
     pub(super) prefix: String,
+    pub(super) purge_revoked_after_days: Option<i64>,
 }
 
 impl Default for RawKeys {
     fn default() -> Self {
         RawKeys {
             prefix: "kg".into(),
+            purge_revoked_after_days: None,
         }
     }
 }
@@ -187,6 +189,9 @@ impl RawKeys {
         let d = Self::default();
         RawKeys {
             prefix: f.string("prefix", d.prefix),
+            purge_revoked_after_days: f
+                .has("purge_revoked_after_days")
+                .then(|| f.int("purge_revoked_after_days", 0)),
         }
     }
 }
@@ -307,6 +312,7 @@ pub(super) struct RawRoute {
     pub(super) scopes: Vec<String>,
     pub(super) strip_prefix: bool,
     pub(super) websocket: bool,
+    pub(super) forward_metadata: bool,
     pub(super) decision_cache_seconds: i64,
     pub(super) tls: bool,
     pub(super) sni: Option<String>,
@@ -330,6 +336,7 @@ impl Default for RawRoute {
             scopes: Vec::new(),
             strip_prefix: false,
             websocket: false,
+            forward_metadata: false,
             decision_cache_seconds: 0,
             tls: false,
             sni: None,
@@ -360,6 +367,7 @@ impl RawRoute {
             scopes: f.strings("scopes"),
             strip_prefix: f.bool("strip_prefix", d.strip_prefix),
             websocket: f.bool("websocket", d.websocket),
+            forward_metadata: f.bool("forward_metadata", d.forward_metadata),
             decision_cache_seconds: f.int("decision_cache_seconds", d.decision_cache_seconds),
             tls: f.bool("tls", d.tls),
             sni: f.opt_string("sni"),

@@ -83,6 +83,7 @@ pub(super) fn validate_route(
         scopes: route.scopes,
         strip_prefix: route.strip_prefix,
         websocket: route.websocket,
+        forward_metadata: route.forward_metadata,
         decision_cache_seconds: u32::try_from(route.decision_cache_seconds)
             .ok()
             .filter(|s| *s <= MAX_DECISION_CACHE_SECONDS)

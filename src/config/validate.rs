@@ -332,7 +332,14 @@ fn validate_keys(raw: RawKeys, p: &mut Problems) -> KeysConfig {
             format!("must be 1 to {MAX_KEY_PREFIX_LEN} characters of A-Za-z0-9"),
         );
     }
-    KeysConfig { prefix }
+    let purge_revoked_after = raw.purge_revoked_after_days.map(|days| {
+        let days = p.ranged("keys.purge_revoked_after_days", days, 1..=36_500);
+        std::time::Duration::from_secs(days * 86_400)
+    });
+    KeysConfig {
+        prefix,
+        purge_revoked_after,
+    }
 }
 
 fn validate_management(raw: RawManagement, p: &mut Problems) -> ManagementConfig {

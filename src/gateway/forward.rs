@@ -1,6 +1,7 @@
 //! Step 10 of the request path: the request as the upstream gets it. The key never travels
 //! past keygate; spoofed identity and forwarding headers are dropped; the real identity and
-//! keygate's own `X-Forwarded-For`, `-Proto` and `-Host` are added.
+//! keygate's own `X-Forwarded-For`, `-Proto` and `-Host` are added, and, on routes with
+//! `forward_metadata`, the key's metadata as prepared in the cache.
 
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
@@ -41,6 +42,10 @@ pub(crate) fn prepare_upstream_request(
         req.insert_header("x-keygate-key-id", key.id_header.clone())?;
         req.insert_header("x-keygate-owner", key.owner_header.clone())?;
         req.insert_header("x-keygate-scopes", key.scopes_header.clone())?;
+        let forward_metadata = ctx.route().is_some_and(|r| r.config.forward_metadata);
+        if let Some(metadata) = key.metadata_header.as_ref().filter(|_| forward_metadata) {
+            req.insert_header("x-keygate-metadata", metadata.clone())?;
+        }
     }
     req.insert_header("x-request-id", ctx.request_id.as_str())?;
     if let Some(length) = ctx.buffered_body {

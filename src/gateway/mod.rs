@@ -186,7 +186,8 @@ impl Gateway {
         Ok(key)
     }
 
-    /// Step 7: the route's scopes, then the key's rate limit (its own, else the route's).
+    /// Step 7: the key's allowlist (the client as `identify_client` found it), the route's
+    /// scopes, then the key's rate limit (its own, else the route's).
     fn authorize(
         &self,
         key: Arc<CachedKey>,
@@ -194,6 +195,9 @@ impl Gateway {
         index: usize,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
+        if !key.admits_from(ctx.client) {
+            return Err(GatewayError::IpNotAllowed);
+        }
         if !has_scopes(&key.scopes, &route.config.scopes) {
             return Err(GatewayError::InsufficientScope);
         }

@@ -1,14 +1,17 @@
 //! API keys: their format, hash and ids, the scope grammar, and the persisted record with
-//! the rules every store applies to it.
+//! the rules every store applies to it (revoke, retire, patch).
 
 mod format;
 mod hash;
 mod id;
+mod patch;
+pub mod scan;
 pub(crate) mod scope;
 
 pub use format::{KeyFormat, KeyFormatError};
 pub use hash::KeyHash;
 pub use id::{new_key_id, new_ulid};
+pub use patch::{KeyPatch, MAX_ALLOWED_IPS, parse_cidr};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +52,9 @@ pub struct KeyRecord {
     /// Set when a rotation replaced this key: it only lives out its grace period.
     #[serde(default)]
     pub superseded: bool,
+    /// CIDRs the key is admitted from; empty: from anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ips: Vec<String>,
 }
 
 impl KeyRecord {
@@ -69,6 +75,7 @@ impl KeyRecord {
             metadata: None,
             rotated_from: None,
             superseded: false,
+            allowed_ips: Vec::new(),
         }
     }
 
@@ -78,6 +85,13 @@ impl KeyRecord {
 
     pub fn is_revoked(&self) -> bool {
         self.revoked_at.is_some()
+    }
+
+    /// Whether a purge that removes keys dead before `before` removes this one: revoked, or
+    /// expired, before then. Every store applies this same rule.
+    pub fn purgeable(&self, before: i64) -> bool {
+        self.revoked_at.is_some_and(|at| at < before)
+            || self.expires_at.is_some_and(|at| at < before)
     }
 
     /// Marks the key revoked at `at`; a key revoked before keeps its first `revoked_at`.

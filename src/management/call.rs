@@ -25,6 +25,7 @@ pub(super) enum KeyedCall {
     Revoke(String),
     RevokeByValue,
     Rotate(String),
+    Update(String),
     Audit,
     Verify,
 }
@@ -64,7 +65,8 @@ impl Call {
             ["keys", id] if !id.is_empty() => match *method {
                 Method::GET => K::Get(id.to_string()),
                 Method::DELETE => K::Revoke(id.to_string()),
-                _ => return Err(ApiError::MethodNotAllowed("GET, DELETE")),
+                Method::PATCH => K::Update(id.to_string()),
+                _ => return Err(ApiError::MethodNotAllowed("GET, DELETE, PATCH")),
             },
             ["keys", id, "rotate"] if !id.is_empty() => {
                 return only("POST", Call::Keyed(K::Rotate(id.to_string())));
@@ -94,6 +96,7 @@ impl Call {
             Call::Keyed(KeyedCall::Revoke(_)) => "revoke",
             Call::Keyed(KeyedCall::RevokeByValue) => "revoke_by_value",
             Call::Keyed(KeyedCall::Rotate(_)) => "rotate",
+            Call::Keyed(KeyedCall::Update(_)) => "update",
             Call::Keyed(KeyedCall::Audit) => "audit",
             Call::Keyed(KeyedCall::Verify) => "verify",
         }
@@ -107,7 +110,8 @@ impl KeyedCall {
         match self {
             KeyedCall::Create | KeyedCall::Rotate(_) => Some(ManagementBudget::Create),
             KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
-            KeyedCall::Revoke(_) => Some(ManagementBudget::Revoke),
+            // A change in place spends the budget of changes to existing keys.
+            KeyedCall::Revoke(_) | KeyedCall::Update(_) => Some(ManagementBudget::Revoke),
             KeyedCall::RevokeByValue | KeyedCall::Audit | KeyedCall::Verify => None,
         }
     }
@@ -116,7 +120,11 @@ impl KeyedCall {
     pub(super) fn takes_body(&self) -> bool {
         matches!(
             self,
-            KeyedCall::Create | KeyedCall::RevokeByValue | KeyedCall::Rotate(_) | KeyedCall::Verify
+            KeyedCall::Create
+                | KeyedCall::RevokeByValue
+                | KeyedCall::Rotate(_)
+                | KeyedCall::Update(_)
+                | KeyedCall::Verify
         )
     }
 }
@@ -150,6 +158,14 @@ mod tests {
         assert!(matches!(
             parse("/keys/abc", Method::DELETE),
             Ok(Call::Keyed(KeyedCall::Revoke(_)))
+        ));
+        assert!(matches!(
+            parse("/keys/abc", Method::PATCH),
+            Ok(Call::Keyed(KeyedCall::Update(_)))
+        ));
+        assert!(matches!(
+            parse("/keys/abc", Method::PUT),
+            Err(ApiError::MethodNotAllowed("GET, DELETE, PATCH"))
         ));
         assert!(matches!(
             parse("/keys/abc/rotate", Method::POST),

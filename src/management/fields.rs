@@ -9,7 +9,7 @@ use serde_json::{Map, Number, Value};
 
 use super::error::ApiError;
 use crate::clock::parse_rfc3339;
-use crate::keys::RateLimit;
+use crate::keys::{KeyPatch, RateLimit};
 use crate::lifecycle::{FieldErrors, MAX_GRACE_SECONDS, MAX_TTL_SECONDS, add_error};
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works); an
@@ -130,8 +130,8 @@ impl Fields {
         self.map.contains_key(field)
     }
 
-    /// The field's value; None when absent. `null` is refused: the API declares no field
-    /// nullable (leave an optional field out instead).
+    /// The field's value; None when absent. `null` is refused (leave an optional field out
+    /// instead), except by the readers that go through `nullable`.
     fn value(&mut self, field: &str) -> Option<Value> {
         match self.map.get(field) {
             None => None,
@@ -182,6 +182,20 @@ impl Fields {
         items
     }
 
+    /// A field that may be `null` (to remove what it sets): None when absent, `Some(None)`
+    /// for `null`, else what `read` makes of it (None, with an error, when malformed).
+    fn nullable<T>(
+        &mut self,
+        field: &str,
+        read: impl FnOnce(&mut Self) -> Option<T>,
+    ) -> Option<Option<T>> {
+        match self.map.get(field).map(Value::is_null) {
+            None => None,
+            Some(true) => Some(None),
+            Some(false) => read(self).map(Some),
+        }
+    }
+
     fn rate_limit(&mut self) -> Option<RateLimit> {
         let value = self.value("rate_limit")?;
         match serde_json::from_value::<RateLimit>(value) {
@@ -206,29 +220,31 @@ impl Fields {
         }
     }
 
+    /// An RFC 3339 time in the future.
+    fn future_time(&mut self, field: &str, now: i64) -> Option<i64> {
+        let text = self.string(field)?;
+        match parse_rfc3339(&text) {
+            Some(at) if at > now => Some(at),
+            Some(_) => {
+                self.bad(field, "must be in the future");
+                None
+            }
+            None => {
+                let example = "must be an RFC 3339 time, e.g. 2026-12-31T00:00:00Z";
+                self.bad(field, example);
+                None
+            }
+        }
+    }
+
     /// `expires_at` (RFC 3339, in the future) or `ttl_seconds`, never both.
     fn expiry(&mut self, now: i64) -> Option<i64> {
-        let text = self.string("expires_at");
+        let at = self.future_time("expires_at", now);
         let ttl = self.integer("ttl_seconds", 1, MAX_TTL_SECONDS);
         if self.present("expires_at") && self.present("ttl_seconds") {
             self.bad("expires_at", "give expires_at or ttl_seconds, not both");
         }
-        match (text, ttl) {
-            (Some(text), _) => match parse_rfc3339(&text) {
-                Some(at) if at > now => Some(at),
-                Some(_) => {
-                    self.bad("expires_at", "must be in the future");
-                    None
-                }
-                None => {
-                    let example = "must be an RFC 3339 time, e.g. 2026-12-31T00:00:00Z";
-                    self.bad("expires_at", example);
-                    None
-                }
-            },
-            (None, Some(ttl)) => Some(now + ttl),
-            (None, None) => None,
-        }
+        at.or(ttl.map(|ttl| now + ttl))
     }
 
     pub(super) fn finish(self) -> Result<(), ApiError> {
@@ -248,10 +264,11 @@ pub(super) struct CreateKey {
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<Map<String, Value>>,
+    pub allowed_ips: Vec<String>,
 }
 
 impl CreateKey {
-    const FIELDS: [&str; 7] = [
+    const FIELDS: [&str; 8] = [
         "name",
         "owner",
         "scopes",
@@ -259,6 +276,7 @@ impl CreateKey {
         "ttl_seconds",
         "rate_limit",
         "metadata",
+        "allowed_ips",
     ];
 
     /// The request and the fields collector, which still takes the handler's findings.
@@ -271,9 +289,42 @@ impl CreateKey {
             expires_at: f.expiry(now),
             rate_limit: f.rate_limit(),
             metadata: f.object("metadata"),
+            allowed_ips: f.strings("allowed_ips").unwrap_or_default(),
         };
         (request, f)
     }
+}
+
+/// `PATCH /keys/{id}`, as written (not yet checked against the key rules or the caller's
+/// rights). `null` removes `metadata`, `rate_limit`, `expires_at` and `allowed_ips`.
+pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Fields) {
+    const FIELDS: [&str; 7] = [
+        "name",
+        "scopes",
+        "metadata",
+        "rate_limit",
+        "expires_at",
+        "allowed_ips",
+        "quota",
+    ];
+    let mut f = Fields::new(body, &FIELDS);
+    if f.present("quota") {
+        f.bad(
+            "quota",
+            "quotas are not supported yet by this gateway; leave the field out",
+        );
+    }
+    let patch = KeyPatch {
+        name: f.string("name"),
+        scopes: f.strings("scopes"),
+        metadata: f.nullable("metadata", |f| f.object("metadata")),
+        rate_limit: f.nullable("rate_limit", Fields::rate_limit),
+        expires_at: f.nullable("expires_at", |f| f.future_time("expires_at", now)),
+        allowed_ips: f
+            .nullable("allowed_ips", |f| f.strings("allowed_ips"))
+            .map(Option::unwrap_or_default),
+    };
+    (patch, f)
 }
 
 /// `POST /keys/{id}/rotate`: `{"grace_seconds"?}`.

@@ -13,12 +13,14 @@ use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
 use crate::error::GatewayError;
 use crate::keys::scope::{has_scopes, valid_owner};
-use crate::keys::{KeyRecord, RateLimit, new_key_id};
-use crate::lifecycle::{Actor, Audit, FieldErrors, Lifecycle, NewKey, add_error};
+use crate::keys::{KeyPatch, KeyRecord, RateLimit, new_key_id};
+use crate::lifecycle::{
+    Actor, Audit, FieldErrors, KeyState, Lifecycle, ListFilter, NewKey, add_error, check_patch,
+};
 use crate::ratelimit::{ManagementBudget, ManagementLimiters};
 use crate::session::respond::Reply;
 use crate::state::Shared;
-use crate::store::KeyWithUsage;
+use crate::store::{CachedKey, KeyWithUsage};
 
 pub(super) type ApiResult = Result<Reply, ApiError>;
 
@@ -85,6 +87,7 @@ pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
         expires_at: create.expires_at,
         rate_limit: create.rate_limit,
         metadata: create.metadata,
+        allowed_ips: create.allowed_ips,
     };
     new.check(&mut f.errors);
     f.finish()?;
@@ -173,6 +176,40 @@ fn page_params(query: &HashMap<String, String>) -> Result<(usize, Option<&str>),
     }
 }
 
+/// `?state=active|revoked|expired`, `?name=` (exact) and `?scope=`; an empty value is
+/// refused (contract section 13).
+fn list_filter(query: &HashMap<String, String>) -> Result<ListFilter, ApiError> {
+    let mut errors = FieldErrors::new();
+    let state = match query.get("state").map(String::as_str) {
+        None => None,
+        Some("active") => Some(KeyState::Active),
+        Some("revoked") => Some(KeyState::Revoked),
+        Some("expired") => Some(KeyState::Expired),
+        Some(_) => {
+            add_error(&mut errors, "state", "must be active, revoked or expired");
+            None
+        }
+    };
+    for field in ["name", "scope"] {
+        if query.get(field).is_some_and(String::is_empty) {
+            add_error(
+                &mut errors,
+                field,
+                "must not be empty; leave it out instead",
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(ListFilter {
+            state,
+            name: query.get("name").cloned(),
+            scope: query.get("scope").cloned(),
+        })
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
 pub(super) async fn list(request: Request<'_>) -> ApiResult {
     let (limit, cursor) = page_params(&request.query)?;
     let owner = match request.caller {
@@ -190,7 +227,11 @@ pub(super) async fn list(request: Request<'_>) -> ApiResult {
         );
         return Err(ApiError::Validation(errors));
     }
-    let page = request.keys.list(owner, cursor, limit).await?;
+    let filter = list_filter(&request.query)?;
+    let page = request
+        .keys
+        .list_matching(owner, cursor, limit, &filter)
+        .await?;
     json_reply(200, &PageBody::<KeyView>::of(page))
 }
 
@@ -291,6 +332,84 @@ pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
     json_reply(201, &KeyView::created(created))
 }
 
+/// `PATCH /keys/{id}`: the fields checked as create checks them (every bad one named),
+/// then the caller's rights, then one store update that the cache sees before the answer.
+pub(super) async fn update(mut request: Request<'_>, id: &str) -> ApiResult {
+    let current = request.owned_key(id).await?;
+    let (mut patch, mut f) = fields::read_patch(std::mem::take(&mut request.body), unix_now());
+    check_patch(&mut patch, &mut f.errors);
+    if let Caller::Key(key) = request.caller {
+        bound_by_caller(&patch, key, &mut f.errors);
+    }
+    f.finish()?;
+    refuse_unchangeable(&current.record)?;
+    if let Caller::Key(key) = request.caller {
+        let scopes = patch.scopes.as_ref().unwrap_or(&current.record.scopes);
+        if !has_scopes(&key.scopes, scopes) {
+            return Err(ApiError::Forbidden(
+                "a key can only change keys whose scopes, after the change, it holds itself",
+            ));
+        }
+    }
+    let record = request
+        .keys
+        .update(id, &patch, request.audit("update"))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    // Revoked or rotated meanwhile: the store left it as it was.
+    refuse_unchangeable(&record)?;
+    json_reply(200, &KeyView::new(record, current.usage))
+}
+
+/// 409 for a key that can no longer change: revoked, or replaced by a rotation.
+fn refuse_unchangeable(record: &KeyRecord) -> Result<(), ApiError> {
+    let conflict = |code, message| Err(ApiError::Conflict { code, message });
+    if record.is_revoked() {
+        return conflict(
+            crate::error::code::KEY_REVOKED,
+            "a revoked key cannot be changed",
+        );
+    }
+    if record.superseded {
+        return conflict(
+            crate::error::code::KEY_ROTATED,
+            "this key was rotated; change its successor",
+        );
+    }
+    Ok(())
+}
+
+/// A `keys:manage` key may not patch a key past its own expiry or rate limit (section 13),
+/// nor remove either where it has one itself.
+fn bound_by_caller(patch: &KeyPatch, key: &CachedKey, errors: &mut FieldErrors) {
+    match patch.expires_at {
+        Some(None) if key.expires_at.is_some() => add_error(
+            errors,
+            "expires_at",
+            "a key that expires cannot remove another key's expiry",
+        ),
+        Some(asked) if outlives(asked, key.expires_at) => add_error(
+            errors,
+            "expires_at",
+            "a key can only set expiries no later than its own",
+        ),
+        _ => {}
+    }
+    match patch.rate_limit {
+        Some(None) if key.rate_limit.is_some() => add_error(
+            errors,
+            "rate_limit",
+            "a rate-limited key cannot remove another key's rate limit",
+        ),
+        Some(asked) if looser(asked, key.rate_limit) => add_error(
+            errors,
+            "rate_limit",
+            "a key can only set rate limits no looser than its own",
+        ),
+        _ => {}
+    }
+}
+
 pub(super) async fn audit(request: Request<'_>) -> ApiResult {
     let (limit, cursor) = page_params(&request.query)?;
     let page = request.keys.audit_log(cursor, limit).await?;
@@ -312,6 +431,7 @@ pub(super) async fn signup(
         expires_at: None,
         rate_limit: None,
         metadata: None,
+        allowed_ips: Vec::new(),
     };
     new.check(&mut f.errors);
     f.finish()?;

@@ -71,6 +71,19 @@ impl Management {
         }
     }
 
+    /// Deletes keys revoked or expired longer than `keys.purge_revoked_after_days` ago.
+    pub(crate) async fn purge_dead_keys(&self) {
+        let Some(after) = self.shared.config.keys.purge_revoked_after else {
+            return;
+        };
+        let before = unix_now() - i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
+        match self.keys.purge(before).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "purged revoked and expired keys"),
+            Err(e) => tracing::warn!(error = %e, "purging revoked and expired keys failed"),
+        }
+    }
+
     /// Drops the state of budgets that have fully recovered.
     pub(crate) fn forget_idle_limits(&self) {
         self.limiters.forget_idle();
@@ -142,6 +155,10 @@ impl Management {
             Err(e) => Err(e),
         };
         let caller = self.authenticate(session, ctx.client).await?;
+        // A key's allowlist holds on the management API as on any route.
+        if caller.key().is_some_and(|key| !key.admits_from(ctx.client)) {
+            return Err(GatewayError::IpNotAllowed.into());
+        }
         ctx.key = caller.key().cloned();
         let call = call?;
         authorize(&call, &caller)?;
@@ -246,6 +263,7 @@ async fn dispatch(call: KeyedCall, request: Request<'_>) -> ApiResult {
         KeyedCall::Revoke(id) => handlers::revoke(request, &id).await,
         KeyedCall::RevokeByValue => handlers::revoke_by_value(request).await,
         KeyedCall::Rotate(id) => handlers::rotate(request, &id).await,
+        KeyedCall::Update(id) => handlers::update(request, &id).await,
         KeyedCall::Audit => handlers::audit(request).await,
         KeyedCall::Verify => verify::verify(request).await,
     }

@@ -68,6 +68,7 @@ mod tests {
             "GET /keys",
             "GET /keys/{id}",
             "GET /openapi.json",
+            "PATCH /keys/{id}",
             "POST /keys",
             "POST /keys/revoke",
             "POST /keys/verify",

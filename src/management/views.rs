@@ -24,6 +24,8 @@ pub(crate) struct KeyView {
     pub usage_count: u64,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<Map<String, Value>>,
+    /// CIDRs the key is admitted from; empty: anywhere.
+    pub allowed_ips: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotated_from: Option<String>,
     /// Whether a rotation replaced this key (it lives out its grace period at most): the
@@ -48,6 +50,7 @@ impl KeyView {
             scopes: record.scopes,
             rate_limit: record.rate_limit,
             metadata: record.metadata,
+            allowed_ips: record.allowed_ips,
             rotated_from: record.rotated_from,
             rotated: record.superseded,
             key: None,

@@ -13,64 +13,14 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use http::HeaderValue;
 use moka::sync::Cache;
 use parking_lot::RwLock;
 use tokio::sync::{OnceCell, Semaphore};
 
+use super::cached_key::CachedKey;
 use super::filter::KeyFilter;
 use super::{KeyStore, StoreError};
-use crate::keys::{KeyHash, KeyRecord, RateLimit};
-
-/// What the request path needs of a key, prepared once per cache fill so that admitting a
-/// request allocates nothing for it.
-#[derive(Debug)]
-pub struct CachedKey {
-    pub id: String,
-    /// The ULID of `id` as a number: the usage counters' map key.
-    pub id_number: u128,
-    /// What the key is cached under: WebSocket tunnels look their key up again by it.
-    pub hash: KeyHash,
-    pub owner: String,
-    pub scopes: Vec<String>,
-    pub expires_at: Option<i64>,
-    pub rate_limit: Option<RateLimit>,
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    pub id_header: HeaderValue,
-    pub owner_header: HeaderValue,
-    pub scopes_header: HeaderValue,
-}
-
-impl CachedKey {
-    pub fn from_record(record: &KeyRecord) -> Result<Self, StoreError> {
-        let header = |text: &str| {
-            HeaderValue::from_str(text).map_err(|_| {
-                StoreError::Corrupt(format!("key {} has a field unfit for a header", record.id))
-            })
-        };
-        Ok(CachedKey {
-            id_number: ulid::Ulid::from_string(&record.id)
-                .map(u128::from)
-                .map_err(|_| StoreError::Corrupt(format!("key id {} is not a ULID", record.id)))?,
-            hash: KeyHash::from_hex(&record.hash).ok_or_else(|| {
-                StoreError::Corrupt(format!("key {} has a malformed hash", record.id))
-            })?,
-            id_header: header(&record.id)?,
-            owner_header: header(&record.owner)?,
-            scopes_header: header(&record.scopes.join(" "))?,
-            id: record.id.clone(),
-            owner: record.owner.clone(),
-            scopes: record.scopes.clone(),
-            expires_at: record.expires_at,
-            rate_limit: record.rate_limit,
-            metadata: record.metadata.clone(),
-        })
-    }
-
-    pub fn is_expired(&self, now: i64) -> bool {
-        self.expires_at.is_some_and(|at| at <= now)
-    }
-}
+use crate::keys::KeyHash;
 
 /// Where a resolution was answered from, for the cache metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
-use crate::keys::{KeyHash, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 pub(crate) struct GatedStore {
     pub(crate) inner: SledStore,
@@ -81,6 +81,12 @@ impl KeyStore for GatedStore {
     }
     async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.retire(id, expires_at).await
+    }
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, patch).await
+    }
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        self.inner.purge(before, limit).await
     }
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
         self.inner.add_usage(deltas).await

@@ -3,15 +3,18 @@
 //! listener that keeps every gateway's cache coherent.
 
 mod cache;
+mod cached_key;
 mod filter;
 #[cfg(test)]
 mod gated;
 pub mod invalidation;
 mod pg_connection;
+mod pg_schema;
 pub mod postgres;
 mod sled_store;
 
-pub use cache::{CacheSettings, CachedKey, KeyCache, LookupSource, Resolved};
+pub use cache::{CacheSettings, KeyCache, LookupSource, Resolved};
+pub use cached_key::CachedKey;
 pub use filter::KeyFilter;
 pub use pg_connection::{PgOptions, SslMode};
 pub use postgres::PgStore;
@@ -24,7 +27,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{StoreBackend, StoreConfig};
-use crate::keys::{KeyHash, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -92,6 +95,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Retires a key a rotation replaced: marks it superseded and brings its expiry forward
     /// to `expires_at` (never later than it already was).
     async fn retire(&self, id: &str, expires_at: i64) -> Result<Option<KeyRecord>, StoreError>;
+    /// Changes a key in place by `KeyRecord::apply` (a revoked or rotated key is left as
+    /// is); returns the record as it now stands.
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError>;
+    /// Deletes up to `limit` records revoked before `before` or expired before it (their
+    /// usage totals too; audit entries stay), oldest ids first; returns their hashes. A
+    /// caller purges everything due by calling again until fewer than `limit` come back.
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError>;
     /// Adds usage deltas: counts are summed, `last_used` keeps the latest. Never a
     /// read-modify-write visible to other writers, so concurrent flushes cannot lose counts.
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError>;

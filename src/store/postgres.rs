@@ -7,14 +7,14 @@
 //!   order exactly as sled does, whatever the database's default collation;
 //! - usage is added by one batched upsert (`count = count + delta`, `last_used = GREATEST`),
 //!   never a read-modify-write, so concurrent flushes from many instances lose nothing;
-//! - revoke and expiry changes notify `keygate_invalidate` with the key's hash in the same
+//! - revokes, expiry changes and patches notify `keygate_invalidate` with the key's hash in the same
 //!   transaction, and `run_invalidation_listener` turns those notifications into cache
 //!   invalidations on every other instance;
 //! - inserts notify `keygate_key_created` with the new key's hash, so that every other
 //!   instance's key filter learns it within milliseconds.
 //!
-//! The schema is created and upgraded by `MIGRATIONS` at start-up, under an advisory lock,
-//! so that instances starting together apply each migration exactly once.
+//! The schema is created and upgraded at start-up by `pg_schema`'s migrations, under an
+//! advisory lock, so that instances starting together apply each migration exactly once.
 
 use std::time::Duration;
 
@@ -26,8 +26,10 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::pg_connection::{Connector, with_tls_hint};
+pub use super::pg_schema::SCHEMA_VERSION;
+use super::pg_schema::migrate;
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgOptions, StoreError};
-use crate::keys::{KeyHash, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
 pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
@@ -36,37 +38,6 @@ pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
 /// own: builds that predate the key filter read any unexpected payload on
 /// `keygate_invalidate` as "clear the whole cache", which every create would then do.
 pub const CREATED_CHANNEL: &str = "keygate_key_created";
-
-/// Advisory lock key held while migrating ("keygate" in ASCII).
-const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
-
-/// The schema, one entry per version (version = index + 1). Append only: an applied
-/// migration is never edited, a change is a new entry.
-const MIGRATIONS: &[&str] = &[
-    // 1: keys (the record as JSON, plus the columns look-ups and listings need), usage
-    // totals, the audit log. Only the SHA-256 of a key is ever stored, never the key.
-    r#"
-    CREATE TABLE keys (
-        id text COLLATE "C" PRIMARY KEY,
-        hash bytea NOT NULL UNIQUE CHECK (octet_length(hash) = 32),
-        owner text COLLATE "C" NOT NULL,
-        record jsonb NOT NULL
-    );
-    CREATE INDEX keys_owner_id ON keys (owner, id);
-    CREATE TABLE usage (
-        key_id text COLLATE "C" PRIMARY KEY REFERENCES keys (id),
-        count bigint NOT NULL,
-        last_used bigint NOT NULL
-    );
-    CREATE TABLE audit (
-        id text COLLATE "C" PRIMARY KEY,
-        entry jsonb NOT NULL
-    );
-    "#,
-];
-
-/// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 pub struct PgStore {
     pool: Pool,
@@ -239,54 +210,6 @@ impl PgStore {
     }
 }
 
-/// Applies every migration not applied yet, each in its own transaction holding the
-/// migration advisory lock, so that instances starting at once wait for each other.
-async fn migrate(client: &mut Object) -> Result<(), StoreError> {
-    for (index, sql) in MIGRATIONS.iter().enumerate() {
-        let version = index as i32 + 1;
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS keygate_schema_migrations (
-                version integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        )
-        .await?;
-        let applied = tx
-            .query_opt(
-                "SELECT 1 FROM keygate_schema_migrations WHERE version = $1",
-                &[&version],
-            )
-            .await?
-            .is_some();
-        if !applied {
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO keygate_schema_migrations (version, applied_at) VALUES ($1, now())",
-                &[&version],
-            )
-            .await?;
-            tracing::info!(version, "applied PostgreSQL schema migration");
-        }
-        tx.commit().await?;
-    }
-    let newest: Option<i32> = client
-        .query_one("SELECT max(version) FROM keygate_schema_migrations", &[])
-        .await?
-        .try_get(0)
-        .map_err(StoreError::corrupt)?;
-    if newest.is_some_and(|v| v > SCHEMA_VERSION) {
-        tracing::warn!(
-            database = newest,
-            known = SCHEMA_VERSION,
-            "the PostgreSQL schema is newer than this build knows; running on it anyway"
-        );
-    }
-    Ok(())
-}
-
 const SELECT_WITH_USAGE: &str = "SELECT k.record, u.count, u.last_used \
      FROM keys k LEFT JOIN usage u ON u.key_id = k.id";
 
@@ -418,6 +341,51 @@ impl KeyStore for PgStore {
             .await
     }
 
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+        self.update_record(id, |record| record.apply(patch)).await
+    }
+
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // The same rule as `KeyRecord::purgeable`, on the JSON record. SKIP LOCKED: several
+        // gateways purging at once share the work instead of waiting on each other.
+        let select = tx
+            .prepare_cached(
+                "SELECT id FROM keys WHERE (record->>'revoked_at')::bigint < $1 \
+                 OR (record->>'expires_at')::bigint < $1 \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )
+            .await?;
+        let ids: Vec<String> = tx
+            .query(&select, &[&before, &sql_limit(limit)])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0).map_err(StoreError::corrupt))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let usage = tx
+            .prepare_cached("DELETE FROM usage WHERE key_id = ANY($1)")
+            .await?;
+        tx.execute(&usage, &[&ids]).await?;
+        let keys = tx
+            .prepare_cached("DELETE FROM keys WHERE id = ANY($1) RETURNING hash")
+            .await?;
+        let rows = tx.query(&keys, &[&ids]).await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                let hash: &[u8] = row.try_get(0).map_err(StoreError::corrupt)?;
+                <[u8; 32]>::try_from(hash)
+                    .map(KeyHash)
+                    .map_err(|_| StoreError::corrupt("a stored key hash is not 32 bytes"))
+            })
+            .collect()
+    }
+
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
         if deltas.is_empty() {
             return Ok(());
@@ -544,12 +512,6 @@ impl KeyStore for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn migrations_are_numbered_from_one() {
-        assert_eq!(SCHEMA_VERSION as usize, MIGRATIONS.len());
-        assert!(MIGRATIONS.iter().all(|sql| !sql.trim().is_empty()));
-    }
 
     #[tokio::test]
     async fn connection_errors_do_not_reveal_the_url() {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
-use crate::keys::{KeyHash, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
@@ -287,6 +287,40 @@ impl Trees {
     }
 }
 
+impl Trees {
+    /// Removes a purgeable record with its indexes, count and usage; None when it is gone
+    /// or no longer purgeable (it was read outside this transaction).
+    fn remove(&self, record: &KeyRecord, before: i64) -> Result<Option<KeyHash>, StoreError> {
+        let Some(hash) = record.key_hash() else {
+            return Err(StoreError::corrupt("record without a valid hash"));
+        };
+        let owner_key = owner_index_key(&record.owner, &record.id);
+        let outcome = (&self.keys, &self.hashes, &self.owners, &self.meta).transaction(
+            |(keys, hashes, owners, meta)| {
+                let Some(bytes) = keys.get(record.id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let stored =
+                    Self::decode_record(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                if !stored.purgeable(before) {
+                    return Ok(None);
+                }
+                keys.remove(record.id.as_bytes())?;
+                hashes.remove(&hash.0[..])?;
+                owners.remove(owner_key.as_slice())?;
+                let count = decode_u64(meta.get(KEY_COUNT)?);
+                meta.insert(KEY_COUNT, &count.saturating_sub(1).to_be_bytes()[..])?;
+                Ok(Some(hash))
+            },
+        );
+        let removed = flatten(outcome)?;
+        if removed.is_some() {
+            self.usage.remove(record.id.as_bytes())?;
+        }
+        Ok(removed)
+    }
+}
+
 fn flatten<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
     match result {
         Ok(v) => Ok(v),
@@ -390,6 +424,45 @@ impl KeyStore for SledStore {
         let id = id.to_string();
         self.write(move |trees| trees.update_record(&id, |record| record.retire(expires_at)))
             .await
+    }
+
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+        let (id, patch) = (id.to_string(), patch.clone());
+        self.write(move |trees| trees.update_record(&id, |record| record.apply(&patch)))
+            .await
+    }
+
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        // Found on the blocking pool, removed on the writer thread, one flush for the batch.
+        let doomed: Vec<KeyRecord> = self
+            .read(move |trees| {
+                let mut doomed = Vec::new();
+                for entry in trees.keys.iter() {
+                    if doomed.len() >= limit {
+                        break;
+                    }
+                    let (_, bytes) = entry?;
+                    let record = Trees::decode_record(&bytes)?;
+                    if record.purgeable(before) {
+                        doomed.push(record);
+                    }
+                }
+                Ok(doomed)
+            })
+            .await?;
+        if doomed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |trees| {
+            let mut removed = Vec::with_capacity(doomed.len());
+            for record in &doomed {
+                if let Some(hash) = trees.remove(record, before)? {
+                    removed.push(hash);
+                }
+            }
+            Ok(removed)
+        })
+        .await
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod allowlist;
 mod api;
 mod cluster;
 mod cluster_outage;
@@ -19,8 +20,10 @@ mod layout;
 mod limits;
 mod observability;
 mod openapi;
+mod patch;
 mod pg_tls;
 mod proxy;
+mod scan;
 mod security;
 mod store_conformance;
 mod store_faults;

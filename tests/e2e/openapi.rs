@@ -405,6 +405,38 @@ async fn create_and_read(r: &mut Recorder<'_>) -> (String, String) {
     r.get("/keys", "/keys?limit=1", Cred::Admin).await;
     r.get("/keys", "/keys?owner=alice@example.com", Cred::Key(&key))
         .await;
+    r.get(
+        "/keys",
+        "/keys?state=active&name=ci&scope=read",
+        Cred::Admin,
+    )
+    .await;
+    assert_eq!(r.last().json["data"][0]["id"], id.as_str());
+    let change = json!({
+        "name": "ci-2",
+        "allowed_ips": ["127.0.0.0/8", "2001:db8::/32"],
+        "metadata": null,
+        "expires_at": null
+    });
+    r.send(
+        Method::PATCH,
+        "/keys/{id}",
+        &record,
+        Cred::Admin,
+        Body::Json(change),
+    )
+    .await;
+    assert_eq!(r.last().status, 200, "{}", r.last().text);
+    let bounded = json!({"rate_limit": {"requests": 50, "window_seconds": 60}});
+    r.send(
+        Method::PATCH,
+        "/keys/{id}",
+        &record,
+        Cred::Key(&key),
+        Body::Json(bounded),
+    )
+    .await;
+    assert_eq!(r.last().status, 200, "{}", r.last().text);
     (id, key)
 }
 
@@ -565,6 +597,14 @@ async fn body_and_state_errors(r: &mut Recorder<'_>, plain_id: &str) {
     let rotate = format!("{successor}/rotate");
     r.post("/keys/{id}/rotate", &rotate, Cred::Admin, Body::None)
         .await;
+    let change = Body::Json(json!({"name": "x"}));
+    r.send(Method::PATCH, "/keys/{id}", &successor, Cred::Admin, change)
+        .await;
+    let bad = Body::Json(json!({"allowed_ips": ["nope"], "quota": {"requests": 1}}));
+    let plain = format!("/keys/{plain_id}");
+    r.send(Method::PATCH, "/keys/{id}", &plain, Cred::Admin, bad)
+        .await;
+    r.get("/keys", "/keys?state=nope", Cred::Admin).await;
 }
 
 /// Error answers (400, 401, 403, 404, 405, 409, 413, 422, 429) from a real gateway match

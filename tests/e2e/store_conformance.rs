@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::keys::{KeyFormat, KeyHash, KeyRecord, RateLimit, Usage, new_key_id};
+use keygate::keys::{KeyFormat, KeyHash, KeyPatch, KeyRecord, RateLimit, Usage, new_key_id};
 use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgStore, StoreError};
 
 const POOL_SIZE: usize = 8;
@@ -100,6 +100,9 @@ conformance!(
     stored_hashes_are_every_stored_key_once,
     audit_is_newest_first_and_pages_with_before,
     ping_succeeds,
+    update_applies_a_patch_in_place,
+    update_leaves_revoked_and_rotated_keys_alone,
+    purge_removes_only_long_dead_keys_in_batches,
 );
 
 async fn insert_get_and_find_by_hash_round_trip(store: Arc<dyn KeyStore>) {
@@ -187,6 +190,196 @@ async fn duplicate_id_or_hash_is_refused(store: Arc<dyn KeyStore>) {
     let result = store.insert(&no_hash).await;
     assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
     assert_eq!(store.count().await.expect("count"), 1);
+}
+
+/// PATCH's store half: each field set, optional ones removed with `Some(None)`, the rest
+/// kept; the record read back by id and by hash is the one returned; usage untouched.
+async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
+    let mut key = record("alice");
+    key.expires_at = Some(2_000_000_000);
+    key.metadata = serde_json::json!({"team": "core"}).as_object().cloned();
+    store.insert(&key).await.expect("insert");
+    let other = record("alice");
+    store.insert(&other).await.expect("insert");
+    let usage = Usage {
+        count: 3,
+        last_used: 1_700_000_100,
+    };
+    store
+        .add_usage(&[(key.id.clone(), usage)])
+        .await
+        .expect("usage");
+
+    let patch = KeyPatch {
+        name: Some("renamed ключ".into()),
+        scopes: Some(vec!["read".into(), "write".into()]),
+        metadata: Some(
+            serde_json::json!({"plan": "pro", "n": 1})
+                .as_object()
+                .cloned(),
+        ),
+        rate_limit: Some(Some(RateLimit {
+            requests: 5,
+            window_seconds: 10,
+        })),
+        expires_at: Some(None),
+        allowed_ips: Some(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]),
+    };
+    let updated = store
+        .update(&key.id, &patch)
+        .await
+        .expect("update")
+        .expect("present");
+    let mut expected = key.clone();
+    assert!(expected.apply(&patch));
+    assert_eq!(updated, expected);
+    assert_eq!(updated.name, "renamed ключ");
+    assert_eq!(updated.expires_at, None);
+    assert_eq!(updated.allowed_ips, ["10.0.0.0/8", "2001:db8::/32"]);
+    let stored = store.get(&key.id).await.expect("get").expect("present");
+    assert_eq!((stored.record, stored.usage), (expected.clone(), usage));
+    let by_hash = store.find_by_hash(&hash_of(&key)).await.expect("find");
+    assert_eq!(by_hash, Some(expected.clone()));
+
+    // Removals, and a field left out is kept.
+    let removal = KeyPatch {
+        metadata: Some(None),
+        rate_limit: Some(None),
+        allowed_ips: Some(Vec::new()),
+        ..KeyPatch::default()
+    };
+    let removed = store
+        .update(&key.id, &removal)
+        .await
+        .expect("update")
+        .expect("present");
+    assert_eq!(
+        (
+            removed.metadata,
+            removed.rate_limit,
+            removed.allowed_ips.len()
+        ),
+        (None, None, 0)
+    );
+    assert_eq!(removed.name, "renamed ключ");
+    assert_eq!(removed.scopes, ["read", "write"]);
+
+    let untouched = store.get(&other.id).await.expect("get").expect("present");
+    assert_eq!(untouched.record, other);
+    assert_eq!(
+        store.update("no-such-id", &patch).await.expect("update"),
+        None
+    );
+    let with_nul = format!("{}\0", key.id);
+    assert_eq!(store.update(&with_nul, &patch).await.expect("update"), None);
+    assert_eq!(store.count().await.expect("count"), 2);
+}
+
+/// A revoked or rotated key is returned as it stands, unchanged, so that the caller can
+/// answer 409 even when the revoke raced the patch.
+async fn update_leaves_revoked_and_rotated_keys_alone(store: Arc<dyn KeyStore>) {
+    let patch = KeyPatch {
+        name: Some("changed".into()),
+        scopes: Some(vec!["admin".into()]),
+        ..KeyPatch::default()
+    };
+    let revoked = record("alice");
+    store.insert(&revoked).await.expect("insert");
+    let revoked_now = store.revoke(&revoked.id, 50).await.expect("revoke");
+    let answer = store.update(&revoked.id, &patch).await.expect("update");
+    assert_eq!(answer, revoked_now);
+    let stored = store.get(&revoked.id).await.expect("get").expect("present");
+    assert_eq!(
+        (stored.record.name.as_str(), stored.record.scopes.len()),
+        ("default", 0)
+    );
+
+    let rotated = record("alice");
+    store.insert(&rotated).await.expect("insert");
+    let retired = store.retire(&rotated.id, 60).await.expect("retire");
+    let answer = store.update(&rotated.id, &patch).await.expect("update");
+    assert_eq!(answer, retired);
+    assert!(answer.is_some_and(|r| r.superseded && r.name == "default"));
+}
+
+/// Keys revoked or expired before the cut-off go, with their usage, a batch at a time;
+/// live keys, keys that died later and the audit log stay.
+async fn purge_removes_only_long_dead_keys_in_batches(store: Arc<dyn KeyStore>) {
+    let live = record("alice");
+    let revoked_early = record("alice");
+    let expired_early = KeyRecord {
+        expires_at: Some(200),
+        ..record("bob")
+    };
+    let revoked_late = record("alice");
+    let expires_later = KeyRecord {
+        expires_at: Some(5_000),
+        ..record("bob")
+    };
+    for key in [
+        &live,
+        &revoked_early,
+        &expired_early,
+        &revoked_late,
+        &expires_later,
+    ] {
+        store.insert(key).await.expect("insert");
+    }
+    store.revoke(&revoked_early.id, 100).await.expect("revoke");
+    store.revoke(&revoked_late.id, 5_000).await.expect("revoke");
+    let usage = Usage {
+        count: 1,
+        last_used: 150,
+    };
+    store
+        .add_usage(&[(revoked_early.id.clone(), usage)])
+        .await
+        .expect("usage");
+    let entry = AuditEntry {
+        id: new_key_id(),
+        actor: "admin".into(),
+        action: "revoke".into(),
+        key_id: Some(revoked_early.id.clone()),
+        at: 100,
+        client: None,
+    };
+    store.append_audit(&entry).await.expect("audit");
+
+    let first = store.purge(1_000, 1).await.expect("purge");
+    let second = store.purge(1_000, 1).await.expect("purge");
+    let third = store.purge(1_000, 1).await.expect("purge");
+    let mut purged = [first, second].concat();
+    purged.sort_by_key(|h| h.0);
+    let mut expected = vec![hash_of(&revoked_early), hash_of(&expired_early)];
+    expected.sort_by_key(|h| h.0);
+    assert_eq!(purged, expected);
+    assert!(third.is_empty());
+    for gone in [&revoked_early, &expired_early] {
+        assert_eq!(store.get(&gone.id).await.expect("get"), None);
+        assert_eq!(
+            store.find_by_hash(&hash_of(gone)).await.expect("find"),
+            None
+        );
+    }
+    let left = store.list(query(None, None, 100)).await.expect("list");
+    let mut want = vec![
+        live.id.as_str(),
+        revoked_late.id.as_str(),
+        expires_later.id.as_str(),
+    ];
+    want.sort();
+    assert_eq!(ids(&left), want);
+    assert_eq!(store.count().await.expect("count"), 3);
+    assert_eq!(store.stored_hashes().await.expect("hashes").len(), 3);
+    assert_eq!(store.list_audit(None, 10).await.expect("audit"), [entry]);
+    // The id is free again, and a re-inserted record starts without the old usage.
+    store.insert(&revoked_early).await.expect("insert again");
+    let again = store
+        .get(&revoked_early.id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(again.usage, Usage::default());
 }
 
 async fn revoke_keeps_the_first_time(store: Arc<dyn KeyStore>) {
@@ -1001,6 +1194,24 @@ mod postgres_only {
             .expect("retire reaches the other instance's cache");
         let refilled = index.resolve(&hash_of(&key)).await.expect("resolve");
         assert_eq!(refilled.key.expect("still valid").expires_at, Some(1_234));
+
+        // A patch invalidates too, and the refill sees the new scopes and allowlist.
+        let key = record("alice");
+        writer.insert(&key).await.expect("insert");
+        cache(&index, &hash_of(&key)).await;
+        let patch = keygate::keys::KeyPatch {
+            scopes: Some(vec!["write".into()]),
+            allowed_ips: Some(vec!["10.0.0.0/8".into()]),
+            ..keygate::keys::KeyPatch::default()
+        };
+        writer.update(&key.id, &patch).await.expect("update");
+        wait_uncached(&index, &hash_of(&key), Duration::from_secs(5))
+            .await
+            .expect("a patch reaches the other instance's cache");
+        let refilled = index.resolve(&hash_of(&key)).await.expect("resolve");
+        let refilled = refilled.key.expect("still valid");
+        assert_eq!(refilled.scopes, ["write"]);
+        assert_eq!(refilled.allowed_ips.len(), 1);
 
         // A payload that is not a key hash clears everything rather than guessing.
         let bystander = record("alice");

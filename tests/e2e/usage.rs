@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use keygate::keys::{KeyFormat, KeyHash, KeyRecord, Usage};
+use keygate::keys::{KeyFormat, KeyHash, KeyPatch, KeyRecord, Usage};
 use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
 use keygate::usage::UsageRecorder;
 
@@ -184,6 +184,12 @@ impl KeyStore for FlakyStore {
     }
     async fn retire(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError> {
         self.inner.retire(id, at).await
+    }
+    async fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.update(id, patch).await
+    }
+    async fn purge(&self, before: i64, limit: usize) -> Result<Vec<KeyHash>, StoreError> {
+        self.inner.purge(before, limit).await
     }
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {

@@ -868,7 +868,7 @@ fn methods(_k: &Keys<'_>) -> Vec<Row> {
         (
             "PUT",
             "/_keygate/keys/01ARZ3NDEKTSV4RRFFQ69G5FAV",
-            "GET, DELETE",
+            "GET, DELETE, PATCH",
         ),
         ("GET", "/_keygate/keys/revoke", "POST"),
         (

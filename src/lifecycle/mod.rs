@@ -1,35 +1,25 @@
 //! Key lifecycle operations shared by the management API and the offline `keygate keys`
 //! commands: the rules of a new key and its creation with its durable write, listing with
 //! pending usage merged in, revocation that reaches the cache before it is acknowledged,
-//! rotation, and the audit entry each change leaves.
+//! rotation, changes in place, and the audit entry each change leaves.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
+
+mod filter;
+mod rules;
+
+pub use filter::{KeyState, ListFilter};
+pub use rules::{
+    FieldErrors, MAX_GRACE_SECONDS, MAX_METADATA_BYTES, MAX_NAME_CHARS, MAX_SCOPES,
+    MAX_TTL_SECONDS, add_error, check_patch, normalized_cidrs, validate_new_key,
+};
 
 use serde_json::{Map, Value};
 
 use crate::clock::unix_now;
-use crate::keys::scope::{valid_owner, valid_scope};
-use crate::keys::{DEFAULT_NAME, KeyFormat, KeyHash, KeyRecord, RateLimit, new_key_id};
+use crate::keys::{DEFAULT_NAME, KeyFormat, KeyHash, KeyPatch, KeyRecord, RateLimit, new_key_id};
 use crate::store::{AuditEntry, KeyCache, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::usage::UsageRecorder;
-
-pub const MAX_SCOPES: usize = 32;
-pub const MAX_METADATA_BYTES: usize = 4096;
-pub const MAX_TTL_SECONDS: i64 = 10 * 365 * 86_400;
-pub const MAX_GRACE_SECONDS: i64 = 604_800;
-pub const MAX_NAME_CHARS: usize = 100;
-
-/// Field -> reasons, for 422 `validation_failed` details.
-pub type FieldErrors = BTreeMap<String, Vec<String>>;
-
-/// Adds `reason` to `field`'s reasons.
-pub fn add_error(errors: &mut FieldErrors, field: &str, reason: impl Into<String>) {
-    errors
-        .entry(field.to_string())
-        .or_default()
-        .push(reason.into());
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -51,6 +41,8 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<Map<String, Value>>,
+    /// CIDRs as written; `check` refuses malformed ones, `create` stores them normalised.
+    pub allowed_ips: Vec<String>,
 }
 
 impl NewKey {
@@ -59,6 +51,7 @@ impl NewKey {
         let meta = self.metadata.as_ref();
         let (name, scopes) = (self.name.as_deref(), &self.scopes);
         validate_new_key(name, &self.owner, scopes, self.rate_limit, meta, errors);
+        normalized_cidrs(&self.allowed_ips, errors);
     }
 }
 
@@ -86,7 +79,7 @@ impl Actor {
 #[derive(Debug, Clone)]
 pub struct Audit<'a> {
     pub actor: &'a Actor,
-    /// `create`, `rotate`, `revoke`, `revoke_by_value`, `signup`.
+    /// `create`, `rotate`, `revoke`, `revoke_by_value`, `signup`, `update`.
     pub action: &'a str,
     pub client: Option<String>,
 }
@@ -97,6 +90,12 @@ pub struct Created {
     pub record: KeyRecord,
     pub key: String,
 }
+
+/// Records removed per store call by `purge`.
+const PURGE_BATCH: usize = 256;
+
+/// Records read per store call while a filtered listing fills its page.
+const FILTER_BATCH: usize = 500;
 
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -110,95 +109,6 @@ pub fn expiry_after(ttl_seconds: i64, now: i64) -> Result<i64, String> {
     } else {
         Err(format!("must be between 1 and {MAX_TTL_SECONDS}"))
     }
-}
-
-/// Checks the fields of a new key; every bad field is named.
-pub fn validate_new_key(
-    name: Option<&str>,
-    owner: &str,
-    scopes: &[String],
-    rate_limit: Option<RateLimit>,
-    metadata: Option<&Map<String, Value>>,
-    errors: &mut FieldErrors,
-) {
-    if let Some(name) = name {
-        let chars = name.chars().count();
-        if !(1..=MAX_NAME_CHARS).contains(&chars) {
-            add_error(
-                errors,
-                "name",
-                format!("must be 1 to {MAX_NAME_CHARS} characters"),
-            );
-        } else if name.chars().any(char::is_control) {
-            add_error(errors, "name", "must not contain control characters");
-        }
-    }
-    // An owner already found missing is not also reported malformed.
-    if !errors.contains_key("owner") && !valid_owner(owner) {
-        add_error(
-            errors,
-            "owner",
-            "must be 1 to 128 characters of A-Za-z0-9._:@-",
-        );
-    }
-    if scopes.len() > MAX_SCOPES {
-        add_error(errors, "scopes", format!("at most {MAX_SCOPES} scopes"));
-    }
-    if scopes.iter().any(|s| !valid_scope(s)) {
-        add_error(
-            errors,
-            "scopes",
-            "each scope is 1 to 64 characters of a-z0-9:._-",
-        );
-    }
-    if let Some(rl) = rate_limit {
-        validate_rate_limit(rl, errors);
-    }
-    if let Some(meta) = metadata {
-        validate_metadata(meta, errors);
-    }
-}
-
-fn validate_rate_limit(rl: RateLimit, errors: &mut FieldErrors) {
-    if rl.requests == 0 || rl.requests > RateLimit::MAX_REQUESTS {
-        let max = RateLimit::MAX_REQUESTS;
-        add_error(
-            errors,
-            "rate_limit",
-            format!("requests must be between 1 and {max}"),
-        );
-    }
-    if rl.window_seconds == 0 || rl.window_seconds > RateLimit::MAX_WINDOW_SECONDS {
-        let max = RateLimit::MAX_WINDOW_SECONDS;
-        let reason = format!("window_seconds must be between 1 and {max}");
-        add_error(errors, "rate_limit", reason);
-    }
-}
-
-fn validate_metadata(meta: &Map<String, Value>, errors: &mut FieldErrors) {
-    let text = serde_json::to_string(meta).unwrap_or_default();
-    if text.len() > MAX_METADATA_BYTES {
-        let reason = format!("must be at most {MAX_METADATA_BYTES} bytes of JSON");
-        add_error(errors, "metadata", reason);
-    }
-    // PostgreSQL's jsonb cannot hold NUL; refuse it on every backend alike.
-    if map_holds_nul(meta) {
-        add_error(errors, "metadata", "must not contain NUL characters");
-    }
-}
-
-/// Whether a NUL character is in any string of `value`, object keys included.
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map_holds_nul(map),
-        _ => false,
-    }
-}
-
-fn map_holds_nul(map: &Map<String, Value>) -> bool {
-    map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v))
 }
 
 /// `items` fetched with one more than `limit`: the page and, when more follow, the cursor.
@@ -251,6 +161,7 @@ impl Lifecycle {
         }
         new.scopes.sort();
         new.scopes.dedup();
+        let allowed_ips = normalized_cidrs(&new.allowed_ips, &mut errors);
         let raw = self.format.generate().map_err(|_| LifecycleError::Random)?;
         let record = KeyRecord {
             name: new.name.unwrap_or_else(|| DEFAULT_NAME.to_string()),
@@ -258,6 +169,7 @@ impl Lifecycle {
             expires_at: new.expires_at,
             rate_limit: new.rate_limit,
             metadata: new.metadata,
+            allowed_ips,
             rotated_from,
             ..KeyRecord::for_key(&self.format, &raw, &new.owner, unix_now())
         };
@@ -293,12 +205,41 @@ impl Lifecycle {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<KeyWithUsage>, LifecycleError> {
-        let query = ListQuery {
-            owner,
-            after,
-            limit: limit + 1,
+        self.list_matching(owner, after, limit, &ListFilter::default())
+            .await
+    }
+
+    /// A page of the keys that match `filter`, in id order. The store is read in batches
+    /// until the page is full, so a page may cost several reads when few keys match.
+    pub async fn list_matching(
+        &self,
+        owner: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        filter: &ListFilter,
+    ) -> Result<Page<KeyWithUsage>, LifecycleError> {
+        let now = unix_now();
+        let batch = if filter.is_empty() {
+            limit + 1
+        } else {
+            FILTER_BATCH
         };
-        let items = self.store().list(query).await?;
+        let mut items = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        loop {
+            let query = ListQuery {
+                owner,
+                after: cursor.as_deref(),
+                limit: batch,
+            };
+            let read = self.store().list(query).await?;
+            let exhausted = read.len() < batch;
+            cursor = read.last().map(|k| k.record.id.clone());
+            items.extend(read.into_iter().filter(|k| filter.matches(&k.record, now)));
+            if exhausted || items.len() > limit {
+                break;
+            }
+        }
         let mut page = page(items, limit, |k| k.record.id.clone());
         page.items = page
             .items
@@ -324,6 +265,28 @@ impl Lifecycle {
         Ok(Some(record))
     }
 
+    /// Changes a key in place (`patch` already checked by `check_patch`). Returns once the
+    /// change is durable, the cache no longer holds the old record (here, and on
+    /// PostgreSQL on every gateway, by the notification the update commits with) and, if
+    /// it changed anything, audited. A revoked or rotated key comes back unchanged.
+    pub async fn update(
+        &self,
+        id: &str,
+        patch: &KeyPatch,
+        audit: Audit<'_>,
+    ) -> Result<Option<KeyRecord>, LifecycleError> {
+        let Some(record) = self.store().update(id, patch).await? else {
+            return Ok(None);
+        };
+        if let Some(hash) = record.key_hash() {
+            self.cache.invalidate(&hash);
+        }
+        if !record.is_revoked() && !record.superseded {
+            self.audit(audit, Some(id)).await?;
+        }
+        Ok(Some(record))
+    }
+
     /// A new key with the old one's settings; the old one stops working after `grace`.
     /// Not atomic: should retiring the old key fail, the call fails after minting a key
     /// nobody received, which is harmless (it is never shown).
@@ -340,6 +303,7 @@ impl Lifecycle {
             expires_at: old.expires_at,
             rate_limit: old.rate_limit,
             metadata: old.metadata.clone(),
+            allowed_ips: old.allowed_ips.clone(),
         };
         let created = self.insert(new, Some(old.id.clone())).await?;
         let retired = self
@@ -351,6 +315,24 @@ impl Lifecycle {
         }
         self.audit(audit, Some(&old.id)).await?;
         Ok(created)
+    }
+
+    /// Removes every key revoked or expired before `before`, `PURGE_BATCH` at a time (each
+    /// batch one store call, so the store is never held long); their audit entries stay.
+    /// Returns how many went.
+    pub async fn purge(&self, before: i64) -> Result<usize, LifecycleError> {
+        let mut purged = 0;
+        loop {
+            let hashes = self.store().purge(before, PURGE_BATCH).await?;
+            for hash in &hashes {
+                self.cache.invalidate(hash);
+            }
+            purged += hashes.len();
+            if hashes.len() < PURGE_BATCH {
+                return Ok(purged);
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Records a management action.
@@ -381,47 +363,6 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nul_in_metadata_is_refused() {
-        for meta in [
-            serde_json::json!({"note": "a\u{0}b"}),
-            serde_json::json!({"a\u{0}": 1}),
-            serde_json::json!({"deep": [1, {"x": ["\u{0}"]}]}),
-        ] {
-            let mut errors = FieldErrors::new();
-            validate_new_key(None, "alice", &[], None, meta.as_object(), &mut errors);
-            assert!(errors.contains_key("metadata"), "{meta}: {errors:?}");
-        }
-    }
-
-    /// The text `\u0000` (a backslash, then `u0000`) is not a NUL character: it used to be
-    /// refused because the check searched the escaped JSON text.
-    #[test]
-    fn escaped_looking_text_in_metadata_is_kept() {
-        let mut errors = FieldErrors::new();
-        let meta = serde_json::json!({"path": "C:\\u0000\\dir", "\\u0000": "key"});
-        validate_new_key(None, "alice", &[], None, meta.as_object(), &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-    }
-
-    #[test]
-    fn validation_names_every_bad_field() {
-        let mut errors = FieldErrors::new();
-        validate_new_key(
-            Some(""),
-            "bad owner!",
-            &["UPPER".to_string()],
-            Some(RateLimit {
-                requests: 0,
-                window_seconds: 1,
-            }),
-            None,
-            &mut errors,
-        );
-        let fields: Vec<&str> = errors.keys().map(String::as_str).collect();
-        assert_eq!(fields, ["name", "owner", "rate_limit", "scopes"]);
-    }
 
     #[test]
     fn ttl_bounds() {
