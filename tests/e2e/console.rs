@@ -296,6 +296,7 @@ async fn the_admin_manages_keys_in_a_real_browser() {
     let id = use_the_key_and_see_its_usage(&browser, &env, &key).await;
     owner_text_stays_text(&browser, &id).await;
     reload_keeps_the_sign_in_not_the_key(&browser, &key).await;
+    edit_in_place(&browser, &env, &id, &key).await;
     let (new_id, new_key) = rotate_with_grace(&browser, &env, &id, &key).await;
     revoke_after_confirming(&browser, &env, &new_id, &new_key).await;
     filter_and_audit(&browser).await;
@@ -434,6 +435,64 @@ async fn reload_keeps_the_sign_in_not_the_key(browser: &Browser, key: &str) {
     assert_eq!(browser.js(open, vec![]).await, json!(false));
 }
 
+/// Edit in place (PATCH): name, scopes, rate limit, allowlist and metadata change, the
+/// key itself stays the same and keeps working.
+async fn edit_in_place(browser: &Browser, env: &Env, id: &str, key: &str) {
+    browser
+        .click(&format!("{} button[data-action=edit]", row(id)))
+        .await;
+    dialog_open(browser, "edit-dialog", true).await;
+    browser.fill("#edit-name", "edited in place").await;
+    browser.fill("#edit-scopes", "read write").await;
+    browser.fill("#edit-requests", "100").await;
+    browser.fill("#edit-window", "60").await;
+    browser.fill("#edit-ips", "127.0.0.1/32").await;
+    browser.fill("#edit-metadata", r#"{"plan": "gold"}"#).await;
+    browser.click("#edit-submit").await;
+    dialog_open(browser, "edit-dialog", false).await;
+    let record = env.record(id).await;
+    assert_eq!(record["name"], "edited in place", "{record}");
+    assert_eq!(record["scopes"], json!(["read", "write"]));
+    assert_eq!(
+        record["rate_limit"],
+        json!({"requests": 100, "window_seconds": 60})
+    );
+    assert_eq!(record["allowed_ips"], json!(["127.0.0.1/32"]));
+    assert_eq!(record["metadata"], json!({"plan": "gold"}));
+    env.assert_admitted(key, "the key after its edit").await;
+    refresh_list(browser).await;
+    let name = browser
+        .text_of(&format!("{} td[data-col=name] .name", row(id)))
+        .await;
+    assert_eq!(name, "edited in place");
+
+    // Emptied fields remove what they held; nothing changed is said, not sent.
+    browser
+        .click(&format!("{} button[data-action=edit]", row(id)))
+        .await;
+    dialog_open(browser, "edit-dialog", true).await;
+    browser.fill("#edit-ips", "").await;
+    browser.fill("#edit-metadata", "").await;
+    browser.click("#edit-submit").await;
+    dialog_open(browser, "edit-dialog", false).await;
+    let record = env.record(id).await;
+    assert!(record["metadata"].is_null(), "{record}");
+    assert_eq!(record["allowed_ips"], json!([]));
+    browser
+        .click(&format!("{} button[data-action=edit]", row(id)))
+        .await;
+    dialog_open(browser, "edit-dialog", true).await;
+    browser.click("#edit-submit").await;
+    browser
+        .wait_until(
+            "document.getElementById('edit-error').textContent === 'Nothing changed.'",
+            "the nothing-changed note",
+        )
+        .await;
+    browser.click("#edit-dialog [data-close]").await;
+    dialog_open(browser, "edit-dialog", false).await;
+}
+
 /// Rotate with a grace period: both keys work, the old one shows as rotated; returns the
 /// new key's id and key.
 async fn rotate_with_grace(browser: &Browser, env: &Env, id: &str, key: &str) -> (String, String) {
@@ -479,12 +538,20 @@ async fn revoke_after_confirming(browser: &Browser, env: &Env, id: &str, key: &s
     assert!(browser.text_of("#notice").await.contains("Revoked"));
 }
 
-/// The state filter works over the loaded page; the audit log shows what was done.
+/// The state filter (the API's for revoked, the page's own for rotated); the audit log
+/// shows what was done.
 async fn filter_and_audit(browser: &Browser) {
     let filter = browser.find("#state-filter").await;
-    filter.select_by_value("revoked").await.expect("select");
-    let one = "document.querySelectorAll('#keys-body tr[data-key-id]').length === 1";
-    browser.wait_until(one, "filter").await;
+    let only = |state: &str| {
+        format!(
+            "(() => {{ const rows = document.querySelectorAll('#keys-body tr[data-key-id]'); \
+             return rows.length === 1 && rows[0].dataset.state === '{state}'; }})()"
+        )
+    };
+    for state in ["revoked", "rotated"] {
+        filter.select_by_value(state).await.expect("select");
+        browser.wait_until(&only(state), "filter").await;
+    }
     filter.select_by_value("").await.expect("select");
     browser.click("#tab-audit").await;
     let cells = "document.querySelectorAll('#audit-body td[data-col=action]')";
@@ -495,7 +562,9 @@ async fn filter_and_audit(browser: &Browser) {
     let actions = browser.js(&script, vec![]).await;
     assert_eq!(
         actions,
-        json!(["revoke", "rotate", "create", "create", "create"])
+        json!([
+            "revoke", "rotate", "update", "update", "create", "create", "create"
+        ])
     );
 }
 

@@ -239,11 +239,17 @@ const keys = {
   loads: 0,
 };
 
+const API_STATES = ["active", "expired", "revoked"];
+
 function keysQuery() {
   const params = new URLSearchParams();
   params.set("limit", $("page-size").value);
   const owner = $("owner-filter").value.trim();
   if (session.admin && owner) params.set("owner", owner);
+  // The API filters these states across pages; "rotated" (a key living out its grace
+  // period) is the console's own reading, applied to the loaded page.
+  const state = $("state-filter").value;
+  if (API_STATES.includes(state)) params.set("state", state);
   const cursor = keys.cursors[keys.cursors.length - 1];
   if (cursor) params.set("cursor", cursor);
   return params.toString();
@@ -356,6 +362,7 @@ function keyRow(record, columns) {
   // Spaces between the buttons: breaks there are what `nowrap` holds back at full width.
   const actions = el("td", { class: "key-actions" },
     action("details", "Details", false), " ",
+    action("edit", "Edit", state === "revoked"), " ",
     action("rotate", "Rotate", state !== "active"), " ",
     action("revoke", "Revoke", state === "revoked", "danger small"));
   return el("tr", { "data-key-id": record.id, "data-state": state }, ...columns.map(cell), actions);
@@ -505,6 +512,7 @@ const ACTIONS = {
       ["Created", record.created_at], ["Expires", record.expires_at || "never"],
       ["Revoked", record.revoked_at || "—"], ["Last used", record.last_used || "never"],
       ["Usage", String(record.usage_count)], ["Rate limit", rateLimitText(record.rate_limit)],
+      ["Allowed addresses", (record.allowed_ips || []).join(" ") || "any"],
     ];
     if (Object.prototype.hasOwnProperty.call(record, "quota")) rows.push(["Quota", quotaText(record.quota)]);
     if (record.rotated_from) rows.push(["Rotated from", record.rotated_from]);
@@ -514,6 +522,20 @@ const ACTIONS = {
     list.append(el("dt", {}, "Metadata"), el("dd", {},
       record.metadata ? el("pre", { id: "details-metadata" }, JSON.stringify(record.metadata, null, 2)) : "none"));
     openDialog("details-dialog", button);
+  },
+  edit(record, button) {
+    target = record;
+    $("edit-about").textContent = `Changes to ${aboutKey(record)} take effect on every gateway at once; its clients keep their key.`;
+    $("edit-name").value = record.name;
+    $("edit-scopes").value = record.scopes.join(" ");
+    $("edit-expires").value = record.expires_at || "";
+    $("edit-requests").value = record.rate_limit ? record.rate_limit.requests : "";
+    $("edit-window").value = record.rate_limit ? record.rate_limit.window_seconds : "";
+    $("edit-ips").value = (record.allowed_ips || []).join(" ");
+    $("edit-metadata").value = record.metadata ? JSON.stringify(record.metadata, null, 2) : "";
+    $("edit-error").hidden = true;
+    openDialog("edit-dialog", button);
+    $("edit-name").focus();
   },
   rotate(record, button) {
     target = record;
@@ -531,6 +553,70 @@ const ACTIONS = {
     $("revoke-dialog").querySelector("[data-close]").focus();
   },
 };
+
+const sameJson = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+
+/// Only what changed is sent, so a field left as it was is not checked again (an expiry
+/// already past, say) and cannot overwrite a change made meanwhile elsewhere.
+function editBody(record) {
+  const errors = [];
+  const body = {};
+  const name = $("edit-name").value.trim();
+  if (name !== record.name) body.name = name;
+  const scopes = $("edit-scopes").value.split(/[\s,]+/).filter(Boolean);
+  if (!sameJson(scopes, record.scopes)) body.scopes = scopes;
+  const expires = $("edit-expires").value.trim() || null;
+  if (expires !== (record.expires_at || null)) body.expires_at = expires;
+  const requests = intField("edit-requests", "rate limit requests", errors);
+  const seconds = intField("edit-window", "rate limit seconds", errors);
+  let limit = null;
+  if ((requests === undefined) !== (seconds === undefined)) {
+    errors.push("a rate limit needs both requests and seconds");
+  } else if (requests !== undefined) {
+    limit = { requests, window_seconds: seconds };
+  }
+  if (!sameJson(limit, record.rate_limit)) body.rate_limit = limit;
+  const ips = $("edit-ips").value.split(/[\s,]+/).filter(Boolean);
+  if (!sameJson(ips, record.allowed_ips || [])) body.allowed_ips = ips.length ? ips : null;
+  const text = $("edit-metadata").value.trim();
+  let metadata = null;
+  if (text) {
+    try {
+      metadata = JSON.parse(text);
+      if (metadata === null || typeof metadata !== "object" || Array.isArray(metadata)) throw new Error();
+    } catch {
+      errors.push("metadata must be a JSON object, e.g. {\"team\": \"payments\"}");
+    }
+  }
+  if (!errors.length && !sameJson(metadata, record.metadata)) body.metadata = metadata;
+  return { body, errors };
+}
+
+$("edit-form").addEventListener("input", () => {
+  $("edit-error").hidden = true;
+});
+
+$("edit-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const { body, errors } = editBody(target);
+  if (errors.length || !Object.keys(body).length) {
+    $("edit-error").textContent = errors.length ? `Not sent: ${errors.join("; ")}.` : "Nothing changed.";
+    $("edit-error").hidden = false;
+    return;
+  }
+  $("edit-submit").disabled = true;
+  try {
+    const updated = await api("PATCH", `/keys/${encodeURIComponent(target.id)}`, body);
+    $("edit-dialog").close();
+    showNotice(`Saved ${aboutKey(updated)}.`, [], true);
+    loadKeys();
+  } catch (e) {
+    showInline("edit-error", e);
+    if (e instanceof ApiError && e.status === 401) showError(e);
+  } finally {
+    $("edit-submit").disabled = false;
+  }
+});
 
 $("rotate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -624,7 +710,10 @@ $("filters").addEventListener("submit", (event) => {
   keys.cursors = [null];
   loadKeys();
 });
-$("state-filter").addEventListener("change", renderKeys);
+$("state-filter").addEventListener("change", () => {
+  keys.cursors = [null];
+  loadKeys();
+});
 $("page-size").addEventListener("change", () => {
   keys.cursors = [null];
   loadKeys();
