@@ -182,6 +182,21 @@ async fn metadata_reaches_the_backend_on_routes_that_ask_for_it() {
         !seen[2].has_header("x-keygate-metadata"),
         "a route without forward_metadata"
     );
+    // A forward-auth decision for such a route hands the header to the proxy too.
+    let decision = env
+        .http
+        .get(format!("{}/_keygate/authorize", env.config.base_url()))
+        .header("x-forwarded-uri", "/meta/d")
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(decision.status(), 200);
+    let from_decision = decision
+        .headers()
+        .get("x-keygate-metadata")
+        .map(|v| v.as_bytes().to_vec());
+    assert_eq!(from_decision, Some(header.clone().into_bytes()));
 
     env.send(
         Method::PATCH,
