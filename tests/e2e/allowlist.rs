@@ -96,6 +96,15 @@ async fn the_peer_is_the_client_and_forwarding_headers_are_ignored() {
     env.get("/keys", Cred::Key(&manager))
         .await
         .err(403, "ip_not_allowed");
+    let (_, other) = env.admin_create("alice", &[]).await;
+    env.post("/keys/revoke", Cred::Key(&manager), json!({"key": other}))
+        .await
+        .err(403, "ip_not_allowed");
+    // ... but a leaked key can always be revoked by whoever holds it, from anywhere.
+    let revoked = env
+        .post("/keys/revoke", Cred::Key(&manager), json!({"key": manager}))
+        .await;
+    assert_eq!(revoked.ok(200)["revoked"], true);
     // Removing the allowlist lets the key in from anywhere again.
     allow(&env, &id, json!([])).await;
     assert_eq!(call(&env, "/x", &key, &forged).await, admitted());
