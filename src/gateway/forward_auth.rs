@@ -63,6 +63,10 @@ pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
             .with_header("x-keygate-key-id", key.id_header.clone())
             .with_header("x-keygate-owner", key.owner_header.clone())
             .with_header("x-keygate-scopes", key.scopes_header.clone());
+        let forward_metadata = ctx.route().is_some_and(|r| r.config.forward_metadata);
+        if let Some(metadata) = key.metadata_header.as_ref().filter(|_| forward_metadata) {
+            reply = reply.with_header("x-keygate-metadata", metadata.clone());
+        }
     }
     let cache_for = ctx.route().map_or(0, |r| r.config.decision_cache_seconds);
     let cache_control = if cache_for > 0 && ctx.rate_limit.is_none() {

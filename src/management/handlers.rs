@@ -276,6 +276,10 @@ pub(super) async fn revoke_by_value(mut request: Request<'_>) -> ApiResult {
         Caller::Admin => {}
         Caller::Key(own) if own.id == record.id => {}
         Caller::Key(own) if request.caller.can_manage() && own.owner == record.owner => {
+            let client = request.client.as_deref().and_then(|c| c.parse().ok());
+            if !own.admits_from(client) {
+                return Err(GatewayError::IpNotAllowed.into());
+            }
             spend(request.limiters, ManagementBudget::Revoke, &own.owner)?;
         }
         Caller::Key(_) => return Err(ApiError::NotFound),

@@ -155,8 +155,11 @@ impl Management {
             Err(e) => Err(e),
         };
         let caller = self.authenticate(session, ctx.client).await?;
-        // A key's allowlist holds on the management API as on any route.
-        if caller.key().is_some_and(|key| !key.admits_from(ctx.client)) {
+        // A key's allowlist holds on the management API as on any route, except for a key
+        // revoking itself by value: whoever found a leaked key may kill it from anywhere
+        // (the handler holds a key revoking another one to its allowlist).
+        let self_revoke = matches!(call, Ok(KeyedCall::RevokeByValue));
+        if !self_revoke && caller.key().is_some_and(|key| !key.admits_from(ctx.client)) {
             return Err(GatewayError::IpNotAllowed.into());
         }
         ctx.key = caller.key().cloned();

@@ -96,6 +96,15 @@ async fn the_peer_is_the_client_and_forwarding_headers_are_ignored() {
     env.get("/keys", Cred::Key(&manager))
         .await
         .err(403, "ip_not_allowed");
+    let (_, other) = env.admin_create("alice", &[]).await;
+    env.post("/keys/revoke", Cred::Key(&manager), json!({"key": other}))
+        .await
+        .err(403, "ip_not_allowed");
+    // ... but a leaked key can always be revoked by whoever holds it, from anywhere.
+    let revoked = env
+        .post("/keys/revoke", Cred::Key(&manager), json!({"key": manager}))
+        .await;
+    assert_eq!(revoked.ok(200)["revoked"], true);
     // Removing the allowlist lets the key in from anywhere again.
     allow(&env, &id, json!([])).await;
     assert_eq!(call(&env, "/x", &key, &forged).await, admitted());
@@ -182,6 +191,21 @@ async fn metadata_reaches_the_backend_on_routes_that_ask_for_it() {
         !seen[2].has_header("x-keygate-metadata"),
         "a route without forward_metadata"
     );
+    // A forward-auth decision for such a route hands the header to the proxy too.
+    let decision = env
+        .http
+        .get(format!("{}/_keygate/authorize", env.config.base_url()))
+        .header("x-forwarded-uri", "/meta/d")
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(decision.status(), 200);
+    let from_decision = decision
+        .headers()
+        .get("x-keygate-metadata")
+        .map(|v| v.as_bytes().to_vec());
+    assert_eq!(from_decision, Some(header.clone().into_bytes()));
 
     env.send(
         Method::PATCH,
