@@ -390,7 +390,16 @@ async fn failed_management_calls_are_counted_by_what_they_were() {
         .await
         .err(401, "missing_credentials");
     env.get("/keys", Cred::Admin).await.ok(200);
-    let metrics = scrape_metrics(&env.gateway.admin).await;
+    // A call is counted in Pingora's logging hook, just after its answer has gone out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = scrape_metrics(&env.gateway.admin).await;
+        let allowed = "keygate_requests_total{outcome=\"allowed\",route=\"_management\"} 2";
+        if metrics.lines().any(|l| l == allowed) || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let series = |outcome: &str| {
         counter(
             &metrics,
