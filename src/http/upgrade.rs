@@ -68,8 +68,8 @@ pub(crate) fn strip(req: &mut RequestHeader) {
 /// Works around Pingora 0.9.1 ending an upgrade right after its 101 when the upstream's
 /// answer is read before the proxy has passed on the end of the upgrade request's own,
 /// empty, body: that end is then taken for the end of the tunnel (cloudflare/pingora#946,
-/// unfixed in any release). Under load it failed about one run in four of the WebSocket
-/// tests here. A handshake without a body is announced to Pingora's request reader as a
+/// unfixed in any release). On a loaded machine it ended a tunnel in several runs of
+/// the WebSocket tests here. A handshake without a body is announced to Pingora's request reader as a
 /// one-byte body, so no end is passed on before the 101; from the 101 on Pingora reads the
 /// connection as the tunnel.
 /// The upstream's copy of the request loses the announcement (`unhold_empty_body`).
