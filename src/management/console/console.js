@@ -428,6 +428,31 @@ function intField(id, name, errors) {
   return n;
 }
 
+/// `<prefix>-requests` per `<prefix>-window` seconds; null when both are empty.
+function rateLimitField(prefix, errors) {
+  const requests = intField(`${prefix}-requests`, "rate limit requests", errors);
+  const seconds = intField(`${prefix}-window`, "rate limit seconds", errors);
+  if ((requests === undefined) !== (seconds === undefined)) {
+    errors.push("a rate limit needs both requests and seconds");
+    return null;
+  }
+  return requests === undefined ? null : { requests, window_seconds: seconds };
+}
+
+/// The JSON object in textarea `id`; null when it is empty.
+function metadataField(id, errors) {
+  const text = $(id).value.trim();
+  if (!text) return null;
+  try {
+    const parsed = JSON.parse(text);
+    if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) throw new Error();
+    return parsed;
+  } catch {
+    errors.push("metadata must be a JSON object, e.g. {\"team\": \"payments\"}");
+    return null;
+  }
+}
+
 function createBody() {
   const errors = [];
   const body = {};
@@ -442,23 +467,10 @@ function createBody() {
   if (scopes.length || session.admin) body.scopes = scopes;
   const days = intField("create-ttl", "expiry (days)", errors);
   if (days !== undefined) body.ttl_seconds = days * 86400;
-  const requests = intField("create-requests", "rate limit requests", errors);
-  const seconds = intField("create-window", "rate limit seconds", errors);
-  if ((requests === undefined) !== (seconds === undefined)) {
-    errors.push("a rate limit needs both requests and seconds");
-  } else if (requests !== undefined) {
-    body.rate_limit = { requests, window_seconds: seconds };
-  }
-  const metadata = $("create-metadata").value.trim();
-  if (metadata) {
-    try {
-      const parsed = JSON.parse(metadata);
-      if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) throw new Error();
-      body.metadata = parsed;
-    } catch {
-      errors.push("metadata must be a JSON object, e.g. {\"team\": \"payments\"}");
-    }
-  }
+  const limit = rateLimitField("create", errors);
+  if (limit) body.rate_limit = limit;
+  const metadata = metadataField("create-metadata", errors);
+  if (metadata) body.metadata = metadata;
   return { body, errors };
 }
 
@@ -567,27 +579,11 @@ function editBody(record) {
   if (!sameJson(scopes, record.scopes)) body.scopes = scopes;
   const expires = $("edit-expires").value.trim() || null;
   if (expires !== (record.expires_at || null)) body.expires_at = expires;
-  const requests = intField("edit-requests", "rate limit requests", errors);
-  const seconds = intField("edit-window", "rate limit seconds", errors);
-  let limit = null;
-  if ((requests === undefined) !== (seconds === undefined)) {
-    errors.push("a rate limit needs both requests and seconds");
-  } else if (requests !== undefined) {
-    limit = { requests, window_seconds: seconds };
-  }
+  const limit = rateLimitField("edit", errors);
   if (!sameJson(limit, record.rate_limit)) body.rate_limit = limit;
   const ips = $("edit-ips").value.split(/[\s,]+/).filter(Boolean);
   if (!sameJson(ips, record.allowed_ips || [])) body.allowed_ips = ips.length ? ips : null;
-  const text = $("edit-metadata").value.trim();
-  let metadata = null;
-  if (text) {
-    try {
-      metadata = JSON.parse(text);
-      if (metadata === null || typeof metadata !== "object" || Array.isArray(metadata)) throw new Error();
-    } catch {
-      errors.push("metadata must be a JSON object, e.g. {\"team\": \"payments\"}");
-    }
-  }
+  const metadata = metadataField("edit-metadata", errors);
   if (!errors.length && !sameJson(metadata, record.metadata)) body.metadata = metadata;
   return { body, errors };
 }
