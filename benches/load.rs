@@ -177,7 +177,36 @@ struct RowResult {
     latencies_us: Vec<u32>,
 }
 
+/// What one connection of a row saw: latencies (µs), statuses, errors.
+type ConnectionResult = (Vec<u32>, std::collections::BTreeMap<u16, u64>, u64);
+
 impl RowResult {
+    /// The row's result from its connections' tasks, over `elapsed` of measured time.
+    async fn gather(
+        elapsed: Duration,
+        tasks: Vec<tokio::task::JoinHandle<ConnectionResult>>,
+    ) -> RowResult {
+        let mut result = RowResult {
+            requests: 0,
+            errors: 0,
+            statuses: Default::default(),
+            elapsed,
+            latencies_us: Vec::new(),
+        };
+        for task in tasks {
+            if let Ok((latencies, statuses, errors)) = task.await {
+                result.requests += latencies.len() as u64;
+                result.latencies_us.extend(latencies);
+                result.errors += errors;
+                for (s, n) in statuses {
+                    *result.statuses.entry(s).or_insert(0) += n;
+                }
+            }
+        }
+        result.latencies_us.sort_unstable();
+        result
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -250,26 +279,7 @@ async fn drive(
     let measured_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let elapsed = measured_from.elapsed();
-    let mut result = RowResult {
-        requests: 0,
-        errors: 0,
-        statuses: Default::default(),
-        elapsed,
-        latencies_us: Vec::new(),
-    };
-    for task in tasks {
-        if let Ok((latencies, statuses, errors)) = task.await {
-            result.requests += latencies.len() as u64;
-            result.latencies_us.extend(latencies);
-            result.errors += errors;
-            for (s, n) in statuses {
-                *result.statuses.entry(s).or_insert(0) += n;
-            }
-        }
-    }
-    result.latencies_us.sort_unstable();
-    result
+    RowResult::gather(measured_from.elapsed(), tasks).await
 }
 
 fn request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {

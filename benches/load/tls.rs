@@ -149,25 +149,7 @@ async fn drive_tls(
     let measured_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut result = RowResult {
-        requests: 0,
-        errors: 0,
-        statuses: Default::default(),
-        elapsed: measured_from.elapsed(),
-        latencies_us: Vec::new(),
-    };
-    for task in tasks {
-        if let Ok((latencies, statuses, errors)) = task.await {
-            result.requests += latencies.len() as u64;
-            result.latencies_us.extend(latencies);
-            result.errors += errors;
-            for (s, n) in statuses {
-                *result.statuses.entry(s).or_insert(0) += n;
-            }
-        }
-    }
-    result.latencies_us.sort_unstable();
-    result
+    RowResult::gather(measured_from.elapsed(), tasks).await
 }
 
 /// nginx terminating TLS (HTTP/1.1 and HTTP/2 by ALPN) with the same `map` check.
