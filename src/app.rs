@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,18 +14,16 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{BackgroundService, GenBackgroundService};
 use pingora::services::listening::Service;
 use prometheus::IntGauge;
-use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
 use crate::config::{Config, StoreBackend};
-use crate::drain::Drain;
 use crate::gateway::Gateway;
 use crate::management::Management;
 use crate::metrics::Metrics;
-use crate::routing::{Router, build_route};
-use crate::server::conn_limits::{ConnectionCap, HeaderDeadline};
+use crate::reload::{Hangups, Reloader};
+use crate::routing::{HealthChecks, RouteEnv, Router, build_routes};
+use crate::server::edge::Edge;
 use crate::server::ops::OpsApp;
-use crate::server::proxy::KeygateProxy;
-use crate::server::tls::{CertResolver, TlsEdge, TlsTermination};
 use crate::state::Shared;
 use crate::store::{self, KeyCache, KeyStore, PgOptions};
 use crate::usage::UsageRecorder;
@@ -42,8 +40,7 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// `drain`); `main` then writes the pending usage counts. Pingora is told to stop fast
 /// because the drain has already happened (its graceful stop would sleep the whole grace).
 struct StopSignals {
-    drain: &'static Drain,
-    grace: Duration,
+    shared: Arc<Shared>,
     /// Set by a stop signal that came before `recv` first ran: Pingora starts listening
     /// before it listens for signals, and in between a signal's default action would kill
     /// the process without the final usage flush.
@@ -89,14 +86,16 @@ impl ShutdownSignalWatch for StopSignals {
             },
             early => signal_name(early),
         };
-        let in_flight = self.drain.in_flight();
+        let drain = self.shared.drain;
+        let grace = self.shared.live().config.server.shutdown_grace;
+        let in_flight = drain.in_flight();
         tracing::info!(
             signal = name,
             in_flight,
-            grace_seconds = self.grace.as_secs(),
+            grace_seconds = grace.as_secs(),
             "{name} received: finishing the requests in flight, then stopping"
         );
-        let left = self.drain.drain(self.grace).await;
+        let left = drain.drain(grace).await;
         if left > 0 {
             tracing::warn!(left, "the grace period ended with requests still in flight");
         }
@@ -189,7 +188,7 @@ impl BackgroundService for Housekeeping {
                     self.shared.rate_limits.forget_idle();
                     self.management.forget_idle_limits();
                 }
-                _ = purges.tick(), if self.shared.config.keys.purge_revoked_after.is_some() => {
+                _ = purges.tick(), if self.shared.live().config.keys.purge_revoked_after.is_some() => {
                     self.management.purge_dead_keys().await;
                 }
                 _ = shutdown.changed() => return,
@@ -216,39 +215,6 @@ impl BackgroundService for TunnelSweep {
     }
 }
 
-/// SIGHUP reads the listener's certificate files again (until live reconfiguration
-/// re-reads the whole file on it); a bad file keeps the certificate in use.
-struct CertificateReload {
-    resolver: Arc<CertResolver>,
-    expiry: IntGauge,
-}
-
-#[async_trait]
-impl BackgroundService for CertificateReload {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler; certificates load at start only");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = hangup.recv() => match self.resolver.reload() {
-                    Ok(not_after) => {
-                        self.expiry.set(not_after);
-                        tracing::info!("SIGHUP: the TLS certificate was read again");
-                    }
-                    Err(problem) => tracing::error!(
-                        %problem,
-                        "SIGHUP: the TLS certificate could not be read again; the one in use stays"
-                    ),
-                },
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-}
-
 /// Fails early, with a clear message, when a listen address is taken: Pingora would retry
 /// for 30 s and then let that listener die silently.
 fn check_port_free(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -261,8 +227,11 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path).map_err(|errors| {
         anyhow::anyhow!("invalid configuration {}:\n{errors}", config_path.display())
     })?);
-    let _log_guard = crate::logging::init(&config.server.access_log)?;
+    let access_log = Arc::new(crate::logging::init(&config.server.access_log)?);
     let early = catch_early_stop_signals()?;
+    let hangup_seen = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(SIGHUP, Arc::clone(&hangup_seen))
+        .context("cannot install the SIGHUP handler")?;
     for warning in config.warnings(crate::clock::unix_now()) {
         tracing::warn!(%warning, "configuration warning");
     }
@@ -273,16 +242,46 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
     let (shared, store) = build_state(Arc::clone(&config))?;
     let management = Arc::new(Management::new(Arc::clone(&shared), admin_token));
     let stop = StopSignals {
-        drain: shared.drain,
-        grace: config.server.shutdown_grace,
+        shared: Arc::clone(&shared),
         early,
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
+    let health = Arc::new(HealthChecks::new(shared.live().router.routes()));
+    server.add_service(GenBackgroundService::new(
+        "health checks and DNS refreshes".to_string(),
+        Arc::clone(&health),
+    ));
     add_background_services(&mut server, &shared, &store, &management)?;
-    let tls = tls_edge(&mut server, &shared)?;
-    server.add_service(proxy_service(&server, &shared, management, tls));
-    server.add_service(ops_service(&shared));
+    let gateway = Arc::new(Gateway::new(Arc::clone(&shared)));
+    let (edge, proxy) = Edge::start(
+        &server.configuration,
+        gateway,
+        Arc::clone(&management),
+        &config.server,
+    )?;
+    server.add_service(proxy);
+    let reloader = Arc::new(Reloader {
+        path: config_path.to_path_buf(),
+        shared: Arc::clone(&shared),
+        management,
+        edge,
+        access_log,
+        health,
+        serial: tokio::sync::Mutex::new(()),
+    });
+    server.add_service(GenBackgroundService::new(
+        "SIGHUP reloads".to_string(),
+        Arc::new(Hangups {
+            reloader: Arc::clone(&reloader),
+            hangup_seen,
+        }),
+    ));
+    server.add_service(ops_service(&shared, reloader));
+    shared
+        .metrics
+        .config_last_reload_success
+        .set(crate::clock::unix_now());
 
     tracing::info!(
         listen = %config.server.listen,
@@ -301,31 +300,30 @@ pub(crate) fn serve(config_path: &Path) -> anyhow::Result<()> {
 }
 
 /// The store (opened on a runtime of its own: Pingora's do not exist yet), the cache in
-/// front of it, the routes and everything else the services share.
+/// front of it, the routes (their upstream names resolved on that runtime too) and
+/// everything else the services share.
 ///
 /// deadpool spawns the first PostgreSQL connection's driver on that throw-away runtime; it
 /// dies with it, and the pool replaces the closed connection on first use
 /// (`RecyclingMethod::Fast` checks `is_closed`).
 fn build_state(config: Arc<Config>) -> anyhow::Result<(Arc<Shared>, Arc<dyn KeyStore>)> {
-    let store = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start a runtime")?
-        .block_on(store::open(&config.store))?;
+        .context("cannot start a runtime")?;
+    let store = runtime.block_on(store::open(&config.store))?;
     let cache = store::cache_for(&config.store, Arc::clone(&store));
-    let routes = config
-        .routes
-        .iter()
-        .cloned()
-        .map(build_route)
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot build the upstream pools")?;
+    let metrics = Arc::new(Metrics::new());
+    let env = RouteEnv::new(&config.server, &metrics);
+    let routes = runtime
+        .block_on(build_routes(&config.routes, &env, &[]))
+        .map_err(|problem| anyhow::anyhow!("cannot build the upstream pools: {problem}"))?;
     let shared = Shared::new(
         config,
         Router::new(routes),
         cache,
         Arc::new(UsageRecorder::new()),
-        Arc::new(Metrics::new()),
+        metrics,
     );
     Ok((Arc::new(shared), store))
 }
@@ -353,7 +351,7 @@ fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// Health checks of every route, the usage flusher, the key filter, the invalidation
+/// The usage flusher, the key filter, the invalidation
 /// listener (on PostgreSQL) and housekeeping.
 fn add_background_services(
     server: &mut Server,
@@ -361,15 +359,12 @@ fn add_background_services(
     store: &Arc<dyn KeyStore>,
     management: &Arc<Management>,
 ) -> anyhow::Result<()> {
-    for route in shared.router.routes() {
-        let name = format!("health checks of route {}", route.name());
-        server.add_service(GenBackgroundService::new(name, Arc::clone(&route.balancer)));
-    }
+    let config = shared.live().config.clone();
     let flusher = UsageFlusher {
         usage: Arc::clone(&shared.usage),
         store: Arc::clone(store),
         metrics: Arc::clone(&shared.metrics),
-        interval: shared.config.store.usage_flush_interval,
+        interval: config.store.usage_flush_interval,
     };
     server.add_service(GenBackgroundService::new(
         "usage flusher".to_string(),
@@ -381,7 +376,7 @@ fn add_background_services(
             cache: Arc::clone(&shared.cache),
         }),
     ));
-    let backend = &shared.config.store.backend;
+    let backend = &config.store.backend;
     if matches!(backend, StoreBackend::Sled { .. }) {
         // One process owns a sled store: nothing is created behind its back.
         shared.cache.filter().request_rebuild();
@@ -418,81 +413,17 @@ fn add_background_services(
     Ok(())
 }
 
-/// With `[server.tls]`: the certificate (a bad one stops the start), its SIGHUP reload
-/// and the acceptor; the handshake shares the header's deadline.
-fn tls_edge(server: &mut Server, shared: &Arc<Shared>) -> anyhow::Result<Option<TlsEdge>> {
-    let Some(config) = &shared.config.server.tls else {
-        return Ok(None);
-    };
-    let resolver = Arc::new(CertResolver::load(config).map_err(|p| anyhow::anyhow!("{p}"))?);
-    let metrics = &shared.metrics;
-    metrics.tls_certificate_expiry.set(config.not_after);
-    let reload = CertificateReload {
-        resolver: Arc::clone(&resolver),
-        expiry: metrics.tls_certificate_expiry.clone(),
-    };
-    server.add_service(GenBackgroundService::new(
-        "certificate reload".to_string(),
-        Arc::new(reload),
-    ));
-    let timeout = shared.config.server.header_read_timeout;
-    Ok(Some(TlsEdge::new(resolver, timeout, metrics)?))
-}
-
-/// HTTP/2's counterparts of the HTTP/1.1 limits: streams per connection, the header block
-/// (Pingora's 64 KiB default, or twice `max_header_bytes` when larger, so that a header
-/// between the two still gets keygate's JSON 431; HPACK counts 32 bytes a field more).
-fn h2_options(
-    server: &crate::config::ServerConfig,
-) -> pingora::protocols::http::v2::server::H2Options {
-    let mut options = pingora::protocols::http::v2::server::default_h2_options();
-    options.max_concurrent_streams(server.h2_max_concurrent_streams);
-    let header_list = (2 * server.max_header_bytes).max(64 * 1024);
-    options.max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX));
-    options
-}
-
-/// The proxy on `listen`, inside the connection cap, TLS when configured, and the
-/// per-request header deadline.
-fn proxy_service(
-    server: &Server,
+/// `/metrics`, `/healthz`, `/readyz` and `POST /-/reload` on `admin_listen`.
+fn ops_service(
     shared: &Arc<Shared>,
-    management: Arc<Management>,
-    tls: Option<TlsEdge>,
+    reload: Arc<Reloader>,
 ) -> impl pingora::services::Service + 'static {
-    let hooks = KeygateProxy {
-        gateway: Arc::new(Gateway::new(Arc::clone(shared))),
-        management,
-    };
-    let mut proxy = pingora::proxy::http_proxy(&server.configuration, hooks);
-    // Let CONNECT reach request_filter, which refuses it with keygate's own JSON 405
-    // (Pingora's built-in refusal is a bare 405).
-    let mut options = pingora::apps::HttpServerOptions::default();
-    options.allow_connect_method_proxying = true;
-    let server_config = &shared.config.server;
-    // An idle HTTP/2 connection is closed as an idle HTTP/1.1 keep-alive one is.
-    options.h2_idle_timeout = Some(server_config.keepalive_timeout);
-    proxy.server_options = Some(options);
-    proxy.h2_options = Some(h2_options(server_config));
-    let deadline = HeaderDeadline::new(
-        proxy,
-        server_config.header_read_timeout,
-        server_config.keepalive_timeout,
-    );
-    let terminated = TlsTermination::new(deadline, tls);
-    let capped = ConnectionCap::new(terminated, server_config.max_connections, shared.drain);
-    let mut service = Service::new("keygate proxy".to_string(), capped);
-    service.add_tcp(&server_config.listen.to_string());
-    service
-}
-
-/// `/metrics`, `/healthz` and `/readyz` on `admin_listen`.
-fn ops_service(shared: &Arc<Shared>) -> impl pingora::services::Service + 'static {
     let ops = OpsApp {
         shared: Arc::clone(shared),
+        reload,
     };
     let mut service = Service::new("keygate ops".to_string(), ops);
-    service.add_tcp(&shared.config.server.admin_listen.to_string());
+    service.add_tcp(&shared.live().config.server.admin_listen.to_string());
     service
 }
 

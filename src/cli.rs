@@ -156,7 +156,19 @@ fn scan_command(config: &Path, prefix: Option<String>, paths: &[PathBuf]) -> Exi
 
 fn check(path: &Path) -> ExitCode {
     let (problems, warnings) = match Config::load(path) {
-        Ok(config) => (config.environment_problems(), config.warnings(unix_now())),
+        Ok(config) => {
+            let mut warnings = config.warnings(unix_now());
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    warnings.extend(runtime.block_on(crate::routing::unresolved_names(&config)));
+                }
+                Err(e) => eprintln!("warning: upstream names not checked: {e}"),
+            }
+            (config.environment_problems(), warnings)
+        }
         Err(errors) => (errors.0, Vec::new()),
     };
     for warning in &warnings {

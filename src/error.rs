@@ -13,6 +13,7 @@ pub(crate) mod code {
     pub(crate) const HEADER_TOO_LARGE: &str = "header_too_large";
     pub(crate) const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
     pub(crate) const INTERNAL_ERROR: &str = "internal_error";
+    pub(crate) const INVALID_CONFIG: &str = "invalid_config";
     pub(crate) const INVALID_JSON: &str = "invalid_json";
     pub(crate) const INVALID_KEY: &str = "invalid_key";
     pub(crate) const INVALID_PATH: &str = "invalid_path";

@@ -27,7 +27,8 @@
 //! - `management` the management API: calls, caller, fields, handlers, views, OpenAPI
 //! - `server`     Pingora's traits: proxy hooks, connection limits, TLS termination, ops
 //!   listener, access log
-//! - `logging`    log set-up
+//! - `logging`    log set-up; the access log's destination, which reloads swap
+//! - `reload`     live reconfiguration: read, check and build everything, then swap it in
 //! - `app`        assembles the state and the Pingora services; runs and stops them
 //! - `cli`        the `keygate` command line (serve, check, offline key commands, key scan)
 
@@ -47,6 +48,7 @@ mod logging;
 mod management;
 mod metrics;
 mod ratelimit;
+mod reload;
 mod routing;
 mod server;
 mod session;

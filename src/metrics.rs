@@ -32,6 +32,10 @@ pub struct Metrics {
     /// `downstream_requests`' series, resolved once (they are counted per request).
     pub by_protocol: [IntCounter; PROTOCOLS.len()],
     pub build_info: IntGaugeVec,
+    pub dns_failures: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_successful: IntGauge,
+    pub config_last_reload_success: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -146,6 +150,24 @@ pub(crate) const HANDSHAKE_ERROR_REASONS: [&str; 3] = ["failed", "timeout", "pla
 /// The `protocol` values of `keygate_downstream_requests_total`.
 pub(crate) const PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2"];
 const BUILD_INFO: Family = ("keygate_build_info", "Build information");
+const DNS_FAILURES: Family = (
+    "keygate_upstream_dns_failures_total",
+    "Resolutions of an upstream host name that failed; the upstream kept its last addresses",
+);
+const CONFIG_RELOADS: Family = (
+    "keygate_config_reloads_total",
+    "Configuration reloads (SIGHUP or POST /-/reload) by result (`success`, `failure`)",
+);
+const CONFIG_LAST_RELOAD_SUCCESSFUL: Family = (
+    "keygate_config_last_reload_successful",
+    "1 when the last reload applied the file (or none was tried yet), 0 when it was refused",
+);
+const CONFIG_LAST_RELOAD_SUCCESS: Family = (
+    "keygate_config_last_reload_success_timestamp_seconds",
+    "When the configuration in force was applied (Unix seconds): the start, or the last good reload",
+);
+/// The `result` values of `keygate_config_reloads_total`.
+pub(crate) const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
 const MANAGEMENT_SERIES: [(&str, &str); 12] = [
@@ -248,6 +270,19 @@ impl Metrics {
             downstream_requests,
             by_protocol,
             build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
+            dns_failures: register(
+                &r,
+                IntCounterVec::new(opts(DNS_FAILURES), &["route", "upstream"]),
+            ),
+            config_reloads: register(&r, IntCounterVec::new(opts(CONFIG_RELOADS), &["result"])),
+            config_last_reload_successful: register(
+                &r,
+                IntGauge::with_opts(opts(CONFIG_LAST_RELOAD_SUCCESSFUL)),
+            ),
+            config_last_reload_success: register(
+                &r,
+                IntGauge::with_opts(opts(CONFIG_LAST_RELOAD_SUCCESS)),
+            ),
             registry: r,
         };
         metrics.start_series();
@@ -273,6 +308,21 @@ impl Metrics {
             metrics
                 .management_requests
                 .with_label_values(&[operation, status]);
+        }
+        for result in RELOAD_RESULTS {
+            metrics.config_reloads.with_label_values(&[result]);
+        }
+        metrics.config_last_reload_successful.set(1);
+    }
+
+    /// Counts a reload; a good one also dates the configuration in force.
+    pub(crate) fn count_reload(&self, applied: bool, now: i64) {
+        self.config_reloads
+            .with_label_values(&[RELOAD_RESULTS[usize::from(!applied)]])
+            .inc();
+        self.config_last_reload_successful.set(i64::from(applied));
+        if applied {
+            self.config_last_reload_success.set(now);
         }
     }
 

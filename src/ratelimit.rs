@@ -96,7 +96,8 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Budget {
     Key,
-    Route(usize),
+    /// A route's default limit, by the route's id (from its name, so it survives reloads).
+    Route(u64),
 }
 
 /// Per-key limits where each key may carry its own quota: one keyed limiter per distinct

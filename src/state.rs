@@ -1,9 +1,11 @@
-//! The state every part of a running gateway shares: its configuration, routes, key cache,
-//! usage counters, metrics, per-key rate limits and the key authenticator. The request path
-//! (`gateway`), the management API, the ops listener and the background tasks each hold an
-//! `Arc<Shared>` next to state of their own.
+//! The state every part of a running gateway shares: its configuration and routes (`Live`,
+//! swapped whole by a reload), key cache, usage counters, metrics, per-key rate limits and
+//! the key authenticator. The request path (`gateway`), the management API, the ops
+//! listener and the background tasks each hold an `Arc<Shared>` next to state of their own.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -16,9 +18,15 @@ use crate::store::KeyCache;
 use crate::tunnels::Tunnels;
 use crate::usage::UsageRecorder;
 
-pub(crate) struct Shared {
+/// The configuration in force and the routes built from it. A request takes one snapshot
+/// when it arrives and keeps it to the end, so a reload never changes a request midway.
+pub(crate) struct Live {
     pub config: Arc<Config>,
     pub router: Router,
+}
+
+pub(crate) struct Shared {
+    live: ArcSwap<Live>,
     pub cache: Arc<KeyCache>,
     pub usage: Arc<UsageRecorder>,
     pub metrics: Arc<Metrics>,
@@ -44,11 +52,20 @@ impl Shared {
             rate_limits: KeyLimits::default(),
             drain: Drain::leak(),
             tunnels: Arc::new(Tunnels::new(&metrics)),
-            config,
-            router,
+            live: ArcSwap::from_pointee(Live { config, router }),
             cache,
             usage,
             metrics,
         }
+    }
+
+    /// The configuration and routes in force now.
+    pub(crate) fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Puts a new configuration in force for every request that arrives from now on.
+    pub(crate) fn put_live(&self, live: Live) {
+        self.live.store(Arc::new(live));
     }
 }

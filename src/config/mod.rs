@@ -6,6 +6,7 @@
 
 mod raw;
 mod read;
+mod reload;
 mod resolve;
 mod route;
 mod tls;
@@ -56,7 +57,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub store: StoreConfig,
@@ -67,7 +68,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -87,6 +88,11 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
     /// When set, `listen` speaks TLS only (HTTP/2 and HTTP/1.1 by ALPN).
     pub tls: Option<TlsConfig>,
+    /// How often upstream host names are resolved again.
+    pub dns_refresh: Duration,
+    /// Name servers asked for upstream host names; empty: the system's resolver (which
+    /// also reads /etc/hosts).
+    pub resolver: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +102,7 @@ pub enum AccessLog {
     File(PathBuf),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreBackend {
     Sled {
         path: PathBuf,
@@ -113,7 +119,7 @@ pub enum StoreBackend {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
     pub cache_capacity: u64,
@@ -128,21 +134,21 @@ pub struct StoreConfig {
     pub usage_flush_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KeysConfig {
     pub prefix: String,
     /// Revoked and expired keys are deleted this long after; None: kept.
     pub purge_revoked_after: Option<std::time::Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManagementConfig {
     pub path: String,
     pub admin_token_env: Option<String>,
     pub limits: ManagementLimits,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ManagementLimits {
     pub create_per_hour: u32,
     pub list_per_minute: u32,
@@ -152,14 +158,14 @@ pub struct ManagementLimits {
     pub auth_failures_per_minute: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SignupConfig {
     pub enabled: bool,
     pub per_client_per_hour: u32,
 }
 
 /// The key console under `<management.path>/console/` (contract section 15).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsoleConfig {
     pub enabled: bool,
 }
@@ -170,14 +176,22 @@ pub enum AuthMode {
     None,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
     /// As written in the file, for logs, metrics labels and the default SNI.
     pub name: String,
-    pub addr: SocketAddr,
+    pub host: UpstreamHost,
 }
 
-#[derive(Debug, Clone)]
+/// Where an upstream is: an address as written, or a host name resolved at start and again
+/// every `server.dns_refresh_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamHost {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
     pub path_prefix: String,

@@ -46,6 +46,8 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Vec<String>,
     pub(super) h2_max_concurrent_streams: i64,
     pub(super) tls: Option<RawTls>,
+    pub(super) dns_refresh_seconds: i64,
+    pub(super) resolver: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -63,6 +65,8 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             h2_max_concurrent_streams: 100,
             tls: None,
+            dns_refresh_seconds: 30,
+            resolver: Vec::new(),
         }
     }
 }
@@ -86,6 +90,8 @@ impl RawServer {
             h2_max_concurrent_streams: f
                 .int("h2_max_concurrent_streams", d.h2_max_concurrent_streams),
             tls: f.table("tls", RawTls::read),
+            dns_refresh_seconds: f.int("dns_refresh_seconds", d.dns_refresh_seconds),
+            resolver: f.strings("resolver"),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::raw::{RawRateLimit, RawRoute};
-use super::resolve::{load_ca_file, resolve};
+use super::resolve::{load_ca_file, upstream_host};
 use super::validate::{MAX_INTERVAL_MS, MAX_ROUTE_NAME_LEN, MAX_SCOPE_LEN, Problems};
 use super::{AuthMode, RouteConfig, UpstreamAddr};
 use crate::keys::RateLimit;
@@ -168,10 +168,10 @@ fn route_upstreams(i: usize, names: Option<&[String]>, p: &mut Problems) -> Vec<
     names
         .iter()
         .enumerate()
-        .filter_map(|(j, name)| match resolve(name) {
-            Ok(addr) => Some(UpstreamAddr {
+        .filter_map(|(j, name)| match upstream_host(name) {
+            Ok(host) => Some(UpstreamAddr {
                 name: name.clone(),
-                addr,
+                host,
             }),
             Err(reason) => {
                 p.add(format!("routes[{i}].upstreams[{j}]"), reason);

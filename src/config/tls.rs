@@ -14,7 +14,7 @@ use super::raw::RawTls;
 use super::validate::Problems;
 
 /// `[server.tls]` as validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,

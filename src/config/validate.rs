@@ -186,7 +186,36 @@ fn validate_server(raw: RawServer, p: &mut Problems) -> ServerConfig {
             1..=10_000,
         ) as u32,
         tls: validate_tls(raw.tls, p),
+        dns_refresh: Duration::from_secs(p.ranged(
+            "server.dns_refresh_seconds",
+            raw.dns_refresh_seconds,
+            1..=86_400,
+        )),
+        resolver: name_servers(&raw.resolver, p),
     }
+}
+
+/// `ip` or `ip:port` (port 53 by default).
+fn name_servers(raw: &[String], p: &mut Problems) -> Vec<SocketAddr> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                text.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            if parsed.is_none() {
+                p.add(
+                    format!("server.resolver[{i}]"),
+                    format!(
+                        "`{text}` is not a name server address such as 127.0.0.53 or 10.0.0.2:53"
+                    ),
+                );
+            }
+            parsed
+        })
+        .collect()
 }
 
 /// CIDRs (`10.0.0.0/8`) or single addresses (`10.1.2.3`).

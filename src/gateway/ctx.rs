@@ -9,6 +9,7 @@ use crate::http::credentials::CredentialSources;
 use crate::metrics::Outcome;
 use crate::ratelimit::Decision;
 use crate::routing::Route;
+use crate::state::Live;
 use crate::store::CachedKey;
 use crate::tunnels::TunnelGuard;
 
@@ -19,9 +20,7 @@ pub(crate) enum Target {
     #[default]
     Undecided,
     Management,
-    /// A route, with its index in the router (the metrics and rate-limit budgets use it).
     Route {
-        index: usize,
         route: Arc<Route>,
     },
 }
@@ -61,13 +60,15 @@ pub(crate) struct RequestCtx {
     pub tunnel: Option<TunnelGuard>,
     /// The client reached keygate over TLS (`X-Forwarded-Proto: https`).
     pub https: bool,
+    /// The configuration and routes in force when the request arrived, kept to its end.
+    pub live: Arc<Live>,
     /// Counts this request as in flight until the context is dropped, after logging.
     _in_flight: InFlight,
 }
 
 impl RequestCtx {
     /// A request that has just arrived (the clock starts now).
-    pub(crate) fn new(in_flight: InFlight) -> Self {
+    pub(crate) fn new(in_flight: InFlight, live: Arc<Live>) -> Self {
         RequestCtx {
             started: Instant::now(),
             request_id: String::new(),
@@ -90,6 +91,7 @@ impl RequestCtx {
             websocket: false,
             tunnel: None,
             https: false,
+            live,
             _in_flight: in_flight,
         }
     }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use pingora::http::RequestHeader;
 
-use super::Gateway;
 use crate::error::GatewayError;
 use crate::http::host::request_host;
 use crate::http::path;
-use crate::routing::Route;
+use crate::routing::{Route, Router};
+use crate::state::Live;
 
 /// What a path means to keygate. Routes compare by index.
 pub(super) enum Destination<'a> {
@@ -30,16 +30,36 @@ impl Destination<'_> {
     }
 }
 
-impl Gateway {
+/// What one request's path is matched against: the routes and the management mount of the
+/// configuration it arrived under.
+pub(super) struct Destinations<'a> {
+    router: &'a Router,
+    management_path: &'a str,
+    /// Whether a route prefix or the management path has an upper-case letter (then every
+    /// path is also compared regardless of case; otherwise only paths with one).
+    case_matters: bool,
+}
+
+impl<'a> Destinations<'a> {
+    pub(super) fn of(live: &'a Live) -> Self {
+        let management_path = live.config.management.path.as_str();
+        Destinations {
+            router: &live.router,
+            management_path,
+            case_matters: live.router.has_uppercase_prefixes()
+                || management_path.bytes().any(|b| b.is_ascii_uppercase()),
+        }
+    }
+
     /// Where a request in origin-form leads, once its path is known to read the same to
     /// keygate and to any upstream.
-    pub(super) fn destination_of<'a>(
-        &'a self,
-        req: &'a RequestHeader,
+    pub(super) fn destination_of(
+        &self,
+        req: &RequestHeader,
     ) -> Result<Destination<'a>, GatewayError> {
         let path = req.uri.path();
         // Without host-bound routes the Host header decides nothing here.
-        let host = if self.shared.router.has_host_routes() {
+        let host = if self.router.has_host_routes() {
             request_host(req).map_err(|_| GatewayError::InvalidHost)?
         } else {
             None
@@ -102,11 +122,11 @@ impl Gateway {
 
     /// Where `path` leads: the management API, a route, or nowhere; with `ignore_case`,
     /// where it leads for an upstream that compares paths regardless of case.
-    fn destination(&self, host: Option<&str>, path: &str, ignore_case: bool) -> Destination<'_> {
+    fn destination(&self, host: Option<&str>, path: &str, ignore_case: bool) -> Destination<'a> {
         if self.is_management_path(path, ignore_case) {
             return Destination::Management;
         }
-        let router = &self.shared.router;
+        let router = self.router;
         let found = if ignore_case {
             router.find_ignoring_case(host, path)
         } else {
@@ -119,7 +139,7 @@ impl Gateway {
     }
 
     fn is_management_path(&self, path: &str, ignore_case: bool) -> bool {
-        management_rest(&self.shared.config.management.path, path, ignore_case).is_some()
+        management_rest(self.management_path, path, ignore_case).is_some()
     }
 }
 

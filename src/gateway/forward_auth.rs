@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora::proxy::Session;
 
-use super::destination::{Destination, management_rest};
+use super::destination::{Destination, Destinations, management_rest};
 use super::{Admission, Gateway, RequestCtx};
 use crate::error::GatewayError;
 use crate::http::{original, target};
@@ -39,13 +39,14 @@ impl Gateway {
         ctx.forward_auth = true;
         let mut original = original::original_request(session.req_header(), suffix)?;
         target::normalize_target(&mut original)?;
-        let (index, route) = match self.destination_of(&original)? {
-            Destination::Route(index, route) => (index, Arc::clone(route)),
+        let live = Arc::clone(&ctx.live);
+        let route = match Destinations::of(&live).destination_of(&original)? {
+            Destination::Route(_, route) => Arc::clone(route),
             // The management API authenticates its own calls: no route decides for it.
             Destination::Management | Destination::NoRoute => return Err(GatewayError::NoRoute),
         };
         ctx.original_path = Some(original.uri.path().to_string());
-        self.admit_to_route(session.req_header(), ctx, index, route)
+        self.admit_to_route(session.req_header(), ctx, route)
             .await?;
         self.count_usage(ctx);
         Ok(Admission::Decided)

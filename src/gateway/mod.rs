@@ -29,7 +29,7 @@ use crate::ratelimit::{Budget, Decision};
 use crate::routing::Route;
 use crate::state::Shared;
 use crate::store::CachedKey;
-use destination::Destination;
+use destination::{Destination, Destinations};
 
 /// Metrics label for requests that matched no route, and for management calls.
 pub(crate) const NO_ROUTE_LABEL: &str = "_none";
@@ -46,10 +46,6 @@ pub(crate) enum Admission {
 
 pub(crate) struct Gateway {
     pub shared: Arc<Shared>,
-    /// Whether a route prefix or the management path has an upper-case letter (then every
-    /// path is also compared regardless of case; otherwise only paths with one).
-    case_matters: bool,
-    route_metrics: Vec<RouteMetrics>,
     no_route_metrics: RouteMetrics,
     management_metrics: RouteMetrics,
 }
@@ -57,19 +53,9 @@ pub(crate) struct Gateway {
 impl Gateway {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let metrics = &shared.metrics;
-        let route_metrics = shared
-            .router
-            .routes()
-            .iter()
-            .map(|r| RouteMetrics::new(metrics, r.name()))
-            .collect();
-        let management_path = &shared.config.management.path;
         Gateway {
             no_route_metrics: RouteMetrics::new(metrics, NO_ROUTE_LABEL),
             management_metrics: RouteMetrics::new(metrics, MANAGEMENT_LABEL),
-            case_matters: shared.router.has_uppercase_prefixes()
-                || management_path.bytes().any(|b| b.is_ascii_uppercase()),
-            route_metrics,
             shared,
         }
     }
@@ -82,15 +68,16 @@ impl Gateway {
     ) -> Result<Admission, GatewayError> {
         // 1: who is asking; the request line, its framing, target and Host.
         self.identify_client(session, ctx);
-        self.check_request_line(session.req_header(), ctx.framed_both_ways)?;
+        self.check_request_line(session.req_header(), ctx)?;
         target::normalize_target(session.req_header_mut())?;
         check_host_present(session.req_header())?;
         // 2-3: where the path leads, read every way an upstream might read it; whether an
         // upgrade may go there.
-        let (index, route) = match self.destination_of(session.req_header())? {
+        let live = Arc::clone(&ctx.live);
+        let route = match Destinations::of(&live).destination_of(session.req_header())? {
             Destination::Management => {
                 settle_upgrade(session.req_header_mut(), false);
-                let management_path = &self.shared.config.management.path;
+                let management_path = &live.config.management.path;
                 let path = session.req_header().uri.path();
                 if let Some(suffix) = forward_auth::authorize_suffix(management_path, path) {
                     let suffix = suffix.to_string();
@@ -100,11 +87,11 @@ impl Gateway {
                 return Ok(Admission::Management);
             }
             Destination::NoRoute => return Err(GatewayError::NoRoute),
-            Destination::Route(index, route) => (index, Arc::clone(route)),
+            Destination::Route(_, route) => Arc::clone(route),
         };
         ctx.websocket = settle_upgrade(session.req_header_mut(), route.config.websocket);
         // 4-7: the key, and what it may do here.
-        self.admit_to_route(session.req_header(), ctx, index, route)
+        self.admit_to_route(session.req_header(), ctx, route)
             .await?;
         // 8-9: a chunked body read whole; usage counted. Step 10, the request as the
         // upstream gets it, is `prepare_upstream_request`.
@@ -123,11 +110,9 @@ impl Gateway {
         &self,
         req: &RequestHeader,
         ctx: &mut RequestCtx,
-        index: usize,
         route: Arc<Route>,
     ) -> Result<(), GatewayError> {
         ctx.target = Target::Route {
-            index,
             route: Arc::clone(&route),
         };
         if route.is_public() {
@@ -135,7 +120,7 @@ impl Gateway {
             return Ok(());
         }
         let key = self.authenticate(req, ctx).await?;
-        self.authorize(key, &route, index, ctx)
+        self.authorize(key, &route, ctx)
     }
 
     /// The peer, and the client behind it when the peer is a trusted proxy.
@@ -144,7 +129,7 @@ impl Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let proxies = &self.shared.config.server.trusted_proxies;
+        let proxies = &ctx.live.config.server.trusted_proxies;
         let headers = &session.req_header().headers;
         ctx.peer = peer;
         ctx.client = peer.map(|ip| forwarded::client_address(ip, headers, proxies));
@@ -155,15 +140,15 @@ impl Gateway {
     fn check_request_line(
         &self,
         req: &RequestHeader,
-        framed_both_ways: bool,
+        ctx: &RequestCtx,
     ) -> Result<(), GatewayError> {
         if req.method == http::Method::CONNECT {
             return Err(GatewayError::ConnectNotAllowed);
         }
-        if framed_both_ways {
+        if ctx.framed_both_ways {
             return Err(GatewayError::ConflictingFraming);
         }
-        if target::header_size(req) > self.shared.config.server.max_header_bytes {
+        if target::header_size(req) > ctx.live.config.server.max_header_bytes {
             return Err(GatewayError::HeaderTooLarge);
         }
         Ok(())
@@ -192,7 +177,6 @@ impl Gateway {
         &self,
         key: Arc<CachedKey>,
         route: &Route,
-        index: usize,
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         if !key.admits_from(ctx.client) {
@@ -203,7 +187,7 @@ impl Gateway {
         }
         let limit = match (key.rate_limit, route.config.rate_limit) {
             (Some(own), _) => Some((own, Budget::Key)),
-            (None, Some(route_default)) => Some((route_default, Budget::Route(index))),
+            (None, Some(route_default)) => Some((route_default, Budget::Route(route.id))),
             (None, None) => None,
         };
         let id = key.id_number;
@@ -226,7 +210,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         if body::framing(session.req_header())? == body::Framing::Chunked {
-            let deadline = self.shared.config.server.header_read_timeout;
+            let deadline = ctx.live.config.server.header_read_timeout;
             let length = crate::session::body::buffer_chunked(session, deadline).await?;
             ctx.buffered_body = Some(length);
         }
@@ -241,13 +225,10 @@ impl Gateway {
     }
 
     /// The metrics of the request's route (or of the no-route / management pseudo routes).
-    pub(crate) fn route_metrics(&self, ctx: &RequestCtx) -> &RouteMetrics {
+    pub(crate) fn route_metrics<'a>(&'a self, ctx: &'a RequestCtx) -> &'a RouteMetrics {
         match ctx.target {
             Target::Management => &self.management_metrics,
-            Target::Route { index, .. } => self
-                .route_metrics
-                .get(index)
-                .unwrap_or(&self.no_route_metrics),
+            Target::Route { ref route, .. } => &route.metrics,
             Target::Undecided => &self.no_route_metrics,
         }
     }

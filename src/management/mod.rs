@@ -17,12 +17,14 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::proxy::Session;
 use serde_json::Map;
 
 use crate::clock::unix_now;
+use crate::config::{Config, ManagementLimits};
 use crate::error::GatewayError;
 use crate::gateway::{RequestCtx, management_rest};
 use crate::lifecycle::Lifecycle;
@@ -42,38 +44,74 @@ use handlers::{ApiResult, Request};
 pub(crate) struct Management {
     shared: Arc<Shared>,
     keys: Lifecycle,
-    limiters: ManagementLimiters,
     /// The admin token's bytes; None = no admin access.
     admin_token: Option<Vec<u8>>,
+    /// What the configuration in force decides; swapped by a reload.
+    settings: ArcSwap<Settings>,
+}
+
+/// The parts of the management API a reload changes: its limits, the OpenAPI document
+/// and the console.
+struct Settings {
+    limits: (ManagementLimits, u32),
+    limiters: Arc<ManagementLimiters>,
+    /// Clients that keep presenting wrong credentials are slowed down.
+    failures: Arc<FailureThrottle>,
     /// The OpenAPI document as served (it lists sign-up only when that is on).
     openapi: Bytes,
-    /// Clients that keep presenting wrong credentials are slowed down.
-    failures: FailureThrottle,
     console: console::Console,
+}
+
+impl Settings {
+    /// The settings of `config`; budgets and throttles whose limits did not change keep
+    /// their state from `running`.
+    fn new(config: &Config, running: Option<&Settings>) -> Self {
+        let limits = (config.management.limits, config.signup.per_client_per_hour);
+        let limiters = match running {
+            Some(running) if running.limits == limits => Arc::clone(&running.limiters),
+            _ => Arc::new(ManagementLimiters::new(&limits.0, limits.1)),
+        };
+        let failures_per_minute = limits.0.auth_failures_per_minute;
+        let failures = match running {
+            Some(running) if running.limits.0.auth_failures_per_minute == failures_per_minute => {
+                Arc::clone(&running.failures)
+            }
+            _ => Arc::new(FailureThrottle::new(failures_per_minute)),
+        };
+        Settings {
+            limits,
+            limiters,
+            failures,
+            openapi: openapi::document(config.signup.enabled),
+            console: console::Console::new(config.console.enabled, &config.management.path),
+        }
+    }
 }
 
 impl Management {
     pub(crate) fn new(shared: Arc<Shared>, admin_token: Option<Vec<u8>>) -> Self {
-        let config = &shared.config;
-        let limits = &config.management.limits;
+        let settings = Settings::new(&shared.live().config, None);
         Management {
             keys: Lifecycle::new(
                 Arc::clone(&shared.cache),
                 Arc::clone(&shared.usage),
                 shared.auth.format().clone(),
             ),
-            limiters: ManagementLimiters::new(limits, config.signup.per_client_per_hour),
-            openapi: openapi::document(config.signup.enabled),
-            failures: FailureThrottle::new(limits.auth_failures_per_minute),
-            console: console::Console::new(config.console.enabled, &config.management.path),
+            settings: ArcSwap::from_pointee(settings),
             admin_token,
             shared,
         }
     }
 
+    /// Takes the limits, sign-up, console and OpenAPI of a reloaded configuration.
+    pub(crate) fn apply(&self, config: &Config) {
+        let settings = Settings::new(config, Some(&self.settings.load()));
+        self.settings.store(Arc::new(settings));
+    }
+
     /// Deletes keys revoked or expired longer than `keys.purge_revoked_after_days` ago.
     pub(crate) async fn purge_dead_keys(&self) {
-        let Some(after) = self.shared.config.keys.purge_revoked_after else {
+        let Some(after) = self.shared.live().config.keys.purge_revoked_after else {
             return;
         };
         let before = unix_now() - i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
@@ -86,7 +124,7 @@ impl Management {
 
     /// Drops the state of budgets that have fully recovered.
     pub(crate) fn forget_idle_limits(&self) {
-        self.limiters.forget_idle();
+        self.settings.load().limiters.forget_idle();
     }
 
     /// Answers one management call.
@@ -96,14 +134,16 @@ impl Management {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let req = session.req_header();
-        let base = &self.shared.config.management.path;
+        let live = Arc::clone(&ctx.live);
+        let base = &live.config.management.path;
         let rest = management_rest(base, req.uri.path(), false)
             .unwrap_or_default()
             .to_string();
-        let call = Call::parse(&rest, &req.method, self.shared.config.signup.enabled);
+        let call = Call::parse(&rest, &req.method, live.config.signup.enabled);
         let label = call.as_ref().map_or("unknown", Call::label);
+        let settings = self.settings.load_full();
         let reply = self
-            .answer(&rest, call, session, ctx)
+            .answer(&rest, call, session, ctx, &settings)
             .await
             .unwrap_or_else(|e| {
                 ctx.outcome = e.outcome();
@@ -138,13 +178,15 @@ impl Management {
         call: Result<Call, ApiError>,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        settings: &Settings,
     ) -> ApiResult {
+        let deadline = ctx.live.config.server.header_read_timeout;
         let call = match call {
-            Ok(Call::OpenApi) => return Ok(Reply::json(200, self.openapi.clone())),
-            Ok(Call::Signup) => return self.signup(session, ctx.client).await,
+            Ok(Call::OpenApi) => return Ok(Reply::json(200, settings.openapi.clone())),
+            Ok(Call::Signup) => return self.signup(session, ctx.client, settings, deadline).await,
             Ok(Call::Console(file)) => {
                 let req = session.req_header();
-                let reply = self.console.answer(&file, &req.method, &req.headers);
+                let reply = settings.console.answer(&file, &req.method, &req.headers);
                 // No credential is read: the load is public, whoever then signs in.
                 ctx.outcome = Outcome::Public;
                 return reply;
@@ -154,7 +196,9 @@ impl Management {
             Err(e) if Call::is_public_path(rest) => return Err(e),
             Err(e) => Err(e),
         };
-        let caller = self.authenticate(session, ctx.client).await?;
+        let caller = self
+            .authenticate(session, ctx.client, &settings.failures)
+            .await?;
         // A key's allowlist holds on the management API as on any route, except for a key
         // revoking itself by value: whoever found a leaked key may kill it from anywhere
         // (the handler holds a key revoking another one to its allowlist).
@@ -165,13 +209,12 @@ impl Management {
         ctx.key = caller.key().cloned();
         let call = call?;
         authorize(&call, &caller)?;
-        self.spend(&call, &caller)?;
+        spend(&call, &caller, &settings.limiters)?;
         // Usage counts management calls too (contract section 6: "proxied or management").
         if let Some(key) = caller.key() {
             self.shared.usage.record(key.id_number, &key.id, unix_now());
         }
         let body = if call.takes_body() {
-            let deadline = self.shared.config.server.header_read_timeout;
             let body = read_json(session, deadline).await?;
             // A body may take its time: a key revoked or expired meanwhile acts no more.
             if let Caller::Key(_) = caller {
@@ -185,7 +228,7 @@ impl Management {
         let request = Request {
             shared: &self.shared,
             keys: &self.keys,
-            limiters: &self.limiters,
+            limiters: &settings.limiters,
             actor: caller.actor(),
             caller: &caller,
             client: ctx.client.map(|ip| ip.to_string()),
@@ -201,8 +244,9 @@ impl Management {
         &self,
         session: &Session,
         client: Option<IpAddr>,
+        failures: &FailureThrottle,
     ) -> Result<Caller, ApiError> {
-        if client.is_some_and(|ip| self.failures.is_blocked(ip)) {
+        if client.is_some_and(|ip| failures.is_blocked(ip)) {
             let retry_after = FAILURE_WINDOW.as_secs();
             return Err(GatewayError::RateLimited { retry_after }.into());
         }
@@ -212,30 +256,32 @@ impl Management {
         if let (Err(e), Some(ip)) = (&caller, client)
             && e.is_wrong_credential()
         {
-            self.failures.record_failure(ip);
+            failures.record_failure(ip);
         }
         caller
     }
 
-    /// A key's call spends its owner's budget for that kind of call; the admin's none.
-    fn spend(&self, call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
-        match (call.budget(), caller.owner()) {
-            (Some(budget), Some(owner)) => self.limit(budget, owner),
-            _ => Ok(()),
-        }
-    }
-
-    fn limit(&self, budget: ManagementBudget, who: &str) -> Result<(), ApiError> {
-        handlers::spend(&self.limiters, budget, who)
-    }
-
-    async fn signup(&self, session: &mut Session, client: Option<IpAddr>) -> ApiResult {
-        let body = read_json(session, self.shared.config.server.header_read_timeout).await?;
+    async fn signup(
+        &self,
+        session: &mut Session,
+        client: Option<IpAddr>,
+        settings: &Settings,
+        deadline: std::time::Duration,
+    ) -> ApiResult {
+        let body = read_json(session, deadline).await?;
         // Per IPv4 address or IPv6 /64: one host can rotate through its whole /64.
         let bucket =
             client.map_or_else(|| "unknown".to_string(), |ip| client_bucket(ip).to_string());
-        self.limit(ManagementBudget::Signup, &bucket)?;
+        handlers::spend(&settings.limiters, ManagementBudget::Signup, &bucket)?;
         handlers::signup(&self.keys, client.map(|ip| ip.to_string()), body).await
+    }
+}
+
+/// A key's call spends its owner's budget for that kind of call; the admin's none.
+fn spend(call: &KeyedCall, caller: &Caller, limiters: &ManagementLimiters) -> Result<(), ApiError> {
+    match (call.budget(), caller.owner()) {
+        (Some(budget), Some(owner)) => handlers::spend(limiters, budget, owner),
+        _ => Ok(()),
     }
 }
 

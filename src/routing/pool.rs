@@ -6,18 +6,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::lb::Backend;
 use pingora::lb::LoadBalancer;
 use pingora::lb::health_check::{
     HealthObserve, HealthObserveCallback, HttpHealthCheck, TcpHealthCheck,
 };
 use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, Backends};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{WrappedX509, parse_x509};
 
 use super::Route;
-use crate::config::RouteConfig;
+use super::dns::{NameResolver, UpstreamDiscovery, UpstreamIndex};
+use crate::config::{ConfigProblem, RouteConfig, ServerConfig};
+use crate::metrics::{Metrics, RouteMetrics};
 
 /// How many backends round-robin selection may skip over looking for a healthy one: more
 /// than any route has, so an unhealthy upstream is always skipped.
@@ -53,25 +55,40 @@ impl Route {
         // Pingora pools upstream connections by address, SNI and verification flags, not
         // by trust roots: without a key of its own, a route could reuse a connection that
         // was verified against another route's `ca_file`.
-        peer.group_key = self.pool_key;
+        peer.group_key = self.id;
         Some((Box::new(peer), addr))
     }
 
-    /// Health of each upstream as (configured name, healthy).
+    /// Health of each upstream as (configured name, healthy): a name is healthy while
+    /// any of its addresses is.
     pub(crate) fn upstream_health(&self) -> Vec<(String, bool)> {
         let backends = self.balancer.backends();
         let set = backends.get_backend();
         self.config
             .upstreams
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(index, u)| {
                 let healthy = set
                     .iter()
-                    .find(|b| b.addr.as_inet() == Some(&u.addr))
-                    .is_some_and(|b| backends.ready(b));
+                    .filter(|b| b.ext.get::<UpstreamIndex>().is_some_and(|i| i.0 == index))
+                    .any(|b| backends.ready(b));
                 (u.name.clone(), healthy)
             })
             .collect()
+    }
+
+    /// The addresses the route's upstreams have now (a name may have several).
+    pub(crate) fn upstream_addresses(&self) -> usize {
+        self.balancer.backends().get_backend().len()
+    }
+
+    /// Whether `config`, built with `env`, would give this very route: then a reload keeps
+    /// it, with its balancer's health state and pooled connections.
+    pub(crate) fn is_built_from(&self, config: &RouteConfig, env: &RouteEnv<'_>) -> bool {
+        self.config == *config
+            && (!UpstreamDiscovery::has_names(&config.upstreams)
+                || (self.resolver == env.resolver && self.dns_refresh == env.dns_refresh))
     }
 }
 
@@ -99,9 +116,26 @@ fn observer(config: &RouteConfig) -> HealthObserveCallback {
     })
 }
 
-/// Builds a route's balancer. The caller must also run it as a background service, or
-/// its health checks never run.
-pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
+/// What building a route needs besides its own configuration.
+pub(crate) struct RouteEnv<'a> {
+    pub metrics: &'a Metrics,
+    pub resolver: NameResolver,
+    pub dns_refresh: Duration,
+}
+
+impl<'a> RouteEnv<'a> {
+    pub(crate) fn new(server: &ServerConfig, metrics: &'a Metrics) -> Self {
+        RouteEnv {
+            metrics,
+            resolver: NameResolver::new(&server.resolver),
+            dns_refresh: server.dns_refresh,
+        }
+    }
+}
+
+/// Builds a route's balancer, its upstream names resolved. The caller must also run the
+/// balancer (`health::HealthChecks`), or its health checks and DNS refreshes never run.
+async fn build_route(config: RouteConfig, env: &RouteEnv<'_>) -> std::io::Result<Route> {
     // Each certificate was checked to parse when the config was loaded.
     let trust: Option<Arc<CaType>> = config.ca_certificates.as_ref().map(|certs| {
         certs
@@ -110,8 +144,21 @@ pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
             .collect::<Vec<_>>()
             .into()
     });
+    let discovery = UpstreamDiscovery::new(
+        &config.name,
+        &config.upstreams,
+        env.resolver.clone(),
+        env.metrics,
+    );
     let mut balancer =
-        LoadBalancer::<RoundRobin>::try_from_iter(config.upstreams.iter().map(|u| u.addr))?;
+        LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(discovery)));
+    balancer
+        .update()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if UpstreamDiscovery::has_names(&config.upstreams) {
+        balancer.update_frequency = Some(env.dns_refresh);
+    }
     match &config.health_check_path {
         Some(path) => {
             let host = config
@@ -149,16 +196,47 @@ pub(crate) fn build_route(config: RouteConfig) -> std::io::Result<Route> {
     }
     balancer.health_check_frequency = Some(config.health_check_interval);
     balancer.parallel_health_check = true;
-    let pool_key = {
+    let id = {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         config.name.hash(&mut hasher);
         hasher.finish()
     };
     Ok(Route {
-        config,
+        metrics: RouteMetrics::new(env.metrics, &config.name),
         balancer: Arc::new(balancer),
         trust,
-        pool_key,
+        id,
+        resolver: env.resolver.clone(),
+        dns_refresh: env.dns_refresh,
+        config,
     })
+}
+
+/// The routes of `configs` in order, each either kept from `running` (when unchanged, see
+/// `Route::is_built_from`) or built anew; the field path of the first that cannot be built.
+pub(crate) async fn build_routes(
+    configs: &[RouteConfig],
+    env: &RouteEnv<'_>,
+    running: &[Arc<Route>],
+) -> Result<Vec<Arc<Route>>, ConfigProblem> {
+    let mut routes = Vec::with_capacity(configs.len());
+    for (i, config) in configs.iter().enumerate() {
+        let kept = running.iter().find(|r| r.is_built_from(config, env));
+        let route = match kept {
+            Some(route) => Arc::clone(route),
+            None => {
+                Arc::new(
+                    build_route(config.clone(), env)
+                        .await
+                        .map_err(|e| ConfigProblem {
+                            path: format!("routes[{i}]"),
+                            reason: format!("cannot build the upstream pool: {e}"),
+                        })?,
+                )
+            }
+        };
+        routes.push(route);
+    }
+    Ok(routes)
 }

@@ -6,17 +6,27 @@ use pingora::lb::LoadBalancer;
 use pingora::lb::selection::RoundRobin;
 use pingora::protocols::tls::CaType;
 
+use std::time::Duration;
+
+use super::dns::NameResolver;
 use crate::config::{AuthMode, RouteConfig};
 use crate::http::path;
+use crate::metrics::RouteMetrics;
 
 /// One configured route with its upstream pool (built in `pool`).
 pub(crate) struct Route {
     pub config: RouteConfig,
     pub balancer: Arc<LoadBalancer<RoundRobin>>,
+    /// The route's counters, resolved once.
+    pub metrics: RouteMetrics,
     /// The route's own trust roots (`ca_file`), shared by every peer.
     pub(super) trust: Option<Arc<CaType>>,
-    /// Keeps this route's pooled upstream connections to itself (see `select_peer`).
-    pub(super) pool_key: u64,
+    /// From the route's name: keeps its pooled upstream connections to itself (see
+    /// `select_peer`) and its default rate limit's budgets across reloads.
+    pub id: u64,
+    /// How the route's upstream names were resolved.
+    pub(super) resolver: NameResolver,
+    pub(super) dns_refresh: Duration,
 }
 
 impl Route {
@@ -66,8 +76,7 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    pub(crate) fn new(routes: Vec<Route>) -> Self {
-        let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
+    pub(crate) fn new(mut routes: Vec<Arc<Route>>) -> Self {
         routes.sort_by(|a, b| {
             b.config
                 .path_prefix
@@ -145,16 +154,18 @@ fn prefix_matches(prefix: &str, path: &str, starts_with: impl Fn(&[u8], &[u8]) -
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::routing::build_route;
+    use crate::metrics::Metrics;
+    use crate::routing::{RouteEnv, build_routes};
 
     fn router(toml: &str) -> Router {
         let config = Config::parse(toml).expect("valid");
+        let metrics = Metrics::new();
+        let env = RouteEnv::new(&config.server, &metrics);
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
         Router::new(
-            config
-                .routes
-                .into_iter()
-                .map(|r| build_route(r).expect("route"))
-                .collect(),
+            runtime
+                .block_on(build_routes(&config.routes, &env, &[]))
+                .expect("routes"),
         )
     }
 

@@ -4,6 +4,7 @@
 
 use pingora::proxy::Session;
 
+use crate::config::AccessLog;
 use crate::gateway::{Gateway, MANAGEMENT_LABEL, NO_ROUTE_LABEL, RequestCtx, Target};
 
 /// The tracing target of access-log lines; the logging set-up routes it to its own sink.
@@ -21,6 +22,9 @@ pub(crate) fn record(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
 
     let req = session.req_header();
     let protocol = gateway.shared.metrics.count_protocol(req.version);
+    if ctx.live.config.server.access_log == AccessLog::Off {
+        return;
+    }
     let route = match &ctx.target {
         Target::Management => MANAGEMENT_LABEL,
         Target::Route { route, .. } => route.name(),

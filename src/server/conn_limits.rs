@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +19,7 @@ use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::ShutdownWatch;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 
 use crate::drain::Drain;
 
@@ -39,20 +40,32 @@ pub(crate) fn header_parsed() {
 
 /// At most `max_connections` connections at once; over the cap a new connection is closed
 /// at once rather than queued (queued sockets still cost memory). While the gateway stops,
-/// every new connection is closed.
+/// every new connection is closed. A reload may move the cap (`limit`): connections over a
+/// lowered cap finish, and new ones wait for the count to fall under it.
 pub(crate) struct ConnectionCap<A> {
     inner: Arc<A>,
-    permits: Arc<Semaphore>,
+    open: AtomicUsize,
+    limit: Arc<AtomicUsize>,
     drain: &'static Drain,
 }
 
 impl<A> ConnectionCap<A> {
-    pub(crate) fn new(inner: A, max_connections: usize, drain: &'static Drain) -> Self {
+    pub(crate) fn new(inner: A, limit: Arc<AtomicUsize>, drain: &'static Drain) -> Self {
         ConnectionCap {
             inner: Arc::new(inner),
-            permits: Arc::new(Semaphore::new(max_connections)),
+            open: AtomicUsize::new(0),
+            limit,
             drain,
         }
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection<'a>(&'a AtomicUsize);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -66,8 +79,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
         if self.drain.is_draining() {
             return None;
         }
-        let _permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
-        self.inner.process_new(session, shutdown).await
+        let open = OpenConnection(&self.open);
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed) {
+            return None;
+        }
+        let stream = self.inner.process_new(session, shutdown).await;
+        drop(open);
+        stream
     }
 
     async fn cleanup(&self) {

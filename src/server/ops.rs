@@ -1,6 +1,8 @@
-//! The ops listener (`admin_listen`): `/metrics` (Prometheus text), `/healthz` (the process is up) and
-//! `/readyz` (store usable and at least one route with a healthy upstream).
+//! The ops listener (`admin_listen`): `/metrics` (Prometheus text), `/healthz` (the process
+//! is up), `/readyz` (store usable and at least one route with a healthy upstream) and
+//! `POST /-/reload` (Prometheus's convention: read the configuration file again).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -8,11 +10,50 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::config::ConfigErrors;
 use crate::error::{code, error_body};
 use crate::state::Shared;
 
+/// Reads the configuration file again and applies it whole, or changes nothing.
+#[async_trait]
+pub(crate) trait Reload: Send + Sync {
+    /// The restart-only fields the file changed (applied at the next start), or every
+    /// problem of the file.
+    async fn reload(&self) -> Result<Vec<&'static str>, ConfigErrors>;
+}
+
 pub(crate) struct OpsApp {
     pub shared: Arc<Shared>,
+    pub reload: Arc<dyn Reload>,
+}
+
+/// The answer to `POST /-/reload` (contract section 10).
+pub(crate) fn reload_answer(outcome: Result<Vec<&'static str>, ConfigErrors>) -> Response<Vec<u8>> {
+    match outcome {
+        Ok(restart_required) => json(
+            200,
+            serde_json::json!({"reloaded": true, "restart_required": restart_required}),
+        ),
+        Err(errors) => {
+            let mut details: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for problem in errors.0 {
+                details
+                    .entry(problem.path)
+                    .or_default()
+                    .push(problem.reason);
+            }
+            let count = details.len();
+            let message = format!(
+                "the configuration file was not applied: {count} field(s) have problems; the running configuration stays in force"
+            );
+            let details = serde_json::json!(details);
+            response(
+                400,
+                "application/json",
+                error_body(code::INVALID_CONFIG, &message, "", Some(&details)).to_vec(),
+            )
+        }
+    }
 }
 
 fn response(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -37,7 +78,7 @@ impl OpsApp {
     /// Refreshes the gauges that are read rather than counted.
     async fn refresh_gauges(&self) {
         let shared = &self.shared;
-        for route in shared.router.routes() {
+        for route in shared.live().router.routes() {
             for (upstream, healthy) in route.upstream_health() {
                 shared
                     .metrics
@@ -61,8 +102,8 @@ impl OpsApp {
 
     async fn readiness(&self) -> Response<Vec<u8>> {
         let store = self.shared.cache.store().ping().await;
-        let healthy_routes: Vec<&str> = self
-            .shared
+        let live = self.shared.live();
+        let healthy_routes: Vec<&str> = live
             .router
             .routes()
             .iter()
@@ -99,12 +140,26 @@ impl ServeHttp for OpsApp {
                 serde_json::json!({"status": "ok", "service": "keygate", "version": env!("CARGO_PKG_VERSION")}),
             ),
             "/readyz" => self.readiness().await,
+            "/-/reload" if session.req_header().method == http::Method::POST => {
+                reload_answer(self.reload.reload().await)
+            }
+            "/-/reload" => response(
+                405,
+                "application/json",
+                error_body(
+                    code::METHOD_NOT_ALLOWED,
+                    "reload with POST /-/reload",
+                    "",
+                    None,
+                )
+                .to_vec(),
+            ),
             _ => response(
                 404,
                 "application/json",
                 error_body(
                     code::NOT_FOUND,
-                    "the ops listener serves /metrics, /healthz and /readyz",
+                    "the ops listener serves /metrics, /healthz, /readyz and POST /-/reload",
                     "",
                     None,
                 )

@@ -93,7 +93,8 @@ impl ProxyHttp for KeygateProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.gateway.shared.drain.enter())
+        let shared = &self.gateway.shared;
+        RequestCtx::new(shared.drain.enter(), shared.live())
     }
 
     async fn early_request_filter(
@@ -113,7 +114,7 @@ impl ProxyHttp for KeygateProxy {
             // Stopping: this response is the connection's last.
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
-            let keepalive = self.gateway.shared.config.server.keepalive_timeout;
+            let keepalive = ctx.live.config.server.keepalive_timeout;
             session.set_keepalive(Some(keepalive.as_secs()));
         }
         // Without this Pingora answers the first of pipelined requests and drops the rest.
@@ -185,7 +186,7 @@ impl ProxyHttp for KeygateProxy {
         let mut error = upstream_error(&error, ctx);
         // A refused or failed connect sent nothing upstream: try the route's next upstream,
         // each at most once, before giving up.
-        let upstreams = ctx.route().map_or(0, |r| r.config.upstreams.len());
+        let upstreams = ctx.route().map_or(0, |r| r.upstream_addresses());
         error.set_retry(ctx.peer_attempts < upstreams);
         ctx.failed_upstream = ctx.upstream;
         error
@@ -218,7 +219,8 @@ impl ProxyHttp for KeygateProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        let proxies = &self.gateway.shared.config.server.trusted_proxies;
+        let ctx: &RequestCtx = ctx;
+        let proxies = &ctx.live.config.server.trusted_proxies;
         gateway::prepare_upstream_request(upstream_request, ctx, proxies)
     }
 

@@ -67,25 +67,23 @@ pub(crate) fn h2_request_seen(session: &Session) {
 #[derive(Debug)]
 pub(crate) struct CertResolver {
     current: RwLock<Arc<CertifiedKey>>,
-    config: TlsConfig,
 }
 
 impl CertResolver {
     pub(crate) fn load(config: &TlsConfig) -> Result<Self, CertificateProblem> {
         let loaded = load_certificate(&config.cert_file, &config.key_file)?;
-        Ok(CertResolver {
-            current: RwLock::new(loaded.key),
-            config: config.clone(),
-        })
+        Ok(CertResolver::new(loaded.key))
     }
 
-    /// Reads the files again; new handshakes get the new certificate, open connections
-    /// keep theirs. On any problem the certificate in use stays. Returns the new one's
-    /// expiry.
-    pub(crate) fn reload(&self) -> Result<i64, CertificateProblem> {
-        let loaded = load_certificate(&self.config.cert_file, &self.config.key_file)?;
-        *self.current.write() = loaded.key;
-        Ok(loaded.not_after)
+    pub(crate) fn new(key: Arc<CertifiedKey>) -> Self {
+        CertResolver {
+            current: RwLock::new(key),
+        }
+    }
+
+    /// New handshakes get `key`; open connections keep the certificate they were given.
+    pub(crate) fn set(&self, key: Arc<CertifiedKey>) {
+        *self.current.write() = key;
     }
 }
 

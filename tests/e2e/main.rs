@@ -23,6 +23,7 @@ mod openapi;
 mod patch;
 mod pg_tls;
 mod proxy;
+mod reload;
 mod scan;
 mod security;
 mod store_conformance;

@@ -4,6 +4,7 @@
 
 pub(crate) mod browser;
 pub(crate) mod cluster;
+pub(crate) mod dns;
 pub(crate) mod envelope;
 pub(crate) mod keys;
 pub(crate) mod management;
@@ -95,9 +96,12 @@ impl Upstream {
     }
 
     pub(crate) async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Self::start_on(name, mode, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// On `addr` (any loopback address; port 0 for a free one).
+    pub(crate) async fn start_on(name: &str, mode: UpstreamMode, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let name_owned = name.to_string();
