@@ -43,6 +43,8 @@ mod cores;
 mod flood;
 #[path = "load/forward_auth.rs"]
 mod forward_auth;
+#[path = "load/reload.rs"]
+mod reload;
 
 const DISTINCT_KEYS: usize = 100_000;
 const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
@@ -894,13 +896,30 @@ fn start_pinned_keygate(
     threads: usize,
     cores: usize,
     server_core: usize,
-) -> (Gateway, SocketAddr) {
+) -> (Gateway, SocketAddr, u16) {
     let (listen, admin) = (free_port(), free_port());
     let gateway = start_keygate(dir, &sled_store(dir), &[], upstream, listen, admin, threads);
     if cores > 1 {
         pin(gateway.child.id(), server_core);
     }
-    (gateway, ([127, 0, 0, 1], listen).into())
+    (gateway, ([127, 0, 0, 1], listen).into(), admin)
+}
+
+/// The same gateway on PostgreSQL, when the server binaries are installed (.ci/setup),
+/// pinned to `pin_to`.
+fn start_pinned_pg(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    valid_key: &str,
+    upstream: SocketAddr,
+    threads: usize,
+    pin_to: Option<usize>,
+) -> Option<(Gateway, SocketAddr)> {
+    pg::find_bin_dir()?;
+    let format = KeyFormat::new("kg");
+    let started = start_pg_gateway(runtime, dir, &format, valid_key, upstream, threads);
+    pin_to.inspect(|core| pin(started.0.child.id(), *core));
+    Some(started)
 }
 
 /// nginx with its `map` check, when wanted and installed, pinned to `server_core`.
@@ -990,7 +1009,7 @@ fn main() {
     runtime.spawn(run_upstream(upstream_listener));
 
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
-    let (gateway, keygate_addr) =
+    let (gateway, keygate_addr, keygate_admin) =
         start_pinned_keygate(dir.path(), upstream, threads, cores, server_core);
     let nginx_wanted = wanted("nginx-valid") || wanted("nginx-invalid");
     let (nginx, nginx_addr) = start_pinned_nginx(
@@ -1003,12 +1022,9 @@ fn main() {
     );
 
     let pin_to = (cores > 1).then_some(server_core);
-    // The same gateway on PostgreSQL, when the server binaries are installed (.ci/setup).
-    let pg_gateway = (wanted("postgres") && pg::find_bin_dir().is_some()).then(|| {
-        let started = start_pg_gateway(&runtime, dir.path(), &format, &valid[0], upstream, threads);
-        pin_to.inspect(|core| pin(started.0.child.id(), *core));
-        started
-    });
+    let pg_gateway = wanted("postgres")
+        .then(|| start_pinned_pg(&runtime, dir.path(), &valid[0], upstream, threads, pin_to))
+        .flatten();
     let nginx_auth = wanted("nginx-auth")
         .then(|| {
             forward_auth::start(
@@ -1049,6 +1065,8 @@ fn main() {
         seconds,
     };
     results.extend(edge.measure(&runtime, &wanted));
+    let reloads = reload::Target::new(keygate_addr, keygate_admin, dir.path());
+    results.extend(reloads.measure(&run, &runtime, wanted("reload")));
     print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
     drop(nginx_auth);

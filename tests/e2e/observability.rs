@@ -87,6 +87,9 @@ fn contract_families() -> Vec<&'static str> {
         "keygate_usage_flush_errors_total",
         "keygate_management_requests_total",
         "keygate_build_info",
+        "keygate_config_reloads_total",
+        "keygate_config_last_reload_successful",
+        "keygate_config_last_reload_success_timestamp_seconds",
     ]
 }
 

@@ -177,6 +177,42 @@ async fn twenty_reloads_under_load_fail_no_request_drop_no_connection_and_apply_
 }
 
 #[tokio::test]
+async fn a_request_in_flight_finishes_on_the_route_a_reload_removed() {
+    let slow = Upstream::start_with("slow", UpstreamMode::Slow).await;
+    let a = Upstream::start("a").await;
+    let mut config = GatewayConfig::with_routes(&format!(
+        "{}{}",
+        route("main", "/", a.addr),
+        route("slow", "/slow", slow.addr)
+    ));
+    config.write();
+    let (_, key) = create_key(&config.path(), "alice", &[], None);
+    let _gateway = Gateway::start(&config).await;
+    let url = format!("{}/slow/x", config.base_url());
+    let in_flight = tokio::spawn({
+        let key = key.clone();
+        async move { answered_by(&url, &key).await }
+    });
+    within(
+        Duration::from_secs(2),
+        "the slow request upstream",
+        || async { slow.count() == 1 },
+    )
+    .await;
+    reload_routes(&mut config, route("main", "/", a.addr)).await;
+    assert_eq!(
+        answered_by(&format!("{}/slow/x", config.base_url()), &key).await,
+        (200, "a".into()),
+        "new requests no longer reach the removed route"
+    );
+    assert_eq!(
+        in_flight.await.expect("request"),
+        (200, "slow".into()),
+        "the request in flight finished on its route"
+    );
+}
+
+#[tokio::test]
 async fn a_broken_file_changes_nothing_and_names_every_problem() {
     let a = Upstream::start("a").await;
     let mut config = GatewayConfig::with_routes(&route("main", "/", a.addr));

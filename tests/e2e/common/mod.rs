@@ -79,6 +79,8 @@ pub(crate) enum UpstreamMode {
     Ok,
     /// Accepts the request and never answers.
     Hang,
+    /// Answers after one second.
+    Slow,
     /// 503 to `GET /health` (a failing HTTP health check), 200 to everything else.
     FailingHealthPath,
 }
@@ -139,8 +141,14 @@ impl Upstream {
                                     .collect(),
                                 body,
                             });
-                            if mode == UpstreamMode::Hang {
-                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            match mode {
+                                UpstreamMode::Hang => {
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                }
+                                UpstreamMode::Slow => {
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                                _ => {}
                             }
                             let status = if mode == UpstreamMode::FailingHealthPath
                                 && path_and_query == "/health"
