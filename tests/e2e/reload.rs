@@ -72,6 +72,17 @@ where
     }
 }
 
+/// The reload counters (successes, failures) and whether the last reload was applied.
+async fn assert_reloads(admin: &str, counts: (f64, f64), last_successful: f64) {
+    let count = |result: &str| format!("keygate_config_reloads_total{{result=\"{result}\"}}");
+    assert_eq!(metric(admin, &count("success")).await, counts.0);
+    assert_eq!(metric(admin, &count("failure")).await, counts.1);
+    assert_eq!(
+        metric(admin, "keygate_config_last_reload_successful").await,
+        last_successful
+    );
+}
+
 /// What the keep-alive clients saw.
 #[derive(Default)]
 struct Tally {
@@ -164,15 +175,7 @@ async fn twenty_reloads_under_load_fail_no_request_drop_no_connection_and_apply_
         "dropped connections"
     );
     assert!(ok > 100, "the clients kept busy: {ok} requests");
-    let admin = config.admin_url();
-    assert_eq!(
-        metric(&admin, "keygate_config_reloads_total{result=\"success\"}").await,
-        20.0
-    );
-    assert_eq!(
-        metric(&admin, "keygate_config_last_reload_successful").await,
-        1.0
-    );
+    assert_reloads(&config.admin_url(), (20.0, 0.0), 1.0).await;
     eprintln!("{ok} requests over 20 reloads; slowest change visible after {slowest:?}");
 }
 
@@ -253,14 +256,7 @@ async fn a_broken_file_changes_nothing_and_names_every_problem() {
         (200, "a".to_string()),
         "the old routes keep serving"
     );
-    assert_eq!(
-        metric(&admin, "keygate_config_reloads_total{result=\"failure\"}").await,
-        1.0
-    );
-    assert_eq!(
-        metric(&admin, "keygate_config_last_reload_successful").await,
-        0.0
-    );
+    assert_reloads(&admin, (0.0, 1.0), 0.0).await;
     assert_eq!(
         metric(
             &admin,
@@ -271,10 +267,7 @@ async fn a_broken_file_changes_nothing_and_names_every_problem() {
     );
 
     reload_routes(&mut config, route("main", "/", a.addr)).await;
-    assert_eq!(
-        metric(&admin, "keygate_config_last_reload_successful").await,
-        1.0
-    );
+    assert_reloads(&admin, (1.0, 1.0), 1.0).await;
 }
 
 #[tokio::test]
