@@ -33,12 +33,28 @@ use tokio::net::TcpListener;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
-/// A port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server a test starts. Taken below the
+/// kernel's ephemeral range, where no client connection's source port (and no other
+/// `bind(0)`) can land between this check and the server's bind; never the same port twice
+/// in one test run; and from a starting point that differs per process, so that two test
+/// runs on one machine rarely meet.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOWEST: usize = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_start.saturating_sub(LOWEST).max(1_000);
+    let start = (std::process::id() as usize).wrapping_mul(7_919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free loopback port below {ephemeral_start}");
+        let port = u16::try_from(LOWEST + (start + n) % span).expect("a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// What the upstream saw of one request.
