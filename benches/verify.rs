@@ -73,7 +73,7 @@ fn hot_path(c: &mut Criterion) {
                 let resolved = index.cached(&hash).expect("cached");
                 let key = resolved.key.expect("known key");
                 assert!(!key.is_expired(1));
-                usage.record(key.id_number, &key.id, 1);
+                usage.record(key.id_number, &key.id, 1, None);
                 black_box(key);
             })
         });
@@ -94,7 +94,7 @@ fn hot_path(c: &mut Criterion) {
     });
     let id_number = u128::from(ulid::Ulid::from_string(&record.id).expect("ulid"));
     group.bench_function("steps/usage_record", |b| {
-        b.iter(|| usage.record(black_box(id_number), &record.id, 1))
+        b.iter(|| usage.record(black_box(id_number), &record.id, 1, None))
     });
     group.bench_function("reject_bad_checksum", |b| {
         let mut bad = key.clone().into_bytes();
@@ -214,6 +214,7 @@ fn generation_and_create(c: &mut Criterion) {
                 rate_limit: None,
                 metadata: None,
                 allowed_ips: Vec::new(),
+                quota: None,
             };
             let created = rt.block_on(keys.create(new, audit)).expect("create");
             black_box(created)

@@ -20,6 +20,7 @@ use crate::config::{Config, StoreBackend};
 use crate::gateway::Gateway;
 use crate::management::Management;
 use crate::metrics::Metrics;
+use crate::ratelimit::Limits;
 use crate::reload::{Hangups, Reloader};
 use crate::routing::{HealthChecks, RouteEnv, Router, build_routes};
 use crate::server::edge::Edge;
@@ -185,7 +186,7 @@ impl BackgroundService for Housekeeping {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    self.shared.rate_limits.forget_idle();
+                    self.shared.limits.forget_idle();
                     self.management.forget_idle_limits();
                 }
                 _ = purges.tick(), if self.shared.live().config.keys.purge_revoked_after.is_some() => {
@@ -318,12 +319,14 @@ fn build_state(config: Arc<Config>) -> anyhow::Result<(Arc<Shared>, Arc<dyn KeyS
     let routes = runtime
         .block_on(build_routes(&config.routes, &env, &[]))
         .map_err(|problem| anyhow::anyhow!("cannot build the upstream pools: {problem}"))?;
+    let limits = Limits::new(&config.ratelimit, &metrics)?;
     let shared = Shared::new(
         config,
         Router::new(routes),
         cache,
         Arc::new(UsageRecorder::new()),
         metrics,
+        limits,
     );
     Ok((Arc::new(shared), store))
 }

@@ -276,6 +276,7 @@ async fn create(
         rate_limit: None,
         metadata: None,
         allowed_ips: Vec::new(),
+        quota: None,
     };
     // Checked before the store is opened: a typo is reported without touching it.
     new.check(&mut errors);

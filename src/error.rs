@@ -27,7 +27,9 @@ pub(crate) mod code {
     pub(crate) const NO_ROUTE: &str = "no_route";
     pub(crate) const NOT_FOUND: &str = "not_found";
     pub(crate) const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub(crate) const QUOTA_EXHAUSTED: &str = "quota_exhausted";
     pub(crate) const RATE_LIMITED: &str = "rate_limited";
+    pub(crate) const RATE_LIMIT_UNAVAILABLE: &str = "rate_limit_unavailable";
     pub(crate) const REQUEST_TIMEOUT: &str = "request_timeout";
     pub(crate) const STORE_UNAVAILABLE: &str = "store_unavailable";
     pub(crate) const UPSTREAM_TIMEOUT: &str = "upstream_timeout";
@@ -68,6 +70,13 @@ pub(crate) enum GatewayError {
     IpNotAllowed,
     #[error("rate limit exceeded; retry after the time in Retry-After")]
     RateLimited { retry_after: u64 },
+    #[error("the API key's quota is spent; retry after the time in Retry-After, if any")]
+    QuotaExhausted {
+        /// None for a `total` quota, which never resets.
+        retry_after: Option<u64>,
+    },
+    #[error("the rate-limit backend cannot answer; try again shortly")]
+    RateLimitUnavailable,
     #[error("the key store is unavailable; try again shortly")]
     StoreUnavailable,
     #[error("no healthy upstream for this route")]
@@ -126,8 +135,10 @@ impl GatewayError {
             | GatewayError::InvalidKey
             | GatewayError::KeyExpired => 401,
             GatewayError::InsufficientScope | GatewayError::IpNotAllowed => 403,
-            GatewayError::RateLimited { .. } => 429,
-            GatewayError::StoreUnavailable | GatewayError::NoHealthyUpstream => 503,
+            GatewayError::RateLimited { .. } | GatewayError::QuotaExhausted { .. } => 429,
+            GatewayError::StoreUnavailable
+            | GatewayError::RateLimitUnavailable
+            | GatewayError::NoHealthyUpstream => 503,
             GatewayError::UpstreamUnavailable => 502,
             GatewayError::UpstreamTimeout => 504,
             GatewayError::Internal => 500,
@@ -145,6 +156,8 @@ impl GatewayError {
             GatewayError::InsufficientScope => code::INSUFFICIENT_SCOPE,
             GatewayError::IpNotAllowed => code::IP_NOT_ALLOWED,
             GatewayError::RateLimited { .. } => code::RATE_LIMITED,
+            GatewayError::QuotaExhausted { .. } => code::QUOTA_EXHAUSTED,
+            GatewayError::RateLimitUnavailable => code::RATE_LIMIT_UNAVAILABLE,
             GatewayError::StoreUnavailable => code::STORE_UNAVAILABLE,
             GatewayError::NoHealthyUpstream => code::NO_HEALTHY_UPSTREAM,
             GatewayError::UpstreamUnavailable => code::UPSTREAM_UNAVAILABLE,
@@ -208,6 +221,8 @@ impl GatewayError {
             GatewayError::InsufficientScope => Outcome::InsufficientScope,
             GatewayError::IpNotAllowed => Outcome::IpNotAllowed,
             GatewayError::RateLimited { .. } => Outcome::RateLimited,
+            GatewayError::QuotaExhausted { .. } => Outcome::QuotaExhausted,
+            GatewayError::RateLimitUnavailable => Outcome::RateLimitUnavailable,
             GatewayError::StoreUnavailable => Outcome::StoreUnavailable,
             GatewayError::NoHealthyUpstream
             | GatewayError::UpstreamUnavailable

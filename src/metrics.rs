@@ -36,6 +36,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_last_reload_successful: IntGauge,
     pub config_last_reload_success: IntGauge,
+    pub ratelimit_backend_errors: IntCounterVec,
+    pub ratelimit_backend_duration: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -166,6 +168,17 @@ const CONFIG_LAST_RELOAD_SUCCESS: Family = (
     "keygate_config_last_reload_success_timestamp_seconds",
     "When the configuration in force was applied (Unix seconds): the start, or the last good reload",
 );
+const RATELIMIT_BACKEND_ERRORS: Family = (
+    "keygate_ratelimit_backend_errors_total",
+    "Limit and quota decisions Redis did not answer, by reason (`timeout`: not within \
+     ratelimit.timeout_ms; `error`: down, refused or failed); on_error decided them",
+);
+const RATELIMIT_BACKEND_DURATION: Family = (
+    "keygate_ratelimit_redis_duration_seconds",
+    "Round trips to Redis for limit and quota decisions, answered or not",
+);
+/// The `reason` values of `keygate_ratelimit_backend_errors_total`.
+pub(crate) const BACKEND_ERROR_REASONS: [&str; 2] = ["timeout", "error"];
 /// The `result` values of `keygate_config_reloads_total`.
 pub(crate) const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
@@ -199,6 +212,22 @@ fn register<M: Collector + Clone + 'static>(
     metric
 }
 
+fn counter(registry: &Registry, family: Family) -> IntCounter {
+    register(registry, IntCounter::with_opts(opts(family)))
+}
+
+fn counter_vec(registry: &Registry, family: Family, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(opts(family), labels))
+}
+
+fn gauge(registry: &Registry, family: Family) -> IntGauge {
+    register(registry, IntGauge::with_opts(opts(family)))
+}
+
+fn gauge_vec(registry: &Registry, family: Family, labels: &[&str]) -> IntGaugeVec {
+    register(registry, IntGaugeVec::new(opts(family), labels))
+}
+
 fn opts((name, help): Family) -> Opts {
     Opts::new(name, help)
 }
@@ -210,16 +239,11 @@ fn histogram_opts((name, help): Family, buckets: &[f64]) -> HistogramOpts {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let downstream_requests: IntCounterVec = register(
-            &r,
-            IntCounterVec::new(opts(DOWNSTREAM_REQUESTS), &["protocol"]),
-        );
+        let downstream_requests: IntCounterVec =
+            counter_vec(&r, DOWNSTREAM_REQUESTS, &["protocol"]);
         let by_protocol = PROTOCOLS.map(|p| downstream_requests.with_label_values(&[p]));
         let metrics = Metrics {
-            requests: register(
-                &r,
-                IntCounterVec::new(opts(REQUESTS), &["route", "outcome"]),
-            ),
+            requests: counter_vec(&r, REQUESTS, &["route", "outcome"]),
             request_duration: register(
                 &r,
                 HistogramVec::new(
@@ -231,57 +255,35 @@ impl Metrics {
                 &r,
                 Histogram::with_opts(histogram_opts(AUTH_DURATION, AUTH_BUCKETS)),
             ),
-            upstream_responses: register(
-                &r,
-                IntCounterVec::new(opts(UPSTREAM_RESPONSES), &["route", "status_class"]),
-            ),
-            upstream_healthy: register(
-                &r,
-                IntGaugeVec::new(opts(UPSTREAM_HEALTHY), &["route", "upstream"]),
-            ),
-            cache_lookups: register(&r, IntCounterVec::new(opts(CACHE_LOOKUPS), &["result"])),
-            store_reads: register(&r, IntCounter::with_opts(opts(STORE_READS))),
-            keys: register(&r, IntGauge::with_opts(opts(KEYS))),
-            usage_pending: register(&r, IntGauge::with_opts(opts(USAGE_PENDING))),
+            upstream_responses: counter_vec(&r, UPSTREAM_RESPONSES, &["route", "status_class"]),
+            upstream_healthy: gauge_vec(&r, UPSTREAM_HEALTHY, &["route", "upstream"]),
+            cache_lookups: counter_vec(&r, CACHE_LOOKUPS, &["result"]),
+            store_reads: counter(&r, STORE_READS),
+            keys: gauge(&r, KEYS),
+            usage_pending: gauge(&r, USAGE_PENDING),
             usage_flush_duration: register(
                 &r,
                 Histogram::with_opts(histogram_opts(USAGE_FLUSH_DURATION, LATENCY_BUCKETS)),
             ),
-            usage_flush_errors: register(&r, IntCounter::with_opts(opts(USAGE_FLUSH_ERRORS))),
-            management_requests: register(
-                &r,
-                IntCounterVec::new(opts(MANAGEMENT_REQUESTS), &["operation", "status"]),
-            ),
-            invalidation_listener_connected: register(
-                &r,
-                IntGauge::with_opts(opts(INVALIDATION_LISTENER_CONNECTED)),
-            ),
-            websocket_tunnels: register(&r, IntGauge::with_opts(opts(WEBSOCKET_TUNNELS))),
-            websocket_tunnels_closed: register(
-                &r,
-                IntCounterVec::new(opts(WEBSOCKET_TUNNELS_CLOSED), &["reason"]),
-            ),
-            key_filter_ready: register(&r, IntGauge::with_opts(opts(KEY_FILTER_READY))),
-            tls_handshake_errors: register(
-                &r,
-                IntCounterVec::new(opts(TLS_HANDSHAKE_ERRORS), &["reason"]),
-            ),
-            tls_certificate_expiry: register(&r, IntGauge::with_opts(opts(TLS_CERTIFICATE_EXPIRY))),
+            usage_flush_errors: counter(&r, USAGE_FLUSH_ERRORS),
+            management_requests: counter_vec(&r, MANAGEMENT_REQUESTS, &["operation", "status"]),
+            invalidation_listener_connected: gauge(&r, INVALIDATION_LISTENER_CONNECTED),
+            websocket_tunnels: gauge(&r, WEBSOCKET_TUNNELS),
+            websocket_tunnels_closed: counter_vec(&r, WEBSOCKET_TUNNELS_CLOSED, &["reason"]),
+            key_filter_ready: gauge(&r, KEY_FILTER_READY),
+            tls_handshake_errors: counter_vec(&r, TLS_HANDSHAKE_ERRORS, &["reason"]),
+            tls_certificate_expiry: gauge(&r, TLS_CERTIFICATE_EXPIRY),
             downstream_requests,
             by_protocol,
-            build_info: register(&r, IntGaugeVec::new(opts(BUILD_INFO), &["version"])),
-            dns_failures: register(
+            build_info: gauge_vec(&r, BUILD_INFO, &["version"]),
+            dns_failures: counter_vec(&r, DNS_FAILURES, &["route", "upstream"]),
+            config_reloads: counter_vec(&r, CONFIG_RELOADS, &["result"]),
+            config_last_reload_successful: gauge(&r, CONFIG_LAST_RELOAD_SUCCESSFUL),
+            config_last_reload_success: gauge(&r, CONFIG_LAST_RELOAD_SUCCESS),
+            ratelimit_backend_errors: counter_vec(&r, RATELIMIT_BACKEND_ERRORS, &["reason"]),
+            ratelimit_backend_duration: register(
                 &r,
-                IntCounterVec::new(opts(DNS_FAILURES), &["route", "upstream"]),
-            ),
-            config_reloads: register(&r, IntCounterVec::new(opts(CONFIG_RELOADS), &["result"])),
-            config_last_reload_successful: register(
-                &r,
-                IntGauge::with_opts(opts(CONFIG_LAST_RELOAD_SUCCESSFUL)),
-            ),
-            config_last_reload_success: register(
-                &r,
-                IntGauge::with_opts(opts(CONFIG_LAST_RELOAD_SUCCESS)),
+                Histogram::with_opts(histogram_opts(RATELIMIT_BACKEND_DURATION, AUTH_BUCKETS)),
             ),
             registry: r,
         };
@@ -308,6 +310,11 @@ impl Metrics {
             metrics
                 .management_requests
                 .with_label_values(&[operation, status]);
+        }
+        for reason in BACKEND_ERROR_REASONS {
+            metrics
+                .ratelimit_backend_errors
+                .with_label_values(&[reason]);
         }
         for result in RELOAD_RESULTS {
             metrics.config_reloads.with_label_values(&[result]);
@@ -354,7 +361,7 @@ pub(crate) struct RouteMetrics {
     status_classes: [IntCounter; 5],
 }
 
-const OUTCOMES: [Outcome; 11] = [
+const OUTCOMES: [Outcome; 13] = [
     Outcome::Allowed,
     Outcome::MissingCredentials,
     Outcome::InvalidKey,
@@ -362,6 +369,8 @@ const OUTCOMES: [Outcome; 11] = [
     Outcome::InsufficientScope,
     Outcome::IpNotAllowed,
     Outcome::RateLimited,
+    Outcome::QuotaExhausted,
+    Outcome::RateLimitUnavailable,
     Outcome::StoreUnavailable,
     Outcome::BadRequest,
     Outcome::NoRoute,
@@ -420,6 +429,8 @@ pub(crate) enum Outcome {
     InsufficientScope,
     IpNotAllowed,
     RateLimited,
+    QuotaExhausted,
+    RateLimitUnavailable,
     StoreUnavailable,
     BadRequest,
     NoRoute,
@@ -436,6 +447,8 @@ impl Outcome {
             Outcome::InsufficientScope => "insufficient_scope",
             Outcome::IpNotAllowed => "ip_not_allowed",
             Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::RateLimitUnavailable => "rate_limit_unavailable",
             Outcome::StoreUnavailable => "store_unavailable",
             Outcome::BadRequest => "bad_request",
             Outcome::NoRoute => "no_route",

@@ -1,6 +1,6 @@
 //! The state every part of a running gateway shares: its configuration and routes (`Live`,
-//! swapped whole by a reload), key cache, usage counters, metrics, per-key rate limits and
-//! the key authenticator. The request path (`gateway`), the management API, the ops
+//! swapped whole by a reload), key cache, usage counters, metrics, rate limits and quotas,
+//! and the key authenticator. The request path (`gateway`), the management API, the ops
 //! listener and the background tasks each hold an `Arc<Shared>` next to state of their own.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::keys::KeyFormat;
 use crate::metrics::Metrics;
-use crate::ratelimit::KeyLimits;
+use crate::ratelimit::Limits;
 use crate::routing::Router;
 use crate::store::KeyCache;
 use crate::tunnels::Tunnels;
@@ -30,7 +30,8 @@ pub(crate) struct Shared {
     pub cache: Arc<KeyCache>,
     pub usage: Arc<UsageRecorder>,
     pub metrics: Arc<Metrics>,
-    pub rate_limits: KeyLimits,
+    /// Rate limits and quotas of keys and routes, here or in Redis.
+    pub limits: Limits,
     pub auth: Authenticator,
     /// Requests in flight, and whether the gateway is stopping.
     pub drain: &'static Drain,
@@ -45,11 +46,12 @@ impl Shared {
         cache: Arc<KeyCache>,
         usage: Arc<UsageRecorder>,
         metrics: Arc<Metrics>,
+        limits: Limits,
     ) -> Self {
         let format = KeyFormat::new(&config.keys.prefix);
         Shared {
             auth: Authenticator::new(format, Arc::clone(&cache), &metrics),
-            rate_limits: KeyLimits::default(),
+            limits,
             drain: Drain::leak(),
             tunnels: Arc::new(Tunnels::new(&metrics)),
             live: ArcSwap::from_pointee(Live { config, router }),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::keys::Usage;
+use crate::keys::{QuotaUsage, Usage};
 use crate::metrics::Metrics;
 use crate::store::{KeyStore, StoreError};
 
@@ -18,6 +18,34 @@ use crate::store::{KeyStore, StoreError};
 struct Pending {
     count: AtomicU64,
     last_used: AtomicI64,
+    /// Only a key with a quota takes this lock.
+    quota: parking_lot::Mutex<QuotaUsage>,
+}
+
+impl Pending {
+    fn add(&self, now: i64, quota_stamp: Option<i64>) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.last_used.fetch_max(now, Ordering::Relaxed);
+        if let Some(stamp) = quota_stamp {
+            self.quota.lock().merge(QuotaUsage { stamp, used: 1 });
+        }
+    }
+
+    fn take(self) -> Usage {
+        Usage {
+            count: self.count.into_inner(),
+            last_used: self.last_used.into_inner(),
+            quota: self.quota.into_inner(),
+        }
+    }
+
+    fn peek(&self) -> Usage {
+        Usage {
+            count: self.count.load(Ordering::Relaxed),
+            last_used: self.last_used.load(Ordering::Relaxed),
+            quota: *self.quota.lock(),
+        }
+    }
 }
 
 /// Per-key usage not yet written to the store. Holds only keys used since the last flush.
@@ -45,21 +73,20 @@ impl UsageRecorder {
         }
     }
 
-    /// Counts one admitted request. A key already counted since the last flush takes only
-    /// the shard's read lock (`get`); only a key new since then takes the write lock and
-    /// copies its id string (`entry`).
-    pub fn record(&self, id_number: u128, id: &str, now: i64) {
+    /// Counts one admitted request, and one spent of the key's quota in the period
+    /// `quota_stamp` names, if it has one. A key already counted since the last flush
+    /// takes only the shard's read lock (`get`); only a key new since then takes the write
+    /// lock and copies its id string (`entry`).
+    pub fn record(&self, id_number: u128, id: &str, now: i64, quota_stamp: Option<i64>) {
         if let Some(entry) = self.pending.get(&id_number) {
-            entry.1.count.fetch_add(1, Ordering::Relaxed);
-            entry.1.last_used.fetch_max(now, Ordering::Relaxed);
+            entry.1.add(now, quota_stamp);
             return;
         }
-        let entry = self
-            .pending
+        self.pending
             .entry(id_number)
-            .or_insert_with(|| (Arc::from(id), Pending::default()));
-        entry.1.count.fetch_add(1, Ordering::Relaxed);
-        entry.1.last_used.fetch_max(now, Ordering::Relaxed);
+            .or_insert_with(|| (Arc::from(id), Pending::default()))
+            .1
+            .add(now, quota_stamp);
     }
 
     /// Usage recorded but not yet durable, for one key (merged into management reads).
@@ -68,10 +95,7 @@ impl UsageRecorder {
         if let Ok(ulid) = ulid::Ulid::from_string(id)
             && let Some(entry) = self.pending.get(&u128::from(ulid))
         {
-            usage.merge(Usage {
-                count: entry.1.count.load(Ordering::Relaxed),
-                last_used: entry.1.last_used.load(Ordering::Relaxed),
-            });
+            usage.merge(entry.1.peek());
         }
         if let Some(delta) = self.retry.lock().get(id) {
             usage.merge(*delta);
@@ -92,13 +116,7 @@ impl UsageRecorder {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some((_, (name, pending))) = self.pending.remove(&id) {
-                out.push((
-                    name.to_string(),
-                    Usage {
-                        count: pending.count.into_inner(),
-                        last_used: pending.last_used.into_inner(),
-                    },
-                ));
+                out.push((name.to_string(), pending.take()));
             }
         }
         out
@@ -252,13 +270,14 @@ mod tests {
         let id = crate::keys::new_key_id();
         let number = u128::from(ulid::Ulid::from_string(&id).expect("ulid"));
         for second in 1..=100 {
-            usage.record(number, &id, second);
+            usage.record(number, &id, second, None);
             assert!(usage.flush(&store).await.is_err());
         }
         assert_eq!(usage.retry.lock().len(), 1);
         let expected = Usage {
             count: 100,
             last_used: 100,
+            ..Default::default()
         };
         assert_eq!(usage.pending_for(&id), expected);
         store.down.store(false, Ordering::Relaxed);

@@ -65,6 +65,7 @@ pub struct Config {
     pub management: ManagementConfig,
     pub signup: SignupConfig,
     pub console: ConsoleConfig,
+    pub ratelimit: LimitBackend,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -162,6 +163,31 @@ pub struct ManagementLimits {
 pub struct SignupConfig {
     pub enabled: bool,
     pub per_client_per_hour: u32,
+}
+
+/// Where limits and quotas are decided (contract section 12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitBackend {
+    /// In this process: exact for one gateway.
+    Local,
+    /// In Redis, shared by every gateway on it.
+    Redis {
+        /// The environment variable holding `redis://host:port/db` (never the file: it
+        /// may hold a password).
+        url_env: String,
+        /// A decision Redis has not answered within this is an error.
+        timeout: Duration,
+        on_error: OnLimitError,
+    },
+}
+
+/// What a limited key gets when Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLimitError {
+    /// Admitted, without `RateLimit-*` headers.
+    Allow,
+    /// 503 `rate_limit_unavailable`.
+    Deny,
 }
 
 /// The key console under `<management.path>/console/` (contract section 15).

@@ -13,6 +13,7 @@ pub(super) struct RawConfig {
     pub(super) management: RawManagement,
     pub(super) signup: RawSignup,
     pub(super) console: RawConsole,
+    pub(super) ratelimit: RawLimitBackend,
     pub(super) routes: Vec<RawRoute>,
 }
 
@@ -27,6 +28,9 @@ impl RawConfig {
                 .unwrap_or_default(),
             signup: f.table("signup", RawSignup::read).unwrap_or_default(),
             console: f.table("console", RawConsole::read).unwrap_or_default(),
+            ratelimit: f
+                .table("ratelimit", RawLimitBackend::read)
+                .unwrap_or_default(),
             routes: f.tables("routes", RawRoute::read),
         }
     }
@@ -284,6 +288,37 @@ impl RawSignup {
         RawSignup {
             enabled: f.bool("enabled", d.enabled),
             per_client_per_hour: f.int("per_client_per_hour", d.per_client_per_hour),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RawLimitBackend {
+    pub(super) backend: String,
+    pub(super) url_env: String,
+    pub(super) timeout_ms: i64,
+    pub(super) on_error: String,
+}
+
+impl Default for RawLimitBackend {
+    fn default() -> Self {
+        RawLimitBackend {
+            backend: "local".into(),
+            url_env: "KEYGATE_REDIS_URL".into(),
+            timeout_ms: 50,
+            on_error: "allow".into(),
+        }
+    }
+}
+
+impl RawLimitBackend {
+    fn read(f: &mut Fields<'_>) -> Self {
+        let d = Self::default();
+        RawLimitBackend {
+            backend: f.string("backend", d.backend),
+            url_env: f.string("url_env", d.url_env),
+            timeout_ms: f.int("timeout_ms", d.timeout_ms),
+            on_error: f.string("on_error", d.on_error),
         }
     }
 }

@@ -18,6 +18,7 @@ impl Config {
             ),
             ("server.threads", new.server.threads != old.server.threads),
             ("store", new.store != old.store),
+            ("ratelimit", new.ratelimit != old.ratelimit),
             ("keys.prefix", new.keys.prefix != old.keys.prefix),
             (
                 "management.path",
@@ -42,6 +43,7 @@ impl Config {
         self.server.admin_listen = running.server.admin_listen;
         self.server.threads = running.server.threads;
         self.store = running.store.clone();
+        self.ratelimit = running.ratelimit.clone();
         self.keys.prefix.clone_from(&running.keys.prefix);
         self.management.path.clone_from(&running.management.path);
         self.management

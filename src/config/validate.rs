@@ -7,13 +7,15 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawKeys, RawManagement, RawServer, RawSignup, RawStore};
+use super::raw::{
+    RawConfig, RawKeys, RawLimitBackend, RawManagement, RawServer, RawSignup, RawStore,
+};
 use super::resolve::load_ca_file;
 use super::route::{SeenRoutes, validate_route};
 use super::tls::validate_tls;
 use super::{
-    AccessLog, Config, ConfigProblem, ConsoleConfig, KeysConfig, ManagementConfig,
-    ManagementLimits, ServerConfig, SignupConfig, StoreBackend, StoreConfig,
+    AccessLog, Config, ConfigProblem, ConsoleConfig, KeysConfig, LimitBackend, ManagementConfig,
+    ManagementLimits, OnLimitError, ServerConfig, SignupConfig, StoreBackend, StoreConfig,
 };
 
 /// Longest scope, route name and key prefix, in bytes (all ASCII).
@@ -114,6 +116,7 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
     let console = ConsoleConfig {
         enabled: raw.console.enabled,
     };
+    let ratelimit = validate_limit_backend(raw.ratelimit, p);
     if raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is needed");
     }
@@ -131,7 +134,47 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems) -> Config {
         management,
         signup,
         console,
+        ratelimit,
         routes,
+    }
+}
+
+fn validate_limit_backend(raw: RawLimitBackend, p: &mut Problems) -> LimitBackend {
+    let on_error = match raw.on_error.as_str() {
+        "allow" => OnLimitError::Allow,
+        "deny" => OnLimitError::Deny,
+        other => {
+            p.add(
+                "ratelimit.on_error",
+                format!("must be \"allow\" or \"deny\", got \"{other}\""),
+            );
+            OnLimitError::Allow
+        }
+    };
+    let timeout =
+        Duration::from_millis(p.ranged("ratelimit.timeout_ms", raw.timeout_ms, 1..=10_000));
+    match raw.backend.as_str() {
+        "local" => LimitBackend::Local,
+        "redis" => {
+            if raw.url_env.trim().is_empty() {
+                p.add(
+                    "ratelimit.url_env",
+                    "the redis backend needs the name of the environment variable holding redis://host:port/db",
+                );
+            }
+            LimitBackend::Redis {
+                url_env: raw.url_env,
+                timeout,
+                on_error,
+            }
+        }
+        other => {
+            p.add(
+                "ratelimit.backend",
+                format!("must be \"local\" or \"redis\", got \"{other}\""),
+            );
+            LimitBackend::Local
+        }
     }
 }
 

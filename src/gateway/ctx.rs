@@ -44,6 +44,8 @@ pub(crate) struct RequestCtx {
     pub peer_attempts: usize,
     /// The rate-limit verdict, for the `RateLimit-*` response headers.
     pub rate_limit: Option<Decision>,
+    /// The quota count an admitted request spent (see `keys::quota_stamp`), for usage.
+    pub quota_stamp: Option<i64>,
     pub error_code: Option<&'static str>,
     /// The length of a chunked body read whole before forwarding (see `http::body`).
     pub buffered_body: Option<usize>,
@@ -83,6 +85,7 @@ impl RequestCtx {
             upstream_status: None,
             peer_attempts: 0,
             rate_limit: None,
+            quota_stamp: None,
             error_code: None,
             buffered_body: None,
             framed_both_ways: false,

@@ -25,7 +25,7 @@ use crate::http::upgrade::{self, UpgradeRequest};
 use crate::http::{body, forwarded, target};
 use crate::keys::scope::has_scopes;
 use crate::metrics::{Outcome, RouteMetrics};
-use crate::ratelimit::{Budget, Decision};
+use crate::ratelimit::{Budget, Verdict};
 use crate::routing::Route;
 use crate::state::Shared;
 use crate::store::CachedKey;
@@ -120,7 +120,7 @@ impl Gateway {
             return Ok(());
         }
         let key = self.authenticate(req, ctx).await?;
-        self.authorize(key, &route, ctx)
+        self.authorize(key, &route, ctx).await
     }
 
     /// The peer, and the client behind it when the peer is a trusted proxy.
@@ -172,8 +172,9 @@ impl Gateway {
     }
 
     /// Step 7: the key's allowlist (the client as `identify_client` found it), the route's
-    /// scopes, then the key's rate limit (its own, else the route's).
-    fn authorize(
+    /// scopes, then the key's rate limit (its own, else the route's) and its quota, decided
+    /// together (here, or in one Redis round trip).
+    async fn authorize(
         &self,
         key: Arc<CachedKey>,
         route: &Route,
@@ -190,16 +191,19 @@ impl Gateway {
             (None, Some(route_default)) => Some((route_default, Budget::Route(route.id))),
             (None, None) => None,
         };
-        let id = key.id_number;
-        ctx.key = Some(key);
-        if let Some((limit, budget)) = limit {
-            let decision = self.shared.rate_limits.check(limit, id, budget);
+        let now = unix_now();
+        let verdict = self.shared.limits.spend(&key, limit, now).await;
+        if let Verdict::RateLimited(decision)
+        | Verdict::Admitted {
+            rate: Some(decision),
+            ..
+        } = verdict
+        {
             ctx.rate_limit = Some(decision);
-            if let Decision::Limited { retry_after, .. } = decision {
-                return Err(GatewayError::RateLimited { retry_after });
-            }
         }
-        Ok(())
+        ctx.quota_stamp = key.quota_stamp(now);
+        ctx.key = Some(key);
+        verdict.admitted().map(drop)
     }
 
     /// Step 8: only an admitted request gets its chunked body read, and only a request
@@ -220,7 +224,8 @@ impl Gateway {
     /// Step 9: usage is counted in memory; the flusher writes it later.
     fn count_usage(&self, ctx: &RequestCtx) {
         if let Some(key) = &ctx.key {
-            self.shared.usage.record(key.id_number, &key.id, unix_now());
+            let usage = &self.shared.usage;
+            usage.record(key.id_number, &key.id, unix_now(), ctx.quota_stamp);
         }
     }
 

@@ -5,6 +5,7 @@ mod format;
 mod hash;
 mod id;
 mod patch;
+mod quota;
 pub mod scan;
 pub(crate) mod scope;
 
@@ -12,6 +13,7 @@ pub use format::{KeyFormat, KeyFormatError};
 pub use hash::KeyHash;
 pub use id::{new_key_id, new_ulid};
 pub use patch::{KeyPatch, MAX_ALLOWED_IPS, parse_cidr};
+pub use quota::{Quota, QuotaPeriod, QuotaUsage, quota_stamp};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,15 @@ pub struct KeyRecord {
     /// CIDRs the key is admitted from; empty: from anywhere.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+    /// Bumped by every patch that sets `quota`: the count starts again (`quota_stamp`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub quota_revision: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl KeyRecord {
@@ -76,6 +87,8 @@ impl KeyRecord {
             rotated_from: None,
             superseded: false,
             allowed_ips: Vec::new(),
+            quota: None,
+            quota_revision: 0,
         }
     }
 
@@ -124,11 +137,14 @@ pub struct Usage {
     pub count: u64,
     /// Unix seconds of the latest admitted request; 0 = never used.
     pub last_used: i64,
+    /// What the key's quota has spent, if it has one.
+    pub quota: QuotaUsage,
 }
 
 impl Usage {
     pub fn merge(&mut self, other: Usage) {
         self.count += other.count;
         self.last_used = self.last_used.max(other.last_used);
+        self.quota.merge(other.quota);
     }
 }

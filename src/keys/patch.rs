@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use super::{KeyRecord, RateLimit};
+use super::{KeyRecord, Quota, RateLimit};
 
 /// At most this many CIDRs in a key's `allowed_ips`.
 pub const MAX_ALLOWED_IPS: usize = 64;
@@ -22,6 +22,8 @@ pub struct KeyPatch {
     pub rate_limit: Option<Option<RateLimit>>,
     pub expires_at: Option<Option<i64>>,
     pub allowed_ips: Option<Vec<String>>,
+    /// Setting a quota (even the same one) starts its count again: a top-up.
+    pub quota: Option<Option<Quota>>,
 }
 
 impl KeyRecord {
@@ -50,6 +52,10 @@ impl KeyRecord {
         }
         if let Some(allowed_ips) = &patch.allowed_ips {
             self.allowed_ips.clone_from(allowed_ips);
+        }
+        if let Some(quota) = patch.quota {
+            self.quota = quota;
+            self.quota_revision = self.quota_revision.wrapping_add(1);
         }
         *self != before
     }

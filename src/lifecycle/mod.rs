@@ -17,7 +17,10 @@ pub use rules::{
 use serde_json::{Map, Value};
 
 use crate::clock::unix_now;
-use crate::keys::{DEFAULT_NAME, KeyFormat, KeyHash, KeyPatch, KeyRecord, RateLimit, new_key_id};
+use crate::keys::{
+    DEFAULT_NAME, KeyFormat, KeyHash, KeyPatch, KeyRecord, Quota, QuotaUsage, RateLimit, Usage,
+    new_key_id, quota_stamp,
+};
 use crate::store::{AuditEntry, KeyCache, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::usage::UsageRecorder;
 
@@ -43,6 +46,7 @@ pub struct NewKey {
     pub metadata: Option<Map<String, Value>>,
     /// CIDRs as written; `check` refuses malformed ones, `create` stores them normalised.
     pub allowed_ips: Vec<String>,
+    pub quota: Option<Quota>,
 }
 
 impl NewKey {
@@ -171,6 +175,7 @@ impl Lifecycle {
             metadata: new.metadata,
             allowed_ips,
             rotated_from,
+            quota: new.quota,
             ..KeyRecord::for_key(&self.format, &raw, &new.owner, unix_now())
         };
         self.store().insert(&record).await?;
@@ -288,11 +293,13 @@ impl Lifecycle {
     }
 
     /// A new key with the old one's settings; the old one stops working after `grace`.
-    /// Not atomic: should retiring the old key fail, the call fails after minting a key
-    /// nobody received, which is harmless (it is never shown).
+    /// The new key's quota starts where the old one's stands (`quota_used` of it spent in
+    /// the current period). Not atomic: should retiring the old key fail, the call fails
+    /// after minting a key nobody received, which is harmless (it is never shown).
     pub async fn rotate(
         &self,
         old: &KeyRecord,
+        quota_used: u64,
         grace_seconds: i64,
         audit: Audit<'_>,
     ) -> Result<Created, LifecycleError> {
@@ -304,8 +311,23 @@ impl Lifecycle {
             rate_limit: old.rate_limit,
             metadata: old.metadata.clone(),
             allowed_ips: old.allowed_ips.clone(),
+            quota: old.quota,
         };
         let created = self.insert(new, Some(old.id.clone())).await?;
+        if let Some(quota) = old.quota
+            && quota_used > 0
+        {
+            let spent = Usage {
+                quota: QuotaUsage {
+                    stamp: quota_stamp(created.record.quota_revision, quota.period, unix_now()),
+                    used: quota_used,
+                },
+                ..Usage::default()
+            };
+            self.store()
+                .add_usage(&[(created.record.id.clone(), spent)])
+                .await?;
+        }
         let retired = self
             .store()
             .retire(&old.id, unix_now() + grace_seconds)

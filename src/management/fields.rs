@@ -9,7 +9,7 @@ use serde_json::{Map, Number, Value};
 
 use super::error::ApiError;
 use crate::clock::parse_rfc3339;
-use crate::keys::{KeyPatch, RateLimit};
+use crate::keys::{KeyPatch, Quota, QuotaPeriod, RateLimit};
 use crate::lifecycle::{FieldErrors, MAX_GRACE_SECONDS, MAX_TTL_SECONDS, add_error};
 
 /// Reads the body as a JSON object, whatever the Content-Type (so `curl -d` works); an
@@ -210,6 +210,33 @@ impl Fields {
         }
     }
 
+    /// `{"requests": 1..=10^12, "period": "day" | "month" | "total"}`.
+    fn quota(&mut self) -> Option<Quota> {
+        let value = self.value("quota")?;
+        let read = |value: &Value| {
+            let object = value.as_object()?;
+            if object.keys().any(|k| k != "requests" && k != "period") {
+                return None;
+            }
+            let requests = object.get("requests")?.as_u64()?;
+            let period = QuotaPeriod::parse(object.get("period")?.as_str()?)?;
+            (1..=Quota::MAX_REQUESTS)
+                .contains(&requests)
+                .then_some(Quota { requests, period })
+        };
+        let quota = read(&value);
+        if quota.is_none() {
+            self.bad(
+                "quota",
+                format!(
+                    "must be {{\"requests\": an integer from 1 to {}, \"period\": \"day\", \"month\" or \"total\"}}",
+                    Quota::MAX_REQUESTS
+                ),
+            );
+        }
+        quota
+    }
+
     fn object(&mut self, field: &str) -> Option<Map<String, Value>> {
         match self.value(field)? {
             Value::Object(m) => Some(m),
@@ -265,10 +292,11 @@ pub(super) struct CreateKey {
     pub rate_limit: Option<RateLimit>,
     pub metadata: Option<Map<String, Value>>,
     pub allowed_ips: Vec<String>,
+    pub quota: Option<Quota>,
 }
 
 impl CreateKey {
-    const FIELDS: [&str; 8] = [
+    const FIELDS: [&str; 9] = [
         "name",
         "owner",
         "scopes",
@@ -277,6 +305,7 @@ impl CreateKey {
         "rate_limit",
         "metadata",
         "allowed_ips",
+        "quota",
     ];
 
     /// The request and the fields collector, which still takes the handler's findings.
@@ -290,13 +319,15 @@ impl CreateKey {
             rate_limit: f.rate_limit(),
             metadata: f.object("metadata"),
             allowed_ips: f.strings("allowed_ips").unwrap_or_default(),
+            quota: f.quota(),
         };
         (request, f)
     }
 }
 
 /// `PATCH /keys/{id}`, as written (not yet checked against the key rules or the caller's
-/// rights). `null` removes `metadata`, `rate_limit`, `expires_at` and `allowed_ips`.
+/// rights). `null` removes `metadata`, `rate_limit`, `expires_at`, `allowed_ips` and
+/// `quota`; a `quota`, even the one the key has, starts its count again (a top-up).
 pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Fields) {
     const FIELDS: [&str; 7] = [
         "name",
@@ -308,12 +339,6 @@ pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Field
         "quota",
     ];
     let mut f = Fields::new(body, &FIELDS);
-    if f.present("quota") {
-        f.bad(
-            "quota",
-            "quotas are not supported yet by this gateway; leave the field out",
-        );
-    }
     let patch = KeyPatch {
         name: f.string("name"),
         scopes: f.strings("scopes"),
@@ -323,6 +348,7 @@ pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Field
         allowed_ips: f
             .nullable("allowed_ips", |f| f.strings("allowed_ips"))
             .map(Option::unwrap_or_default),
+        quota: f.nullable("quota", Fields::quota),
     };
     (patch, f)
 }

@@ -13,7 +13,7 @@ use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
 use crate::error::GatewayError;
 use crate::keys::scope::{has_scopes, valid_owner};
-use crate::keys::{KeyPatch, KeyRecord, RateLimit, new_key_id};
+use crate::keys::{KeyPatch, KeyRecord, Quota, RateLimit, new_key_id, quota_stamp};
 use crate::lifecycle::{
     Actor, Audit, FieldErrors, KeyState, Lifecycle, ListFilter, NewKey, add_error, check_patch,
 };
@@ -88,6 +88,7 @@ pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
         rate_limit: create.rate_limit,
         metadata: create.metadata,
         allowed_ips: create.allowed_ips,
+        quota: create.quota,
     };
     new.check(&mut f.errors);
     f.finish()?;
@@ -113,11 +114,19 @@ pub(super) async fn create(mut request: Request<'_>) -> ApiResult {
                 "a key can only create keys whose rate limit is no looser than its own",
             );
         }
+        if quota_looser(new.quota, key.quota) {
+            add_error(
+                &mut errors,
+                "quota",
+                "a key can only create keys whose quota is no looser than its own (the same period, no more requests)",
+            );
+        }
         if !errors.is_empty() {
             return Err(ApiError::Validation(errors));
         }
         new.expires_at = new.expires_at.or(key.expires_at);
         new.rate_limit = new.rate_limit.or(key.rate_limit);
+        new.quota = new.quota.or(key.quota);
     }
     let created = request.keys.create(new, request.audit("create")).await?;
     json_reply(201, &KeyView::created(created))
@@ -140,6 +149,12 @@ fn looser(asked: Option<RateLimit>, cap: Option<RateLimit>) -> bool {
     asked.requests > cap.requests || rate(asked, cap) > rate(cap, asked)
 }
 
+/// Whether quota `asked` allows more than `cap`: another period or more requests. No quota
+/// asked for gets the creator's.
+fn quota_looser(asked: Option<Quota>, cap: Option<Quota>) -> bool {
+    matches!((asked, cap), (Some(asked), Some(cap)) if asked.period != cap.period || asked.requests > cap.requests)
+}
+
 /// The settings a rotation by a key hands on: the old key's, capped at the caller's own
 /// expiry and rate limit (a short-lived key must not mint a long-lived successor).
 fn capped_for(caller: &Caller, mut old: KeyRecord) -> KeyRecord {
@@ -149,6 +164,9 @@ fn capped_for(caller: &Caller, mut old: KeyRecord) -> KeyRecord {
         }
         if looser(old.rate_limit, key.rate_limit) || old.rate_limit.is_none() {
             old.rate_limit = key.rate_limit.or(old.rate_limit);
+        }
+        if quota_looser(old.quota, key.quota) || old.quota.is_none() {
+            old.quota = key.quota.or(old.quota);
         }
     }
     old
@@ -228,15 +246,20 @@ pub(super) async fn list(request: Request<'_>) -> ApiResult {
         return Err(ApiError::Validation(errors));
     }
     let filter = list_filter(&request.query)?;
-    let page = request
+    let mut page = request
         .keys
         .list_matching(owner, cursor, limit, &filter)
         .await?;
+    let limits = &request.shared.limits;
+    limits.settle_quotas(&mut page.items, unix_now()).await;
     json_reply(200, &PageBody::<KeyView>::of(page))
 }
 
 pub(super) async fn get(request: Request<'_>, id: &str) -> ApiResult {
-    let key = request.owned_key(id).await?;
+    let mut key = [request.owned_key(id).await?];
+    let limits = &request.shared.limits;
+    limits.settle_quotas(&mut key, unix_now()).await;
+    let [key] = key;
     json_reply(200, &KeyView::from(key))
 }
 
@@ -261,11 +284,14 @@ pub(super) async fn revoke(request: Request<'_>, id: &str) -> ApiResult {
 pub(super) async fn revoke_by_value(mut request: Request<'_>) -> ApiResult {
     let raw = fields::read_revoke_by_value(std::mem::take(&mut request.body))?;
     if let Caller::Key(own) = request.caller {
+        let who = format!("key:{}", own.id);
         spend(
+            request.shared,
             request.limiters,
             ManagementBudget::Revoke,
-            &format!("key:{}", own.id),
-        )?;
+            &who,
+        )
+        .await?;
     }
     let record = request
         .keys
@@ -280,26 +306,42 @@ pub(super) async fn revoke_by_value(mut request: Request<'_>) -> ApiResult {
             if !own.admits_from(client) {
                 return Err(GatewayError::IpNotAllowed.into());
             }
-            spend(request.limiters, ManagementBudget::Revoke, &own.owner)?;
+            let limiters = request.limiters;
+            spend(
+                request.shared,
+                limiters,
+                ManagementBudget::Revoke,
+                &own.owner,
+            )
+            .await?;
         }
         Caller::Key(_) => return Err(ApiError::NotFound),
     }
     revoke_owned(&request, &record.id, "revoke_by_value").await
 }
 
-/// Spends one call of `who`'s `budget`: 429 `rate_limited` once it is spent.
-pub(super) fn spend(
+/// Spends one call of `who`'s `budget` (here, or in Redis with `[ratelimit] backend =
+/// "redis"`): 429 `rate_limited` once it is spent.
+pub(super) async fn spend(
+    shared: &Shared,
     limiters: &ManagementLimiters,
     budget: ManagementBudget,
     who: &str,
 ) -> Result<(), ApiError> {
-    limiters
-        .check(budget, who)
-        .map_err(|retry_after| GatewayError::RateLimited { retry_after }.into())
+    let verdict = shared.limits.spend_management(limiters, budget, who).await;
+    verdict.admitted().map(drop).map_err(ApiError::from)
 }
 
 pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
-    let old = request.owned_key(id).await?.record;
+    let mut old = [request.owned_key(id).await?];
+    let now = unix_now();
+    request.shared.limits.settle_quotas(&mut old, now).await;
+    let [KeyWithUsage { record: old, usage }] = old;
+    let quota_used = old.quota.map_or(0, |quota| {
+        usage
+            .quota
+            .used_in(quota_stamp(old.quota_revision, quota.period, now))
+    });
     let grace = fields::read_rotate(std::mem::take(&mut request.body))?;
     let conflict = |code, message| Err(ApiError::Conflict { code, message });
     if old.is_revoked() {
@@ -331,7 +373,7 @@ pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
     let settings = capped_for(request.caller, old);
     let created = request
         .keys
-        .rotate(&settings, grace, request.audit("rotate"))
+        .rotate(&settings, quota_used, grace, request.audit("rotate"))
         .await?;
     json_reply(201, &KeyView::created(created))
 }
@@ -362,7 +404,14 @@ pub(super) async fn update(mut request: Request<'_>, id: &str) -> ApiResult {
         .ok_or(ApiError::NotFound)?;
     // Revoked or rotated meanwhile: the store left it as it was.
     refuse_unchangeable(&record)?;
-    json_reply(200, &KeyView::new(record, current.usage))
+    let mut updated = [KeyWithUsage {
+        record,
+        usage: current.usage,
+    }];
+    let limits = &request.shared.limits;
+    limits.settle_quotas(&mut updated, unix_now()).await;
+    let [updated] = updated;
+    json_reply(200, &KeyView::from(updated))
 }
 
 /// 409 for a key that can no longer change: revoked, or replaced by a rotation.
@@ -412,6 +461,19 @@ fn bound_by_caller(patch: &KeyPatch, key: &CachedKey, errors: &mut FieldErrors) 
         ),
         _ => {}
     }
+    match patch.quota {
+        Some(None) if key.quota.is_some() => add_error(
+            errors,
+            "quota",
+            "a key with a quota cannot remove another key's quota",
+        ),
+        Some(asked) if quota_looser(asked, key.quota) => add_error(
+            errors,
+            "quota",
+            "a key can only set quotas no looser than its own",
+        ),
+        _ => {}
+    }
 }
 
 pub(super) async fn audit(request: Request<'_>) -> ApiResult {
@@ -436,6 +498,7 @@ pub(super) async fn signup(
         rate_limit: None,
         metadata: None,
         allowed_ips: Vec::new(),
+        quota: None,
     };
     new.check(&mut f.errors);
     f.finish()?;

@@ -209,10 +209,12 @@ impl Management {
         ctx.key = caller.key().cloned();
         let call = call?;
         authorize(&call, &caller)?;
-        spend(&call, &caller, &settings.limiters)?;
+        spend(&self.shared, &call, &caller, &settings.limiters).await?;
         // Usage counts management calls too (contract section 6: "proxied or management").
         if let Some(key) = caller.key() {
-            self.shared.usage.record(key.id_number, &key.id, unix_now());
+            self.shared
+                .usage
+                .record(key.id_number, &key.id, unix_now(), None);
         }
         let body = if call.takes_body() {
             let body = read_json(session, deadline).await?;
@@ -272,15 +274,21 @@ impl Management {
         // Per IPv4 address or IPv6 /64: one host can rotate through its whole /64.
         let bucket =
             client.map_or_else(|| "unknown".to_string(), |ip| client_bucket(ip).to_string());
-        handlers::spend(&settings.limiters, ManagementBudget::Signup, &bucket)?;
+        let limiters = &settings.limiters;
+        handlers::spend(&self.shared, limiters, ManagementBudget::Signup, &bucket).await?;
         handlers::signup(&self.keys, client.map(|ip| ip.to_string()), body).await
     }
 }
 
 /// A key's call spends its owner's budget for that kind of call; the admin's none.
-fn spend(call: &KeyedCall, caller: &Caller, limiters: &ManagementLimiters) -> Result<(), ApiError> {
+async fn spend(
+    shared: &Shared,
+    call: &KeyedCall,
+    caller: &Caller,
+    limiters: &ManagementLimiters,
+) -> Result<(), ApiError> {
     match (call.budget(), caller.owner()) {
-        (Some(budget), Some(owner)) => handlers::spend(limiters, budget, owner),
+        (Some(budget), Some(owner)) => handlers::spend(shared, limiters, budget, owner).await,
         _ => Ok(()),
     }
 }

@@ -15,9 +15,9 @@ use super::caller::Caller;
 use super::fields;
 use super::handlers::{ApiResult, Request, json_reply};
 use crate::clock::{rfc3339, unix_now};
-use crate::error::code;
+use crate::error::{GatewayError, code};
 use crate::keys::scope::has_scopes;
-use crate::ratelimit::{Budget, Decision};
+use crate::ratelimit::{Budget, Decision, Verdict as LimitVerdict};
 use crate::store::CachedKey;
 
 pub(super) const VERIFY_SCOPE: &str = "keys:verify";
@@ -107,20 +107,34 @@ pub(super) async fn verify(mut request: Request<'_>) -> ApiResult {
         );
     };
     let mut rate_limit = None;
-    let code = if key.is_expired(unix_now()) {
+    let mut quota_remaining = None;
+    let now = unix_now();
+    let code = if key.is_expired(now) {
         code::KEY_EXPIRED
     } else if !has_scopes(&key.scopes, &wanted) {
         code::INSUFFICIENT_SCOPE
     } else {
-        let decision = key
-            .rate_limit
-            .map(|limit| shared.rate_limits.check(limit, key.id_number, Budget::Key));
-        rate_limit = decision.map(RateLimitState::from);
-        if let Some(Decision::Limited { .. }) = decision {
-            code::RATE_LIMITED
-        } else {
-            shared.usage.record(key.id_number, &key.id, unix_now());
-            "valid"
+        let limit = key.rate_limit.map(|limit| (limit, Budget::Key));
+        match shared.limits.spend(&key, limit, now).await {
+            LimitVerdict::Admitted {
+                rate,
+                quota_remaining: left,
+            } => {
+                rate_limit = rate.map(RateLimitState::from);
+                quota_remaining = left;
+                let stamp = key.quota_stamp(now);
+                shared.usage.record(key.id_number, &key.id, now, stamp);
+                "valid"
+            }
+            LimitVerdict::RateLimited(decision) => {
+                rate_limit = Some(RateLimitState::from(decision));
+                code::RATE_LIMITED
+            }
+            LimitVerdict::QuotaExhausted { .. } => {
+                quota_remaining = Some(0);
+                code::QUOTA_EXHAUSTED
+            }
+            LimitVerdict::Unavailable => return Err(GatewayError::RateLimitUnavailable.into()),
         }
     };
     let known = KnownKey {
@@ -130,7 +144,7 @@ pub(super) async fn verify(mut request: Request<'_>) -> ApiResult {
         expires_at: key.expires_at.map(rfc3339),
         metadata: key.metadata.as_ref(),
         rate_limit,
-        quota_remaining: None,
+        quota_remaining,
     };
     json_reply(
         200,

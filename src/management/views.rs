@@ -4,8 +4,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::clock::rfc3339;
-use crate::keys::{KeyRecord, RateLimit, Usage};
+use crate::clock::{rfc3339, unix_now};
+use crate::keys::{KeyRecord, Quota, RateLimit, Usage, quota_stamp};
 use crate::lifecycle::{Created, Page};
 use crate::store::{AuditEntry, KeyWithUsage};
 
@@ -23,6 +23,9 @@ pub(crate) struct KeyView {
     pub last_used: Option<String>,
     pub usage_count: u64,
     pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    /// What is left of `quota` in its current period; null without a quota.
+    pub quota_remaining: Option<u64>,
     pub metadata: Option<Map<String, Value>>,
     /// CIDRs the key is admitted from; empty: anywhere.
     pub allowed_ips: Vec<String>,
@@ -37,7 +40,13 @@ pub(crate) struct KeyView {
 
 impl KeyView {
     pub(crate) fn new(record: KeyRecord, usage: Usage) -> Self {
+        let quota_remaining = record.quota.map(|quota| {
+            let stamp = quota_stamp(record.quota_revision, quota.period, unix_now());
+            quota.requests.saturating_sub(usage.quota.used_in(stamp))
+        });
         KeyView {
+            quota: record.quota,
+            quota_remaining,
             created_at: rfc3339(record.created_at),
             expires_at: record.expires_at.map(rfc3339),
             revoked_at: record.revoked_at.map(rfc3339),

@@ -64,9 +64,10 @@ impl Reply {
                 "allow",
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             ),
-            GatewayError::RateLimited { retry_after } => {
-                reply.with_header("retry-after", HeaderValue::from(retry_after))
-            }
+            GatewayError::RateLimited { retry_after }
+            | GatewayError::QuotaExhausted {
+                retry_after: Some(retry_after),
+            } => reply.with_header("retry-after", HeaderValue::from(retry_after)),
             _ => reply,
         }
     }

@@ -20,7 +20,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use super::cached_key::CachedKey;
 use super::filter::KeyFilter;
 use super::{KeyStore, StoreError};
-use crate::keys::KeyHash;
+use crate::keys::{KeyHash, QuotaUsage};
 
 /// Where a resolution was answered from, for the cache metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,18 +200,21 @@ impl KeyCache {
     /// One bounded store read, and the cache fill from it unless an invalidation ran since
     /// `generation`.
     async fn read_and_fill(&self, hash: &KeyHash, generation: u64) -> Fill {
-        let record = {
+        let key = {
             let _slot = tokio::time::timeout(self.read_wait, self.reads.acquire())
                 .await
                 .map_err(|_| StoreError::Busy)?
                 .map_err(|_| StoreError::Busy)?;
-            self.store.find_by_hash(hash).await?
-        };
-        let key = match record {
-            Some(record) if !record.is_revoked() => {
-                Some(Arc::new(CachedKey::from_record(&record)?))
+            match self.store.find_by_hash(hash).await? {
+                Some(record) if !record.is_revoked() => {
+                    let mut key = CachedKey::from_record(&record)?;
+                    if record.quota.is_some() {
+                        key.quota_seed = self.stored_quota_count(&record.id).await?;
+                    }
+                    Some(Arc::new(key))
+                }
+                _ => None,
             }
-            _ => None,
         };
         {
             let _no_invalidation_meanwhile = self.fill_guard.read();
@@ -224,6 +227,17 @@ impl KeyCache {
             }
         }
         Ok(key)
+    }
+
+    /// What a key's quota has spent as the store holds it (usage flushed so far). Only keys
+    /// with a quota pay this second read, once per cache fill.
+    async fn stored_quota_count(&self, id: &str) -> Result<QuotaUsage, StoreError> {
+        Ok(self
+            .store
+            .get(id)
+            .await?
+            .map(|stored| stored.usage.quota)
+            .unwrap_or_default())
     }
 
     /// Makes every later look-up of `hash` miss the positive cache. Call after the change

@@ -8,7 +8,7 @@ use http::HeaderValue;
 use ipnet::IpNet;
 
 use super::StoreError;
-use crate::keys::{KeyHash, KeyRecord, RateLimit, parse_cidr};
+use crate::keys::{KeyHash, KeyRecord, Quota, QuotaUsage, RateLimit, parse_cidr, quota_stamp};
 
 #[derive(Debug)]
 pub struct CachedKey {
@@ -21,6 +21,11 @@ pub struct CachedKey {
     pub scopes: Vec<String>,
     pub expires_at: Option<i64>,
     pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    pub quota_revision: u32,
+    /// The quota's count as the store had it when the key was cached: where a gateway
+    /// that has not counted this key itself starts from.
+    pub quota_seed: QuotaUsage,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// Where the key is admitted from; empty: anywhere.
     pub allowed_ips: Vec<IpNet>,
@@ -61,8 +66,17 @@ impl CachedKey {
             scopes: record.scopes.clone(),
             expires_at: record.expires_at,
             rate_limit: record.rate_limit,
+            quota: record.quota,
+            quota_revision: record.quota_revision,
+            quota_seed: QuotaUsage::default(),
             metadata: record.metadata.clone(),
         })
+    }
+
+    /// The stamp of the quota count that a request at `now` spends; None without a quota.
+    pub fn quota_stamp(&self, now: i64) -> Option<i64> {
+        self.quota
+            .map(|quota| quota_stamp(self.quota_revision, quota.period, now))
     }
 
     pub fn is_expired(&self, now: i64) -> bool {

@@ -31,6 +31,12 @@ const MIGRATIONS: &[&str] = &[
         entry jsonb NOT NULL
     );
     "#,
+    // 2: what each key's quota has spent, in the period its stamp names (keys::quota).
+    r#"
+    ALTER TABLE usage
+        ADD COLUMN quota_stamp bigint NOT NULL DEFAULT 0,
+        ADD COLUMN quota_used bigint NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The newest schema version this build knows.

@@ -16,6 +16,7 @@
 //! The schema is created and upgraded at start-up by `pg_schema`'s migrations, under an
 //! advisory lock, so that instances starting together apply each migration exactly once.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,7 +30,7 @@ use super::pg_connection::{Connector, with_tls_hint};
 pub use super::pg_schema::SCHEMA_VERSION;
 use super::pg_schema::migrate;
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgOptions, StoreError};
-use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
 pub const INVALIDATION_CHANNEL: &str = "keygate_invalidate";
@@ -79,20 +80,28 @@ fn decode_record(row: &Row, column: usize) -> Result<KeyRecord, StoreError> {
         .map_err(|e| StoreError::corrupt(format!("stored key record: {}", describe(&e))))
 }
 
-/// `count` and `last_used` columns of a LEFT JOIN with `usage` (NULL = never used).
-fn decode_usage(row: &Row, count: usize, last_used: usize) -> Result<Usage, StoreError> {
-    let stored_count: Option<i64> = row.try_get(count).map_err(StoreError::corrupt)?;
-    let stored_last: Option<i64> = row.try_get(last_used).map_err(StoreError::corrupt)?;
+/// The `count`, `last_used`, `quota_stamp` and `quota_used` columns of a LEFT JOIN with
+/// `usage` from column `first` on (NULL = never used).
+fn decode_usage(row: &Row, first: usize) -> Result<Usage, StoreError> {
+    let column = |at: usize| -> Result<i64, StoreError> {
+        let value: Option<i64> = row.try_get(first + at).map_err(StoreError::corrupt)?;
+        Ok(value.unwrap_or(0))
+    };
+    let unsigned = |at: usize| u64::try_from(column(at)?).map_err(StoreError::corrupt);
     Ok(Usage {
-        count: u64::try_from(stored_count.unwrap_or(0)).map_err(StoreError::corrupt)?,
-        last_used: stored_last.unwrap_or(0),
+        count: unsigned(0)?,
+        last_used: column(1)?,
+        quota: QuotaUsage {
+            stamp: column(2)?,
+            used: unsigned(3)?,
+        },
     })
 }
 
 fn decode_key_with_usage(row: &Row) -> Result<KeyWithUsage, StoreError> {
     Ok(KeyWithUsage {
         record: decode_record(row, 0)?,
-        usage: decode_usage(row, 1, 2)?,
+        usage: decode_usage(row, 1)?,
     })
 }
 
@@ -210,7 +219,7 @@ impl PgStore {
     }
 }
 
-const SELECT_WITH_USAGE: &str = "SELECT k.record, u.count, u.last_used \
+const SELECT_WITH_USAGE: &str = "SELECT k.record, u.count, u.last_used, u.quota_stamp, u.quota_used \
      FROM keys k LEFT JOIN usage u ON u.key_id = k.id";
 
 #[async_trait]
@@ -387,46 +396,57 @@ impl KeyStore for PgStore {
     }
 
     async fn add_usage(&self, deltas: &[(String, Usage)]) -> Result<(), StoreError> {
-        if deltas.is_empty() {
-            return Ok(());
-        }
-        let mut ids = Vec::with_capacity(deltas.len());
-        let mut counts = Vec::with_capacity(deltas.len());
-        let mut last_used = Vec::with_capacity(deltas.len());
+        // Deltas of one id are merged first (an upsert may touch a row only once, and a
+        // quota count merges by stamp, which SQL's sum cannot), and sent in id order, so
+        // that concurrent batches lock rows in the same order and never deadlock.
+        let mut merged: BTreeMap<&str, Usage> = BTreeMap::new();
         // A key id with NUL cannot exist: like any unknown key's, its delta is dropped.
         for (id, delta) in deltas.iter().filter(|(id, _)| !has_nul(id)) {
-            ids.push(id.as_str());
-            counts.push(
-                i64::try_from(delta.count).map_err(|_| {
-                    StoreError::corrupt(format!("usage delta for {id} out of range"))
-                })?,
-            );
-            last_used.push(delta.last_used);
+            merged.entry(id.as_str()).or_default().merge(*delta);
         }
-        if ids.is_empty() {
+        if merged.is_empty() {
             return Ok(());
         }
+        let out_of_range =
+            |id: &str| StoreError::corrupt(format!("usage delta for {id} out of range"));
+        let mut ids = Vec::with_capacity(merged.len());
+        let mut counts = Vec::with_capacity(merged.len());
+        let mut last_used = Vec::with_capacity(merged.len());
+        let mut quota_stamps = Vec::with_capacity(merged.len());
+        let mut quota_used = Vec::with_capacity(merged.len());
+        for (id, delta) in merged {
+            ids.push(id);
+            counts.push(i64::try_from(delta.count).map_err(|_| out_of_range(id))?);
+            last_used.push(delta.last_used);
+            quota_stamps.push(delta.quota.stamp);
+            quota_used.push(i64::try_from(delta.quota.used).map_err(|_| out_of_range(id))?);
+        }
         let client = self.client().await?;
-        // One statement, one transaction. Deltas of one id are summed first (an upsert may
-        // touch a row only once), rows are locked in id order (no deadlock between
-        // concurrent batches), and deltas of unknown keys are dropped (the foreign key
-        // would refuse them; sled keeps them where nothing ever reads them).
+        // One statement, one transaction; deltas of unknown keys are dropped (the foreign
+        // key would refuse them; sled keeps them where nothing ever reads them).
         let upsert = client
             .prepare_cached(
-                "INSERT INTO usage (key_id, count, last_used) \
-                 SELECT d.key_id, sum(d.count)::bigint, max(d.last_used) \
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
-                 AS d(key_id, count, last_used) \
+                "INSERT INTO usage (key_id, count, last_used, quota_stamp, quota_used) \
+                 SELECT d.key_id, d.count, d.last_used, d.quota_stamp, d.quota_used \
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                 AS d(key_id, count, last_used, quota_stamp, quota_used) \
                  WHERE EXISTS (SELECT 1 FROM keys k WHERE k.id = d.key_id) \
-                 GROUP BY d.key_id \
-                 ORDER BY d.key_id COLLATE \"C\" \
                  ON CONFLICT (key_id) DO UPDATE SET \
                  count = usage.count + EXCLUDED.count, \
-                 last_used = GREATEST(usage.last_used, EXCLUDED.last_used)",
+                 last_used = GREATEST(usage.last_used, EXCLUDED.last_used), \
+                 quota_used = CASE \
+                   WHEN EXCLUDED.quota_stamp > usage.quota_stamp THEN EXCLUDED.quota_used \
+                   WHEN EXCLUDED.quota_stamp = usage.quota_stamp \
+                     THEN usage.quota_used + EXCLUDED.quota_used \
+                   ELSE usage.quota_used END, \
+                 quota_stamp = GREATEST(usage.quota_stamp, EXCLUDED.quota_stamp)",
             )
             .await?;
         client
-            .execute(&upsert, &[&ids, &counts, &last_used])
+            .execute(
+                &upsert,
+                &[&ids, &counts, &last_used, &quota_stamps, &quota_used],
+            )
             .await?;
         Ok(())
     }

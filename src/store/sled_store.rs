@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
-use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
+use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
@@ -96,23 +96,31 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-fn encode_usage(usage: Usage) -> [u8; 16] {
-    let mut out = [0u8; 16];
+/// count, last_used, quota stamp, quota used: big-endian, 8 bytes each. Values written
+/// before quotas existed hold only the first two.
+fn encode_usage(usage: Usage) -> [u8; 32] {
+    let mut out = [0u8; 32];
     out[..8].copy_from_slice(&usage.count.to_be_bytes());
-    out[8..].copy_from_slice(&usage.last_used.to_be_bytes());
+    out[8..16].copy_from_slice(&usage.last_used.to_be_bytes());
+    out[16..24].copy_from_slice(&usage.quota.stamp.to_be_bytes());
+    out[24..].copy_from_slice(&usage.quota.used.to_be_bytes());
     out
 }
 
 fn decode_usage(bytes: &[u8]) -> Usage {
-    let mut count = [0u8; 8];
-    let mut last = [0u8; 8];
-    if bytes.len() == 16 {
-        count.copy_from_slice(&bytes[..8]);
-        last.copy_from_slice(&bytes[8..]);
-    }
+    let word = |at: usize| -> [u8; 8] {
+        bytes
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default()
+    };
     Usage {
-        count: u64::from_be_bytes(count),
-        last_used: i64::from_be_bytes(last),
+        count: u64::from_be_bytes(word(0)),
+        last_used: i64::from_be_bytes(word(8)),
+        quota: QuotaUsage {
+            stamp: i64::from_be_bytes(word(16)),
+            used: u64::from_be_bytes(word(24)),
+        },
     }
 }
 

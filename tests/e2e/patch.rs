@@ -120,7 +120,7 @@ async fn each_field_changes_in_place_and_null_removes_it() {
 }
 
 /// Every bad field in one 422, the record untouched; `null` where the field cannot be
-/// removed, an unknown field, and `quota` (not supported yet) are named too.
+/// removed, an unknown field and a malformed `quota` are named too.
 #[tokio::test]
 async fn bad_fields_are_all_named_and_nothing_changes() {
     let env = env_with_routes("").await;
@@ -138,7 +138,7 @@ async fn bad_fields_are_all_named_and_nothing_changes() {
             "rate_limit": {"requests": 0, "window_seconds": 60},
             "expires_at": "2001-01-01T00:00:00Z",
             "allowed_ips": ["10.0.0.0/33", "example.com"],
-            "quota": {"requests": 10, "period": "day"},
+            "quota": {"requests": 10, "period": "week"},
             "bogus": 1
         }),
     )
@@ -154,7 +154,7 @@ async fn bad_fields_are_all_named_and_nothing_changes() {
         "bogus",
     ]);
     let reasons = bad.json["error"]["details"]["quota"].to_string();
-    assert!(reasons.contains("not supported"), "{reasons}");
+    assert!(reasons.contains("\\\"month\\\""), "{reasons}");
     let reasons = bad.json["error"]["details"]["allowed_ips"].to_string();
     assert!(
         reasons.contains("example.com") && reasons.contains("10.0.0.0/33"),

@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::keys::{KeyFormat, KeyHash, KeyPatch, KeyRecord, RateLimit, Usage, new_key_id};
+use keygate::keys::{
+    KeyFormat, KeyHash, KeyPatch, KeyRecord, Quota, QuotaPeriod, QuotaUsage, RateLimit, Usage,
+    new_key_id,
+};
 use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgStore, StoreError};
 
 const POOL_SIZE: usize = 8;
@@ -95,6 +98,7 @@ conformance!(
     retire_marks_superseded_and_only_moves_expiry_earlier,
     list_orders_by_id_filters_by_owner_and_pages,
     add_usage_sums_counts_and_keeps_latest_use,
+    quota_counts_add_within_a_period_and_restart_in_a_later_one,
     concurrent_add_usage_loses_nothing,
     count_counts_key_records,
     stored_hashes_are_every_stored_key_once,
@@ -194,6 +198,11 @@ async fn duplicate_id_or_hash_is_refused(store: Arc<dyn KeyStore>) {
 
 /// PATCH's store half: each field set, optional ones removed with `Some(None)`, the rest
 /// kept; the record read back by id and by hash is the one returned; usage untouched.
+const MONTHLY: Quota = Quota {
+    requests: 10_000,
+    period: QuotaPeriod::Month,
+};
+
 async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
     let mut key = record("alice");
     key.expires_at = Some(2_000_000_000);
@@ -204,6 +213,7 @@ async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
     let usage = Usage {
         count: 3,
         last_used: 1_700_000_100,
+        ..Default::default()
     };
     store
         .add_usage(&[(key.id.clone(), usage)])
@@ -224,6 +234,7 @@ async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
         })),
         expires_at: Some(None),
         allowed_ips: Some(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]),
+        quota: Some(Some(MONTHLY)),
     };
     let updated = store
         .update(&key.id, &patch)
@@ -236,6 +247,8 @@ async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
     assert_eq!(updated.name, "renamed ключ");
     assert_eq!(updated.expires_at, None);
     assert_eq!(updated.allowed_ips, ["10.0.0.0/8", "2001:db8::/32"]);
+    let quota = (updated.quota, updated.quota_revision);
+    assert_eq!(quota, (Some(MONTHLY), 1), "a quota set starts a new count");
     let stored = store.get(&key.id).await.expect("get").expect("present");
     assert_eq!((stored.record, stored.usage), (expected.clone(), usage));
     let by_hash = store.find_by_hash(&hash_of(&key)).await.expect("find");
@@ -330,6 +343,7 @@ async fn purge_removes_only_long_dead_keys_in_batches(store: Arc<dyn KeyStore>) 
     let usage = Usage {
         count: 1,
         last_used: 150,
+        ..Default::default()
     };
     store
         .add_usage(&[(revoked_early.id.clone(), usage)])
@@ -514,6 +528,7 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
             Usage {
                 count: 4,
                 last_used: 77,
+                ..Default::default()
             },
         )])
         .await
@@ -531,6 +546,7 @@ async fn list_orders_by_id_filters_by_owner_and_pages(store: Arc<dyn KeyStore>) 
             Usage {
                 count: 4,
                 last_used: 77,
+                ..Default::default()
             }
         } else {
             Usage::default()
@@ -668,6 +684,61 @@ async fn assert_owner_filter(store: &dyn KeyStore, records: &[KeyRecord]) {
     }
 }
 
+/// What a key's quota spent is kept per stamp (period and revision): deltas of one stamp
+/// add up, a later stamp starts again, an earlier one (a late flush from yesterday) is
+/// dropped; within one batch too.
+async fn quota_counts_add_within_a_period_and_restart_in_a_later_one(store: Arc<dyn KeyStore>) {
+    let key = record("alice");
+    store.insert(&key).await.expect("insert");
+    let spent = |stamp, used| Usage {
+        count: used,
+        last_used: 1,
+        quota: QuotaUsage { stamp, used },
+    };
+    let quota_of = || {
+        let store = Arc::clone(&store);
+        let id = key.id.clone();
+        async move {
+            store
+                .get(&id)
+                .await
+                .expect("get")
+                .expect("present")
+                .usage
+                .quota
+        }
+    };
+    let add = |deltas: Vec<Usage>| {
+        let store = Arc::clone(&store);
+        let batch: Vec<(String, Usage)> = deltas.into_iter().map(|d| (key.id.clone(), d)).collect();
+        async move { store.add_usage(&batch).await.expect("usage") }
+    };
+    add(vec![spent(7, 3)]).await;
+    add(vec![spent(7, 2)]).await;
+    assert_eq!(quota_of().await, QuotaUsage { stamp: 7, used: 5 });
+    add(vec![spent(8, 1)]).await;
+    assert_eq!(quota_of().await, QuotaUsage { stamp: 8, used: 1 });
+    add(vec![spent(7, 9)]).await;
+    assert_eq!(
+        quota_of().await,
+        QuotaUsage { stamp: 8, used: 1 },
+        "a late flush of an older period"
+    );
+    add(vec![spent(9, 4), spent(8, 100), spent(9, 1)]).await;
+    assert_eq!(quota_of().await, QuotaUsage { stamp: 9, used: 5 });
+    let usage = store
+        .get(&key.id)
+        .await
+        .expect("get")
+        .expect("present")
+        .usage;
+    assert_eq!(
+        usage.count,
+        3 + 2 + 1 + 9 + 4 + 100 + 1,
+        "counts still add up"
+    );
+}
+
 async fn add_usage_sums_counts_and_keeps_latest_use(store: Arc<dyn KeyStore>) {
     let a = record("alice");
     let b = record("alice");
@@ -675,7 +746,11 @@ async fn add_usage_sums_counts_and_keeps_latest_use(store: Arc<dyn KeyStore>) {
     for r in [&a, &b, &idle] {
         store.insert(r).await.expect("insert");
     }
-    let usage = |count, last_used| Usage { count, last_used };
+    let usage = |count, last_used| Usage {
+        count,
+        last_used,
+        ..Default::default()
+    };
     let usage_of = |id: String| {
         let store = Arc::clone(&store);
         async move { store.get(&id).await.expect("get").expect("present").usage }
@@ -771,6 +846,7 @@ async fn concurrent_add_usage_loses_nothing(store: Arc<dyn KeyStore>) {
                         Usage {
                             count: 1,
                             last_used: t * 1_000 + i,
+                            ..Default::default()
                         },
                     ),
                     (
@@ -778,6 +854,7 @@ async fn concurrent_add_usage_loses_nothing(store: Arc<dyn KeyStore>) {
                         Usage {
                             count: 2,
                             last_used: i,
+                            ..Default::default()
                         },
                     ),
                 ];
@@ -802,6 +879,7 @@ async fn concurrent_add_usage_loses_nothing(store: Arc<dyn KeyStore>) {
         Usage {
             count: (TASKS * CALLS) as u64,
             last_used: (TASKS - 1) * 1_000 + CALLS - 1,
+            ..Default::default()
         }
     );
     assert_eq!(
@@ -809,6 +887,7 @@ async fn concurrent_add_usage_loses_nothing(store: Arc<dyn KeyStore>) {
         Usage {
             count: (2 * TASKS * CALLS) as u64,
             last_used: CALLS - 1,
+            ..Default::default()
         }
     );
 }
@@ -832,6 +911,7 @@ async fn count_counts_key_records(store: Arc<dyn KeyStore>) {
             Usage {
                 count: 1,
                 last_used: 1,
+                ..Default::default()
             },
         )])
         .await
@@ -1115,6 +1195,7 @@ mod postgres_only {
                             Usage {
                                 count: 1,
                                 last_used: (n as i64) * 100 + i,
+                                ..Default::default()
                             },
                         )])
                         .await
@@ -1136,7 +1217,8 @@ mod postgres_only {
                 usage,
                 Usage {
                     count: 150,
-                    last_used: 249
+                    last_used: 249,
+                    ..Default::default()
                 }
             );
             assert_eq!(store.count().await.expect("count"), 1);

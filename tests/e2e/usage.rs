@@ -237,7 +237,7 @@ async fn failed_flushes_keep_counts_until_the_store_recovers() {
     let usage = UsageRecorder::new();
 
     for _ in 0..10 {
-        usage.record(id_number, &id, 1_000);
+        usage.record(id_number, &id, 1_000, None);
     }
     store
         .failing
@@ -245,7 +245,7 @@ async fn failed_flushes_keep_counts_until_the_store_recovers() {
     assert!(usage.flush(store.as_ref()).await.is_err());
     // Counted while the store is down, then a second failed flush.
     for _ in 0..5 {
-        usage.record(id_number, &id, 2_000);
+        usage.record(id_number, &id, 2_000, None);
     }
     assert!(usage.flush(store.as_ref()).await.is_err());
     assert_eq!(
@@ -289,7 +289,7 @@ async fn concurrent_recording_loses_nothing_across_flushes() {
             let id = id.clone();
             std::thread::spawn(move || {
                 for i in 0..50_000 {
-                    usage.record(id_number, &id, i);
+                    usage.record(id_number, &id, i, None);
                 }
             })
         })

@@ -1,8 +1,7 @@
-//! Rate limiting by GCRA (the `governor` crate): a burst of at most `requests`, refilled
-//! evenly over `window_seconds`, so no window boundary ever admits 2N.
+//! GCRA limits in this process (the `governor` crate): a burst of at most `requests`,
+//! refilled evenly over `window_seconds`, so no window boundary ever admits 2N.
 
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,25 +11,9 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
+use super::{Budget, Decision, ManagementBudget};
 use crate::config::ManagementLimits;
 use crate::keys::RateLimit;
-
-/// The verdict on one request, with what the `RateLimit-*` headers report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    Allowed {
-        limit: u32,
-        remaining: u32,
-        /// Seconds until the full burst is available again.
-        reset: u64,
-    },
-    Limited {
-        limit: u32,
-        /// Whole seconds until a request would be admitted, at least 1.
-        retry_after: u64,
-        reset: u64,
-    },
-}
 
 /// `requests` per `window_seconds`, burst `requests`.
 pub(crate) fn quota(requests: u32, window_seconds: u32) -> Option<Quota> {
@@ -91,15 +74,6 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 }
 
-/// Which budget a request spends: the key's own `rate_limit` (across all routes), or a
-/// route's default limit (per route, identified by the route's index).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Budget {
-    Key,
-    /// A route's default limit, by the route's id (from its name, so it survives reloads).
-    Route(u64),
-}
-
 /// Per-key limits where each key may carry its own quota: one keyed limiter per distinct
 /// quota (there are few), each keyed by (key, budget) so that no two keys share a budget.
 #[derive(Default)]
@@ -142,18 +116,6 @@ impl KeyLimits {
     }
 }
 
-/// The management API's budgets, per owner (per client address for sign-up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ManagementBudget {
-    /// Creates and rotations.
-    Create,
-    /// Lists and gets.
-    List,
-    /// Revokes, by id and by value.
-    Revoke,
-    Signup,
-}
-
 /// Per-owner limits on management calls; the admin is exempt.
 pub(crate) struct ManagementLimiters {
     create: Option<KeyedLimiter<String>>,
@@ -172,15 +134,26 @@ impl ManagementLimiters {
         }
     }
 
+    fn limiter(&self, budget: ManagementBudget) -> Option<&KeyedLimiter<String>> {
+        match budget {
+            ManagementBudget::Create => self.create.as_ref(),
+            ManagementBudget::List => self.list.as_ref(),
+            ManagementBudget::Revoke => self.revoke.as_ref(),
+            ManagementBudget::Signup => self.signup.as_ref(),
+        }
+    }
+
+    /// The limit on `budget`; None when it has none (configured as 0).
+    pub(crate) fn limit_of(&self, budget: ManagementBudget) -> Option<RateLimit> {
+        self.limiter(budget).map(|l| RateLimit {
+            requests: l.limit,
+            window_seconds: u32::try_from(l.window.as_secs()).unwrap_or(u32::MAX),
+        })
+    }
+
     /// Spends one call of `who`'s `budget`; `Err(retry_after)` when it is spent.
     pub(crate) fn check(&self, budget: ManagementBudget, who: &str) -> Result<(), u64> {
-        let limiter = match budget {
-            ManagementBudget::Create => &self.create,
-            ManagementBudget::List => &self.list,
-            ManagementBudget::Revoke => &self.revoke,
-            ManagementBudget::Signup => &self.signup,
-        };
-        match limiter.as_ref().map(|l| l.check(&who.to_string())) {
+        match self.limiter(budget).map(|l| l.check(&who.to_string())) {
             Some(Decision::Limited { retry_after, .. }) => Err(retry_after),
             _ => Ok(()),
         }
@@ -194,70 +167,6 @@ impl ManagementLimiters {
             limiter.forget_idle();
         }
     }
-}
-
-/// The address a per-client limit counts against: an IPv4 address, or an IPv6 address's
-/// /64 (one host holds a whole /64 and can rotate through it at will).
-pub(crate) fn client_bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
-        },
-    }
-}
-
-/// Slows down guessing: a client (by `client_bucket`) that presented more than `max`
-/// wrong credentials within a minute is refused until that minute is over.
-pub(crate) struct FailureThrottle {
-    failures: moka::sync::Cache<IpAddr, Arc<std::sync::atomic::AtomicU32>>,
-    max: u32,
-}
-
-/// The throttle's window: counts start at a client's first failure and last this long.
-pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-
-impl FailureThrottle {
-    pub(crate) fn new(max_per_minute: u32) -> Self {
-        FailureThrottle {
-            failures: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(FAILURE_WINDOW)
-                .build(),
-            max: max_per_minute,
-        }
-    }
-
-    /// Whether `client` is refused for now.
-    pub(crate) fn is_blocked(&self, client: IpAddr) -> bool {
-        self.failures
-            .get(&client_bucket(client))
-            .is_some_and(|count| count.load(std::sync::atomic::Ordering::Relaxed) >= self.max)
-    }
-
-    pub(crate) fn record_failure(&self, client: IpAddr) {
-        self.failures
-            .get_with(client_bucket(client), Default::default)
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for a decision.
-pub(crate) fn headers(decision: Decision) -> [(&'static str, http::HeaderValue); 3] {
-    let (limit, remaining, reset) = match decision {
-        Decision::Allowed {
-            limit,
-            remaining,
-            reset,
-        } => (limit, remaining, reset),
-        Decision::Limited { limit, reset, .. } => (limit, 0, reset),
-    };
-    [
-        ("ratelimit-limit", http::HeaderValue::from(limit)),
-        ("ratelimit-remaining", http::HeaderValue::from(remaining)),
-        ("ratelimit-reset", http::HeaderValue::from(reset)),
-    ]
 }
 
 #[cfg(test)]
@@ -283,33 +192,6 @@ mod tests {
             other => panic!("expected limited, got {other:?}"),
         }
         assert!(matches!(limiter.check(&"b"), Decision::Allowed { .. }));
-    }
-
-    #[test]
-    fn ipv6_clients_count_by_their_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
-        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().expect("ip");
-        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
-        assert_eq!(client_bucket(a), client_bucket(b));
-        assert_ne!(client_bucket(a), client_bucket(other));
-        let v4: IpAddr = "192.0.2.7".parse().expect("ip");
-        assert_eq!(client_bucket(v4), v4);
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
-        assert_eq!(client_bucket(mapped), v4);
-    }
-
-    #[test]
-    fn failures_block_a_client_past_the_budget() {
-        let throttle = FailureThrottle::new(3);
-        let client: IpAddr = "2001:db8::1".parse().expect("ip");
-        let neighbour: IpAddr = "2001:db8::2".parse().expect("ip");
-        for _ in 0..3 {
-            assert!(!throttle.is_blocked(client));
-            throttle.record_failure(client);
-        }
-        assert!(throttle.is_blocked(client));
-        assert!(throttle.is_blocked(neighbour), "the same /64");
-        assert!(!throttle.is_blocked("192.0.2.1".parse().expect("ip")));
     }
 
     #[test]

@@ -1,0 +1,321 @@
+//! Limits and quotas decided in Redis, so that every gateway on one Redis admits together
+//! what one gateway would. Each decision is one Lua script (GCRA for rates, a counter per
+//! quota period), run by `EVALSHA` (the `redis` crate loads it on the first `NOSCRIPT`)
+//! over one multiplexed connection that reconnects by itself. Every key written expires:
+//! a rate budget once it has refilled, a quota count an hour after its period ends (a
+//! `total` quota's after 30 idle days; it is then counted again from the store).
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{Budget, Decision, ManagementBudget, Verdict};
+use crate::config::OnLimitError;
+use crate::keys::{Quota, QuotaPeriod, RateLimit};
+use crate::metrics::Metrics;
+use crate::store::CachedKey;
+
+/// One decision: the quota first (a spent quota refuses without touching the rate), then
+/// the rate, then the quota is spent, all or nothing. Redis's own clock times the rates,
+/// so gateways with skewed clocks still agree.
+const DECIDE: &str = r"
+-- KEYS[1]: a rate budget's theoretical arrival time (ms); KEYS[2]: a quota period's count
+-- ARGV: has_rate, interval_ms, window_ms, has_quota, quota_requests, quota_seed, quota_ttl_s
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local used = 0
+if ARGV[4] == '1' then
+  used = tonumber(redis.call('GET', KEYS[2]) or ARGV[6])
+  if used >= tonumber(ARGV[5]) then
+    return {2, used, 0, 0}
+  end
+end
+local remaining, reset = 0, 0
+if ARGV[1] == '1' then
+  local interval = tonumber(ARGV[2])
+  local window = tonumber(ARGV[3])
+  local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+  if tat < now then tat = now end
+  local next_tat = tat + interval
+  local allow_at = next_tat - window
+  if allow_at > now then
+    return {1, used, math.ceil(allow_at - now), math.ceil(tat - now)}
+  end
+  redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now))
+  remaining = math.floor((now - allow_at) / interval + 1e-6)
+  reset = math.ceil(next_tat - now)
+end
+if ARGV[4] == '1' then
+  used = used + 1
+  redis.call('SET', KEYS[2], used, 'EX', ARGV[7])
+end
+return {0, used, remaining, reset}
+";
+
+/// A quota count outlives its period by this much, so that a gateway whose clock is a
+/// little behind still finds it.
+const QUOTA_TTL_SLACK: i64 = 3600;
+/// A `total` quota's count expires after this long unused.
+const TOTAL_QUOTA_TTL: i64 = 30 * 86_400;
+
+pub(crate) struct RedisLimits {
+    client: redis::Client,
+    /// Made on first use, on the runtime of a request: the connection's tasks must live
+    /// on a runtime that lives as long as the gateway (the start-up one does not).
+    connection: OnceLock<ConnectionManager>,
+    decide: Script,
+    timeout: Duration,
+    on_error: OnLimitError,
+    metrics: Arc<Metrics>,
+}
+
+/// A rate to check: the limit and the Redis key of its budget.
+struct RateCheck {
+    limit: RateLimit,
+    budget_key: String,
+}
+
+/// A quota to spend: its Redis key and what the count starts from if Redis has none.
+struct QuotaCheck {
+    quota: Quota,
+    count_key: String,
+    seed: u64,
+    ttl: i64,
+}
+
+/// Why Redis gave no decision.
+enum Failure {
+    Timeout,
+    Error(RedisError),
+}
+
+impl RedisLimits {
+    /// Connects lazily: a gateway starts while Redis is down, and its limited keys get
+    /// `on_error` until Redis answers.
+    pub(crate) fn new(
+        url: &str,
+        timeout: Duration,
+        on_error: OnLimitError,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RedisError> {
+        Ok(RedisLimits {
+            client: redis::Client::open(url)?,
+            connection: OnceLock::new(),
+            decide: Script::new(DECIDE),
+            timeout,
+            on_error,
+            metrics,
+        })
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, Failure> {
+        if let Some(connection) = self.connection.get() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(self.timeout))
+            .set_max_delay(Duration::from_secs(1));
+        let made = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(Failure::Error)?;
+        Ok(self.connection.get_or_init(|| made).clone())
+    }
+
+    /// The key's rate limit on `budget` and its quota (at `stamp`), in one round trip.
+    pub(crate) async fn spend(
+        &self,
+        key: &CachedKey,
+        limit: Option<(RateLimit, Budget)>,
+        quota: Option<(Quota, i64)>,
+        now: i64,
+    ) -> Verdict {
+        let rate = limit.map(|(limit, budget)| RateCheck {
+            limit,
+            budget_key: format!(
+                "kg:r:{}:{}:{}/{}",
+                key.id,
+                budget_tag(budget),
+                limit.requests,
+                limit.window_seconds
+            ),
+        });
+        let quota = quota.map(|(quota, stamp)| QuotaCheck {
+            quota,
+            count_key: count_key(&key.id, stamp),
+            seed: key.quota_seed.used_in(stamp),
+            ttl: quota_ttl(quota.period, now),
+        });
+        match self.run(rate.as_ref(), quota.as_ref()).await {
+            Ok(answer) => verdict(answer, rate.as_ref(), quota.as_ref(), now),
+            Err(failure) => self.failed(failure),
+        }
+    }
+
+    /// One call of `who`'s management `budget`: Ok to go ahead, else the refusal.
+    pub(crate) async fn spend_management(
+        &self,
+        budget: ManagementBudget,
+        limit: RateLimit,
+        who: &str,
+    ) -> Verdict {
+        let rate = RateCheck {
+            limit,
+            budget_key: format!("kg:m:{}:{who}", budget.label()),
+        };
+        match self.run(Some(&rate), None).await {
+            Ok(answer) => verdict(answer, Some(&rate), None, 0),
+            Err(failure) => self.failed(failure),
+        }
+    }
+
+    /// The counts Redis holds for `count_keys` (None where it holds none).
+    pub(crate) async fn quota_counts(&self, count_keys: &[String]) -> Option<Vec<Option<u64>>> {
+        if count_keys.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut connection = match self.connection() {
+            Ok(connection) => connection,
+            Err(failure) => {
+                self.failed(failure);
+                return None;
+            }
+        };
+        let mut mget = redis::cmd("MGET");
+        mget.arg(count_keys);
+        let read = mget.query_async::<Vec<Option<u64>>>(&mut connection);
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(counts)) if counts.len() == count_keys.len() => Some(counts),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                self.failed(Failure::Error(e));
+                None
+            }
+            Err(_) => {
+                self.failed(Failure::Timeout);
+                None
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        rate: Option<&RateCheck>,
+        quota: Option<&QuotaCheck>,
+    ) -> Result<[i64; 4], Failure> {
+        // Both slots always name a key (Redis scripts declare what they touch); an unused
+        // one repeats the other.
+        let (rate_key, count_key) = match (rate, quota) {
+            (Some(r), Some(q)) => (r.budget_key.as_str(), q.count_key.as_str()),
+            (Some(r), None) => (r.budget_key.as_str(), r.budget_key.as_str()),
+            (None, Some(q)) => (q.count_key.as_str(), q.count_key.as_str()),
+            (None, None) => return Ok([0; 4]),
+        };
+        let (interval_ms, window_ms) = rate.map_or((0.0, 0.0), |r| {
+            let window = f64::from(r.limit.window_seconds.max(1)) * 1000.0;
+            (window / f64::from(r.limit.requests.max(1)), window)
+        });
+        let mut invocation = self.decide.key(rate_key);
+        invocation
+            .key(count_key)
+            .arg(u8::from(rate.is_some()))
+            .arg(interval_ms)
+            .arg(window_ms)
+            .arg(u8::from(quota.is_some()))
+            .arg(quota.map_or(0, |q| q.quota.requests))
+            .arg(quota.map_or(0, |q| q.seed))
+            .arg(quota.map_or(1, |q| q.ttl));
+        let mut connection = self.connection()?;
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection),
+        )
+        .await;
+        self.metrics
+            .ratelimit_backend_duration
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok((status, used, a, b))) => Ok([status, used, a, b]),
+            Ok(Err(e)) => Err(Failure::Error(e)),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// Counts the failure and decides by `on_error`.
+    fn failed(&self, failure: Failure) -> Verdict {
+        let reason = match failure {
+            Failure::Timeout => "timeout",
+            Failure::Error(e) => {
+                tracing::warn!(error = %e, "Redis did not decide a limit");
+                "error"
+            }
+        };
+        self.metrics
+            .ratelimit_backend_errors
+            .with_label_values(&[reason])
+            .inc();
+        match self.on_error {
+            OnLimitError::Allow => Verdict::Admitted {
+                rate: None,
+                quota_remaining: None,
+            },
+            OnLimitError::Deny => Verdict::Unavailable,
+        }
+    }
+}
+
+/// The script's answer `[status, quota used, a, b]` as a verdict: status 0 admitted (a:
+/// rate remaining, b: ms to a full burst), 1 rate-limited (a: ms until admitted, b: ms to
+/// a full burst), 2 quota spent.
+fn verdict(
+    [status, used, a, b]: [i64; 4],
+    rate: Option<&RateCheck>,
+    quota: Option<&QuotaCheck>,
+    now: i64,
+) -> Verdict {
+    let seconds = |ms: i64| u64::try_from(ms).unwrap_or(0).div_ceil(1000);
+    let limit = rate.map_or(0, |r| r.limit.requests);
+    match status {
+        2 => Verdict::QuotaExhausted {
+            retry_after: quota.and_then(|q| super::quota::retry_after(q.quota.period, now)),
+        },
+        1 => Verdict::RateLimited(Decision::Limited {
+            limit,
+            retry_after: seconds(a).max(1),
+            reset: seconds(b),
+        }),
+        _ => Verdict::Admitted {
+            rate: rate.map(|_| Decision::Allowed {
+                limit,
+                remaining: u32::try_from(a).unwrap_or(0),
+                reset: seconds(b),
+            }),
+            quota_remaining: quota.map(|q| {
+                q.quota
+                    .requests
+                    .saturating_sub(u64::try_from(used).unwrap_or(0))
+            }),
+        },
+    }
+}
+
+fn budget_tag(budget: Budget) -> String {
+    match budget {
+        Budget::Key => "k".to_string(),
+        Budget::Route(id) => format!("r{id:x}"),
+    }
+}
+
+/// Seconds a quota count at `now` is kept.
+fn quota_ttl(period: QuotaPeriod, now: i64) -> i64 {
+    period
+        .end(now)
+        .map_or(TOTAL_QUOTA_TTL, |end| end - now + QUOTA_TTL_SLACK)
+}
+
+/// Redis's key for a quota count of key `id` at `stamp`.
+pub(crate) fn count_key(id: &str, stamp: i64) -> String {
+    format!("kg:q:{id}:{stamp}")
+}
