@@ -375,7 +375,11 @@ pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
         .keys
         .rotate(&settings, quota_used, grace, request.audit("rotate"))
         .await?;
-    json_reply(201, &KeyView::created(created))
+    let mut view = KeyView::created(created);
+    view.quota_remaining = view
+        .quota
+        .map(|quota| quota.requests.saturating_sub(quota_used));
+    json_reply(201, &view)
 }
 
 /// `PATCH /keys/{id}`: the fields checked as create checks them (every bad one named),

@@ -23,6 +23,7 @@ mod openapi;
 mod patch;
 mod pg_tls;
 mod proxy;
+mod quotas;
 mod reload;
 mod scan;
 mod security;

@@ -29,6 +29,18 @@ impl Instance {
         upstream: SocketAddr,
         store_extra: &str,
     ) -> Instance {
+        Self::start_full(db_url, upstream, store_extra, "", &[]).await
+    }
+
+    /// `start_with`, with `sections` (TOML tables such as [ratelimit]) before the route,
+    /// and `env` in its environment.
+    pub(crate) async fn start_full(
+        db_url: &str,
+        upstream: SocketAddr,
+        store_extra: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> Instance {
         let config = GatewayConfig::single_route(&[upstream]);
         let text = format!(
             "[server]\n\
@@ -49,6 +61,7 @@ impl Instance {
              [management]\n\
              admin_token_env = \"KEYGATE_ADMIN_TOKEN\"\n\
              \n\
+             {sections}\n\
              [[routes]]\n\
              name = \"default\"\n\
              path_prefix = \"/\"\n\
@@ -62,7 +75,9 @@ impl Instance {
         let path = config.path();
         std::fs::write(&path, text).expect("write config");
         let stderr_path = config.dir.path().join("stderr.log");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
+        let child = command
             .args(["serve", "--config", path.to_str().expect("utf-8 path")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

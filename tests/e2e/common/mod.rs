@@ -11,6 +11,7 @@ pub(crate) mod management;
 pub(crate) mod nginx;
 pub(crate) mod pg;
 pub(crate) mod raw;
+pub(crate) mod redis;
 pub(crate) mod tls;
 
 pub(crate) use envelope::Reply;
