@@ -319,3 +319,129 @@ fn quota_ttl(period: QuotaPeriod, now: i64) -> i64 {
 pub(crate) fn count_key(id: &str, stamp: i64) -> String {
     format!("kg:q:{id}:{stamp}")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+    use crate::keys::{KeyFormat, KeyRecord, QuotaUsage, quota_stamp};
+
+    const MIDNIGHT: i64 = 1_796_083_200; // 2026-12-01T00:00:00Z
+
+    /// A throwaway redis-server on a free loopback port; killed on drop.
+    struct Server(Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn start_redis() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run `bash .ci/setup`");
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server(child, port)
+    }
+
+    fn limits(server: &Server) -> RedisLimits {
+        let url = format!("redis://127.0.0.1:{}/0", server.1);
+        let metrics = Arc::new(Metrics::new());
+        RedisLimits::new(&url, Duration::from_secs(2), OnLimitError::Deny, metrics).expect("url")
+    }
+
+    fn key_with(quota: Option<Quota>, seed: QuotaUsage) -> CachedKey {
+        let format = KeyFormat::new("kg");
+        let raw = format.generate().expect("rng");
+        let mut record = KeyRecord::for_key(&format, &raw, "alice", 0);
+        record.quota = quota;
+        let mut key = CachedKey::from_record(&record).expect("cached");
+        key.quota_seed = seed;
+        key
+    }
+
+    /// The period is the caller's clock (`now`), so a day's end is tested without waiting
+    /// for it: the count of the day before midnight is not the count after it.
+    #[tokio::test]
+    async fn a_day_quota_in_redis_starts_from_the_seed_and_is_full_again_after_utc_midnight() {
+        let server = start_redis();
+        let redis = limits(&server);
+        let quota = Quota {
+            requests: 3,
+            period: QuotaPeriod::Day,
+        };
+        let before = MIDNIGHT - 10;
+        let stamp = |now| quota_stamp(0, QuotaPeriod::Day, now);
+        let seed = QuotaUsage {
+            stamp: stamp(before),
+            used: 1,
+        };
+        let key = key_with(Some(quota), seed);
+        let spend = |now: i64| redis.spend(&key, None, Some((quota, stamp(now))), now);
+        for left in [1, 0] {
+            let admitted = Verdict::Admitted {
+                rate: None,
+                quota_remaining: Some(left),
+            };
+            assert_eq!(spend(before).await, admitted);
+        }
+        let spent = Verdict::QuotaExhausted {
+            retry_after: Some(10),
+        };
+        assert_eq!(spend(before).await, spent);
+        let admitted = Verdict::Admitted {
+            rate: None,
+            quota_remaining: Some(2),
+        };
+        assert_eq!(spend(MIDNIGHT).await, admitted, "a new day, no seed for it");
+    }
+
+    #[tokio::test]
+    async fn a_rate_in_redis_admits_its_burst_then_refuses_with_a_retry_after() {
+        let server = start_redis();
+        let redis = limits(&server);
+        let key = key_with(None, QuotaUsage::default());
+        let limit = RateLimit {
+            requests: 3,
+            window_seconds: 60,
+        };
+        for remaining in [2, 1, 0] {
+            match redis.spend(&key, Some((limit, Budget::Key)), None, 0).await {
+                Verdict::Admitted {
+                    rate:
+                        Some(Decision::Allowed {
+                            limit: 3,
+                            remaining: r,
+                            reset,
+                        }),
+                    quota_remaining: None,
+                } => assert_eq!((r, reset <= 60), (remaining, true)),
+                other => panic!("expected admitted, got {other:?}"),
+            }
+        }
+        match redis.spend(&key, Some((limit, Budget::Key)), None, 0).await {
+            Verdict::RateLimited(Decision::Limited { retry_after, .. }) => {
+                assert!((1..=20).contains(&retry_after), "{retry_after}");
+            }
+            other => panic!("expected limited, got {other:?}"),
+        }
+        let route = Budget::Route(7);
+        let other_budget = redis.spend(&key, Some((limit, route)), None, 0).await;
+        assert!(
+            matches!(other_budget, Verdict::Admitted { .. }),
+            "a route's budget is its own"
+        );
+    }
+}

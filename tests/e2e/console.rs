@@ -354,6 +354,7 @@ async fn create_in_the_dialog(browser: &Browser) -> String {
     browser.fill("#create-scopes", "read Bad!Scope").await;
     browser.fill("#create-requests", "100").await;
     browser.fill("#create-window", "60").await;
+    browser.fill("#create-quota", "1000").await;
     let metadata = json!({"note": XSS, "team": "payments"}).to_string();
     browser.fill("#create-metadata", &metadata).await;
     browser.click("#create-submit").await;
@@ -394,6 +395,8 @@ async fn use_the_key_and_see_its_usage(browser: &Browser, env: &Env, key: &str) 
     refresh_list(browser).await;
     let usage = format!("{} td[data-col=usage_count]", row(&id));
     assert_eq!(browser.text_of(&usage).await, "2");
+    let quota = format!("{} td[data-col=quota]", row(&id));
+    assert_eq!(browser.text_of(&quota).await, "1000 a day, 998 left");
     assert_eq!(state_of(browser, &id).await, "active");
     id
 }
@@ -436,7 +439,7 @@ async fn reload_keeps_the_sign_in_not_the_key(browser: &Browser, key: &str) {
 }
 
 /// Edit in place (PATCH): name, scopes, rate limit, allowlist and metadata change, the
-/// key itself stays the same and keeps working.
+/// quota is topped up, the key itself stays the same and keeps working.
 async fn edit_in_place(browser: &Browser, env: &Env, id: &str, key: &str) {
     browser
         .click(&format!("{} button[data-action=edit]", row(id)))
@@ -448,10 +451,12 @@ async fn edit_in_place(browser: &Browser, env: &Env, id: &str, key: &str) {
     browser.fill("#edit-window", "60").await;
     browser.fill("#edit-ips", "127.0.0.1/32").await;
     browser.fill("#edit-metadata", r#"{"plan": "gold"}"#).await;
+    browser.click("#edit-quota-refill").await;
     browser.click("#edit-submit").await;
     dialog_open(browser, "edit-dialog", false).await;
     let record = env.record(id).await;
     assert_eq!(record["name"], "edited in place", "{record}");
+    assert_eq!(record["quota_remaining"], 1000, "topped up");
     assert_eq!(record["scopes"], json!(["read", "write"]));
     assert_eq!(
         record["rate_limit"],

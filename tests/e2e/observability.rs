@@ -90,6 +90,8 @@ fn contract_families() -> Vec<&'static str> {
         "keygate_config_reloads_total",
         "keygate_config_last_reload_successful",
         "keygate_config_last_reload_success_timestamp_seconds",
+        "keygate_ratelimit_backend_errors_total",
+        "keygate_ratelimit_redis_duration_seconds",
     ]
 }
 

@@ -211,10 +211,19 @@ function rateLimitText(limit) {
   return `${limit.requests} / ${limit.window_seconds} s`;
 }
 
-function quotaText(quota) {
-  if (quota === null || quota === undefined) return "—";
-  if (typeof quota !== "object") return String(quota);
-  return Object.entries(quota).map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+/// "5 a day, 3 left"; "—" without a quota.
+function quotaText(record) {
+  const quota = record.quota;
+  if (!quota) return "—";
+  const per = quota.period === "total" ? "in total" : `a ${quota.period}`;
+  const left = record.quota_remaining === null || record.quota_remaining === undefined ? "" : `, ${record.quota_remaining} left`;
+  return `${quota.requests} ${per}${left}`;
+}
+
+/// `<prefix>-quota` requests per `<prefix>-period`; null when the count is empty.
+function quotaField(prefix, errors) {
+  const requests = intField(`${prefix}-quota`, "quota requests", errors);
+  return requests === undefined ? null : { requests, period: $(`${prefix}-period`).value };
 }
 
 const COLUMNS = [
@@ -227,7 +236,7 @@ const COLUMNS = [
   { id: "last_used", label: "Last used", sort: (r) => r.last_used || "" },
   { id: "usage_count", label: "Usage", sort: (r) => r.usage_count, numeric: true },
   { id: "rate_limit", label: "Rate limit", sort: (r) => (r.rate_limit ? r.rate_limit.requests / r.rate_limit.window_seconds : -1) },
-  { id: "quota", label: "Quota", sort: (r) => quotaText(r.quota), optional: true },
+  { id: "quota", label: "Quota", sort: (r) => (r.quota ? r.quota_remaining : -1), numeric: true },
 ];
 
 const keys = {
@@ -286,8 +295,7 @@ function sortedKeys() {
 }
 
 function renderKeys() {
-  const hasQuota = keys.data.some((r) => Object.prototype.hasOwnProperty.call(r, "quota"));
-  const columns = COLUMNS.filter((c) => !c.optional || hasQuota);
+  const columns = COLUMNS;
   renderHead(columns);
   const filter = $("state-filter").value;
   const rows = sortedKeys().filter((r) => !filter || stateOf(r) === filter);
@@ -346,7 +354,7 @@ function keyRow(record, columns) {
       case "rate_limit":
         return td(rateLimitText(record.rate_limit));
       case "quota":
-        return td(quotaText(record.quota));
+        return td(quotaText(record));
       default:
         return td(when(record[c.id]));
     }
@@ -469,6 +477,8 @@ function createBody() {
   if (days !== undefined) body.ttl_seconds = days * 86400;
   const limit = rateLimitField("create", errors);
   if (limit) body.rate_limit = limit;
+  const quota = quotaField("create", errors);
+  if (quota) body.quota = quota;
   const metadata = metadataField("create-metadata", errors);
   if (metadata) body.metadata = metadata;
   return { body, errors };
@@ -526,7 +536,7 @@ const ACTIONS = {
       ["Usage", String(record.usage_count)], ["Rate limit", rateLimitText(record.rate_limit)],
       ["Allowed addresses", (record.allowed_ips || []).join(" ") || "any"],
     ];
-    if (Object.prototype.hasOwnProperty.call(record, "quota")) rows.push(["Quota", quotaText(record.quota)]);
+    rows.push(["Quota", quotaText(record)]);
     if (record.rotated_from) rows.push(["Rotated from", record.rotated_from]);
     const list = $("details-list");
     list.replaceChildren();
@@ -543,6 +553,9 @@ const ACTIONS = {
     $("edit-expires").value = record.expires_at || "";
     $("edit-requests").value = record.rate_limit ? record.rate_limit.requests : "";
     $("edit-window").value = record.rate_limit ? record.rate_limit.window_seconds : "";
+    $("edit-quota").value = record.quota ? record.quota.requests : "";
+    $("edit-period").value = record.quota ? record.quota.period : "day";
+    $("edit-quota-refill").checked = false;
     $("edit-ips").value = (record.allowed_ips || []).join(" ");
     $("edit-metadata").value = record.metadata ? JSON.stringify(record.metadata, null, 2) : "";
     $("edit-error").hidden = true;
@@ -581,6 +594,9 @@ function editBody(record) {
   if (expires !== (record.expires_at || null)) body.expires_at = expires;
   const limit = rateLimitField("edit", errors);
   if (!sameJson(limit, record.rate_limit)) body.rate_limit = limit;
+  const quota = quotaField("edit", errors);
+  // Setting a quota, even the same one, starts its count again: sent only when asked.
+  if (!sameJson(quota, record.quota) || (quota && $("edit-quota-refill").checked)) body.quota = quota;
   const ips = $("edit-ips").value.split(/[\s,]+/).filter(Boolean);
   if (!sameJson(ips, record.allowed_ips || [])) body.allowed_ips = ips.length ? ips : null;
   const metadata = metadataField("edit-metadata", errors);
