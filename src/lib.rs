@@ -13,7 +13,8 @@
 //!   resolve, route, tls: the listener's certificate read and checked)
 //! - `store`      the `KeyStore` trait, sled and PostgreSQL stores, the moka key cache,
 //!   PostgreSQL's invalidation listener
-//! - `ratelimit`  GCRA limits: per key, per route, per management budget
+//! - `ratelimit`  rate limits (GCRA) and quotas, per key, route and management budget, decided
+//!   in this process or in Redis
 //! - `usage`      in-memory usage counters and their flusher
 //! - `routing`    routes, longest-prefix matching, upstream pools and health checks
 //! - `lifecycle`  create, list (filtered), revoke, rotate, change in place, purge, audit: the

@@ -272,7 +272,19 @@ impl Config {
     /// Problems of the environment this configuration reads at start-up (the admin
     /// token), for `keygate check` and `keygate serve` alike.
     pub fn environment_problems(&self) -> Vec<ConfigProblem> {
-        self.management.admin_token().err().into_iter().collect()
+        let mut problems: Vec<ConfigProblem> =
+            self.management.admin_token().err().into_iter().collect();
+        if let LimitBackend::Redis { url_env, .. } = &self.ratelimit
+            && std::env::var(url_env).map_or(true, |url| url.is_empty())
+        {
+            problems.push(ConfigProblem {
+                path: "ratelimit.url_env".into(),
+                reason: format!(
+                    "names {url_env}, but that environment variable is not set (it holds redis://host:port/db)"
+                ),
+            });
+        }
+        problems
     }
 
     /// What does not stop the start but will hurt: a certificate expired or not valid yet.

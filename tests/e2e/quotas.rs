@@ -305,3 +305,31 @@ async fn a_malformed_quota_is_named() {
         reply.invalid(&["quota"]);
     }
 }
+
+/// `keygate check` and `serve` name a Redis backend whose URL variable is not set, before
+/// anything starts.
+#[tokio::test]
+async fn a_redis_backend_without_its_url_is_named_by_check_and_serve() {
+    let upstream = Upstream::start("api").await;
+    let mut config = GatewayConfig::single_route(&[upstream.addr]);
+    config.extra = format!(
+        "[ratelimit]\nbackend = \"redis\"\nurl_env = \"KEYGATE_TEST_UNSET_REDIS_URL\"\n\n{}",
+        config.extra
+    );
+    let path = config.write();
+    let path = path.to_str().expect("utf-8 path");
+    let check = keygate(&["check", "--config", path]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed: {stderr}");
+    assert!(
+        stderr.contains("ratelimit.url_env") && stderr.contains("KEYGATE_TEST_UNSET_REDIS_URL"),
+        "{stderr}"
+    );
+    let serve = std::process::Command::new(BIN)
+        .args(["serve", "--config", path])
+        .output()
+        .expect("run serve");
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert!(!serve.status.success(), "serve started: {stderr}");
+    assert!(stderr.contains("KEYGATE_TEST_UNSET_REDIS_URL"), "{stderr}");
+}
