@@ -55,8 +55,8 @@ impl Gateway {
 
 /// The answer to an admitted authorize call: 200, no body, the identity headers (none on a
 /// public route) and the rate-limit headers. A proxy may cache it for the route's
-/// `decision_cache_seconds`, unless a rate limit applies: a cached yes would let the key
-/// past its limit.
+/// `decision_cache_seconds`, unless a rate limit or a quota applies (even one Redis could
+/// not decide just now): a cached yes would let the key past it.
 pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
     let mut reply = Reply::json(200, Bytes::new()).with_rate_limit(ctx.rate_limit);
     if let Some(key) = &ctx.key {
@@ -70,7 +70,13 @@ pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
         }
     }
     let cache_for = ctx.route().map_or(0, |r| r.config.decision_cache_seconds);
-    let cache_control = if cache_for > 0 && ctx.rate_limit.is_none() {
+    let key_limited = ctx
+        .key
+        .as_ref()
+        .is_some_and(|key| key.rate_limit.is_some() || key.quota.is_some());
+    let route_limited = ctx.route().is_some_and(|r| r.config.rate_limit.is_some());
+    let limited = ctx.rate_limit.is_some() || key_limited || route_limited;
+    let cache_control = if cache_for > 0 && !limited {
         HeaderValue::from_str(&format!("private, max-age={cache_for}"))
             .unwrap_or(HeaderValue::from_static("no-store"))
     } else {

@@ -21,10 +21,12 @@ use crate::store::CachedKey;
 /// the rate, then the quota is spent, all or nothing. Redis's own clock times the rates,
 /// so gateways with skewed clocks still agree.
 const DECIDE: &str = r"
--- KEYS[1]: a rate budget's theoretical arrival time (ms); KEYS[2]: a quota period's count
--- ARGV: has_rate, interval_ms, window_ms, has_quota, quota_requests, quota_seed, quota_ttl_s
+-- KEYS[1]: a rate budget's theoretical arrival time (µs); KEYS[2]: a quota period's count
+-- ARGV: has_rate, interval_us, window_us, has_quota, quota_requests, quota_seed, quota_ttl_s
+-- Times are µs since 1970 in doubles (exact to a fraction of a µs): the interval of the
+-- fastest limit keygate accepts with Redis, 10^6 a second, is 1 µs.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local used = 0
 if ARGV[4] == '1' then
   used = tonumber(redis.call('GET', KEYS[2]) or ARGV[6])
@@ -43,7 +45,8 @@ if ARGV[1] == '1' then
   if allow_at > now then
     return {1, used, math.ceil(allow_at - now), math.ceil(tat - now)}
   end
-  redis.call('SET', KEYS[1], string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now))
+  local keep_ms = math.max(1, math.ceil((next_tat - now) / 1000))
+  redis.call('SET', KEYS[1], string.format('%.1f', next_tat), 'PX', keep_ms)
   remaining = math.floor((now - allow_at) / interval + 1e-6)
   reset = math.ceil(next_tat - now)
 end
@@ -212,16 +215,19 @@ impl RedisLimits {
             (None, Some(q)) => (q.count_key.as_str(), q.count_key.as_str()),
             (None, None) => return Ok([0; 4]),
         };
-        let (interval_ms, window_ms) = rate.map_or((0.0, 0.0), |r| {
-            let window = f64::from(r.limit.window_seconds.max(1)) * 1000.0;
-            (window / f64::from(r.limit.requests.max(1)), window)
+        let (interval_us, window_us) = rate.map_or((0.0, 0.0), |r| {
+            let window = f64::from(r.limit.window_seconds.max(1)) * 1_000_000.0;
+            // Below 1 µs an interval is lost in a double of µs since 1970: limits faster
+            // than 10^6 a second are held to 10^6 a second.
+            let interval = (window / f64::from(r.limit.requests.max(1))).max(1.0);
+            (interval, window)
         });
         let mut invocation = self.decide.key(rate_key);
         invocation
             .key(count_key)
             .arg(u8::from(rate.is_some()))
-            .arg(interval_ms)
-            .arg(window_ms)
+            .arg(interval_us)
+            .arg(window_us)
             .arg(u8::from(quota.is_some()))
             .arg(quota.map_or(0, |q| q.quota.requests))
             .arg(quota.map_or(0, |q| q.seed))
@@ -267,7 +273,7 @@ impl RedisLimits {
 }
 
 /// The script's answer `[status, quota used, a, b]` as a verdict: status 0 admitted (a:
-/// rate remaining, b: ms to a full burst), 1 rate-limited (a: ms until admitted, b: ms to
+/// rate remaining, b: µs to a full burst), 1 rate-limited (a: µs until admitted, b: µs to
 /// a full burst), 2 quota spent.
 fn verdict(
     [status, used, a, b]: [i64; 4],
@@ -275,7 +281,7 @@ fn verdict(
     quota: Option<&QuotaCheck>,
     now: i64,
 ) -> Verdict {
-    let seconds = |ms: i64| u64::try_from(ms).unwrap_or(0).div_ceil(1000);
+    let seconds = |us: i64| u64::try_from(us).unwrap_or(0).div_ceil(1_000_000);
     let limit = rate.map_or(0, |r| r.limit.requests);
     match status {
         2 => Verdict::QuotaExhausted {
@@ -436,6 +442,19 @@ mod tests {
                 assert!((1..=20).contains(&retry_after), "{retry_after}");
             }
             other => panic!("expected limited, got {other:?}"),
+        }
+        let fastest = RateLimit {
+            requests: RateLimit::MAX_REQUESTS,
+            window_seconds: 1,
+        };
+        for _ in 0..3 {
+            let verdict = redis
+                .spend(&key, Some((fastest, Budget::Key)), None, 0)
+                .await;
+            assert!(
+                matches!(verdict, Verdict::Admitted { rate: Some(_), .. }),
+                "{verdict:?}"
+            );
         }
         let route = Budget::Route(7);
         let other_budget = redis.spend(&key, Some((limit, route)), None, 0).await;

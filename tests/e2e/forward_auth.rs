@@ -314,6 +314,12 @@ async fn rate_limits_and_caching_follow_the_route() {
         "missing_credentials",
         "refusal on a cached route",
     );
+    // A key with a quota is never cached either: each yes spends one.
+    let quota = json!({"owner": "alice", "quota": {"requests": 100, "period": "day"}});
+    let (_, budgeted) = env.create(Cred::Admin, quota).await;
+    let admitted = traefik(&env, "/cached/x", Some(&budgeted)).await;
+    assert_eq!(admitted.status, 200, "{}", admitted.body);
+    assert_eq!(admitted.header("cache-control"), Some("no-store"));
 }
 
 #[tokio::test]

@@ -695,18 +695,10 @@ async fn quota_counts_add_within_a_period_and_restart_in_a_later_one(store: Arc<
         last_used: 1,
         quota: QuotaUsage { stamp, used },
     };
-    let quota_of = || {
+    let usage_of = || {
         let store = Arc::clone(&store);
         let id = key.id.clone();
-        async move {
-            store
-                .get(&id)
-                .await
-                .expect("get")
-                .expect("present")
-                .usage
-                .quota
-        }
+        async move { store.get(&id).await.expect("get").expect("present").usage }
     };
     let add = |deltas: Vec<Usage>| {
         let store = Arc::clone(&store);
@@ -715,23 +707,18 @@ async fn quota_counts_add_within_a_period_and_restart_in_a_later_one(store: Arc<
     };
     add(vec![spent(7, 3)]).await;
     add(vec![spent(7, 2)]).await;
-    assert_eq!(quota_of().await, QuotaUsage { stamp: 7, used: 5 });
+    assert_eq!(usage_of().await.quota, QuotaUsage { stamp: 7, used: 5 });
     add(vec![spent(8, 1)]).await;
-    assert_eq!(quota_of().await, QuotaUsage { stamp: 8, used: 1 });
+    assert_eq!(usage_of().await.quota, QuotaUsage { stamp: 8, used: 1 });
     add(vec![spent(7, 9)]).await;
     assert_eq!(
-        quota_of().await,
+        usage_of().await.quota,
         QuotaUsage { stamp: 8, used: 1 },
         "a late flush of an older period"
     );
     add(vec![spent(9, 4), spent(8, 100), spent(9, 1)]).await;
-    assert_eq!(quota_of().await, QuotaUsage { stamp: 9, used: 5 });
-    let usage = store
-        .get(&key.id)
-        .await
-        .expect("get")
-        .expect("present")
-        .usage;
+    assert_eq!(usage_of().await.quota, QuotaUsage { stamp: 9, used: 5 });
+    let usage = usage_of().await;
     assert_eq!(
         usage.count,
         3 + 2 + 1 + 9 + 4 + 100 + 1,
