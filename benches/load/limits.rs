@@ -1,7 +1,7 @@
 //! The limits rows: a key's own rate limit and quota, what deciding them costs per request,
 //! beside a key with neither. On a gateway deciding limits in its own process
 //! (`backend = "local"`): `limits-none` (no limit, no quota: the baseline), `limits-local`
-//! (a rate limit of `RateLimit::MAX_REQUESTS` a second, never reached) and `quota-local` (a
+//! (a rate limit of `RATE_LIMIT` a second, never reached) and `quota-local` (a
 //! `total` quota of `Quota::MAX_REQUESTS`, never spent). Then the same two limited keys on a
 //! gateway deciding them in Redis (`limits-redis`, `quota-redis`): a throwaway
 //! `redis-server` on a free loopback port, nothing saved, pinned to the generator's core so
@@ -63,6 +63,13 @@ const REDIS_BINARIES: [&str; 2] = ["/usr/bin/redis-server", "/usr/local/bin/redi
 /// so that they show in the row's statuses.
 const REDIS_LIMITS: &str = "[ratelimit]\nbackend = \"redis\"\nurl_env = \"KEYGATE_REDIS_URL\"\n\
                             timeout_ms = 50\non_error = \"deny\"";
+/// The rows' rate limit, per second: far above what one gateway core serves, so never
+/// reached. Not `RateLimit::MAX_REQUESTS` (10⁹): the Redis script's emission interval
+/// (window / requests, in ms) is then 10⁻⁶ ms, which vanishes when added to a Unix time in
+/// ms (a double's step there is about 2.4·10⁻⁴ ms), and its `SET … PX` gets an expiry of 0,
+/// which Redis refuses: every decision of such a key is a backend error. 10⁶ a second is a
+/// 10⁻³ ms interval, four steps.
+const RATE_LIMIT: u32 = 1_000_000;
 /// The core the generator, the upstream and Redis share.
 const GENERATOR_CORE: usize = 0;
 
@@ -104,7 +111,7 @@ impl Keys {
             record(
                 &self.rate,
                 Some(RateLimit {
-                    requests: RateLimit::MAX_REQUESTS,
+                    requests: RATE_LIMIT,
                     window_seconds: 1,
                 }),
                 None,
