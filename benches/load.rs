@@ -7,7 +7,10 @@
 //!   (row `flood`, `benches/load/flood.rs`) |
 //!   nginx with a `map $http_x_api_key` check (valid key, and its 401 to invalid keys),
 //!   when nginx is installed | HTTPS HTTP/1.1 and HTTP/2 with a valid key, keygate and
-//!   nginx each terminating TLS (`load/tls.rs`)
+//!   nginx each terminating TLS (`load/tls.rs`) | keygate, a key with a rate limit or a
+//!   quota (never reached) beside one with neither, limits decided in the gateway or in a
+//!   throwaway Redis when redis-server is installed (rows `limits-*`, `quota-*`; all of
+//!   them: `LOAD_ROWS=limits`; `load/limits.rs`)
 //!
 //! `cargo bench --bench load` builds the release gateway (bench profile) and runs it from
 //! `CARGO_BIN_EXE_keygate`; nothing is built by hand. HTTP/1.1 keep-alive, a fixed number
@@ -43,6 +46,8 @@ mod cores;
 mod flood;
 #[path = "load/forward_auth.rs"]
 mod forward_auth;
+#[path = "load/limits.rs"]
+mod limits;
 #[path = "load/reload.rs"]
 mod reload;
 
@@ -1002,11 +1007,7 @@ fn main() {
     let valid = import_bench_keys(&runtime, dir.path(), &format);
     let invalid = invalid_keys(10_000);
 
-    let upstream_listener = runtime
-        .block_on(TcpListener::bind("127.0.0.1:0"))
-        .expect("upstream");
-    let upstream = upstream_listener.local_addr().expect("addr");
-    runtime.spawn(run_upstream(upstream_listener));
+    let upstream = start_upstream(&runtime);
 
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
     let (gateway, keygate_addr, keygate_admin) =
@@ -1067,6 +1068,8 @@ fn main() {
     results.extend(edge.measure(&runtime, &wanted));
     let reloads = reload::Target::new(keygate_addr, keygate_admin, dir.path());
     results.extend(reloads.measure(&run, &runtime, wanted("reload")));
+    let limits = limits::Group::new(dir.path(), upstream, threads, cores);
+    results.extend(limits.measure(&run, &runtime, &wanted));
     print_table(&results, rss_kib(gateway.child.id()));
     drop(nginx);
     drop(nginx_auth);

@@ -21,7 +21,7 @@ use super::{Gateway, RowResult, drive, env_or, read_response, request};
 const FLOOD_KEYS: usize = 200_000;
 
 /// CPU seconds (user + system) a process has used so far, from /proc (0 if unreadable).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
