@@ -16,11 +16,12 @@ const REDIS_URL_ENV: &str = "KEYGATE_REDIS_URL";
 
 fn ratelimit_section(on_error: &str) -> String {
     format!(
-        "[ratelimit]\nbackend = \"redis\"\nurl_env = \"{REDIS_URL_ENV}\"\ntimeout_ms = 200\non_error = \"{on_error}\"\n\n[management.limits]\ncreate_per_hour = 3\n"
+        "[ratelimit]\nbackend = \"redis\"\nurl_env = \"{REDIS_URL_ENV}\"\ntimeout_ms = 200\non_error = \"{on_error}\"\n\n[management.limits]\ncreate_per_hour = 3\n\n[signup]\nenabled = true\nper_client_per_hour = 2\n"
     )
 }
 
-/// Two gateways on one PostgreSQL database and `redis`, each with `on_error` of its own.
+/// Two gateways on one PostgreSQL database and `redis`, each with `on_error` of its own;
+/// creates limited to 3 an hour per owner, sign-ups to 2 an hour per client.
 async fn pair(redis: &RedisServer, upstream: &Upstream, on_error: [&str; 2]) -> [Instance; 2] {
     let db = pg::fresh_database();
     let url = redis.url();
@@ -123,6 +124,19 @@ async fn two_gateways_on_one_redis_admit_together_what_one_would() {
         statuses.push(status);
     }
     assert_eq!(statuses, [201, 201, 201, 429, 429, 429]);
+
+    // So does the sign-up limit per client address (2 an hour).
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let resp = client()
+            .post(format!("{}/_keygate/signup", gateways[i % 2].base()))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("signup");
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [201, 201, 429, 429]);
 }
 
 #[tokio::test]
