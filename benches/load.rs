@@ -40,6 +40,8 @@ mod pg;
 #[path = "load/tls.rs"]
 mod tls;
 
+#[path = "load/bare.rs"]
+mod bare;
 #[path = "load/cores.rs"]
 mod cores;
 #[path = "load/flood.rs"]
@@ -50,6 +52,11 @@ mod forward_auth;
 mod limits;
 #[path = "load/reload.rs"]
 mod reload;
+
+// The bare Pingora row runs in this binary: it gets the allocator keygate runs with.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DISTINCT_KEYS: usize = 100_000;
 const UPSTREAM_BODY: &str = "{\"ok\":true,\"from\":\"upstream\"}";
@@ -676,6 +683,7 @@ fn start_pg_gateway(
 /// Where each row's requests go.
 struct Targets {
     upstream: SocketAddr,
+    bare: Option<SocketAddr>,
     keygate: SocketAddr,
     postgres: Option<SocketAddr>,
     nginx: Option<SocketAddr>,
@@ -724,6 +732,9 @@ fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Ro
                 .collect(),
         ),
     ];
+    if let Some(bare) = targets.bare.map(bare::row) {
+        rows.insert(1, bare);
+    }
     if let Some(pg_addr) = targets.postgres {
         rows.push((
             "postgres",
@@ -850,12 +861,13 @@ fn print_table(results: &[Measured], rss_kib: u64) {
         .find(|r| r.0 == "none")
         .map(|r| r.2)
         .unwrap_or(f64::NAN);
+    let bare = results.iter().find(|r| r.0 == "bare").map(|r| r.2);
     let nginx_valid = results.iter().find(|r| r.0 == "nginx-valid").map(|r| r.2);
     let nginx_invalid = results.iter().find(|r| r.0 == "nginx-invalid").map(|r| r.2);
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × nginx | CPU per core during the row | statuses |\n|---|---:|---:|---:|---:|---:|---|---|"
+        "\n| row | requests/s | p50 µs | p99 µs | × auth=none | × bare Pingora | × nginx | CPU per core during the row | statuses |\n|---|---:|---:|---:|---:|---:|---:|---|---|"
     );
     for (name, label, rps, p50, p99, statuses, cpu) in results {
         let vs_nginx = match *name {
@@ -865,9 +877,10 @@ fn print_table(results: &[Measured], rss_kib: u64) {
             _ => None,
         }
         .map_or("".to_string(), |r| format!("{r:.2}"));
+        let vs_bare = bare.map_or("".to_string(), |b| format!("{:.2}", rps / b));
         let _ = writeln!(
             out,
-            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_nginx} | {cpu} | {statuses} |",
+            "| {label} | {rps:.0} | {p50:.0} | {p99:.0} | {:.2} | {vs_bare} | {vs_nginx} | {cpu} | {statuses} |",
             rps / baseline
         );
     }
@@ -990,6 +1003,7 @@ fn generator_runtime() -> tokio::runtime::Runtime {
 }
 
 fn main() {
+    bare::serve_if_asked();
     if std::env::var("LOAD_SCALE").is_ok_and(|v| v == "1") {
         scale_check();
         return;
@@ -1036,8 +1050,10 @@ fn main() {
             )
         })
         .flatten();
+    let bare = bare::start(wanted("bare"), upstream, cores, server_core);
     let targets = Targets {
         upstream,
+        bare: bare.as_ref().map(|(_, addr)| *addr),
         keygate: keygate_addr,
         postgres: pg_gateway.as_ref().map(|(_, addr)| *addr),
         nginx: nginx.is_some().then_some(nginx_addr),
@@ -1071,8 +1087,5 @@ fn main() {
     let limits = limits::Group::new(dir.path(), upstream, threads, cores);
     results.extend(limits.measure(&run, &runtime, &wanted));
     print_table(&results, rss_kib(gateway.child.id()));
-    drop(nginx);
-    drop(nginx_auth);
-    drop(pg_gateway);
-    drop(gateway);
+    // The servers stop as they go out of scope, the gateway last.
 }
