@@ -21,6 +21,7 @@ pub(crate) mod code {
     pub(crate) const KEY_EXPIRED: &str = "key_expired";
     pub(crate) const KEY_REVOKED: &str = "key_revoked";
     pub(crate) const KEY_ROTATED: &str = "key_rotated";
+    pub(crate) const NO_QUOTA: &str = "no_quota";
     pub(crate) const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     pub(crate) const MISSING_CREDENTIALS: &str = "missing_credentials";
     pub(crate) const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";

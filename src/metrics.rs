@@ -183,7 +183,7 @@ pub(crate) const BACKEND_ERROR_REASONS: [&str; 2] = ["timeout", "error"];
 pub(crate) const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// Series that exist from the start (at 0), so rate() works before the first call.
-const MANAGEMENT_SERIES: [(&str, &str); 12] = [
+const MANAGEMENT_SERIES: [(&str, &str); 13] = [
     ("create", "201"),
     ("list", "200"),
     ("get", "200"),
@@ -191,6 +191,7 @@ const MANAGEMENT_SERIES: [(&str, &str); 12] = [
     ("revoke_by_value", "200"),
     ("rotate", "201"),
     ("update", "200"),
+    ("refill_quota", "200"),
     ("audit", "200"),
     ("signup", "201"),
     ("openapi", "200"),

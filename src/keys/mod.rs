@@ -59,7 +59,8 @@ pub struct KeyRecord {
     pub allowed_ips: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
-    /// Bumped by every patch that sets `quota`: the count starts again (`quota_stamp`).
+    /// Bumped by a refill and by a change of the quota's period: the count starts again
+    /// (`quota_stamp`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub quota_revision: u32,
 }

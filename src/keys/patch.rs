@@ -22,8 +22,11 @@ pub struct KeyPatch {
     pub rate_limit: Option<Option<RateLimit>>,
     pub expires_at: Option<Option<i64>>,
     pub allowed_ips: Option<Vec<String>>,
-    /// Setting a quota (even the same one) starts its count again: a top-up.
+    /// A new quota of the same period keeps what was spent of it; another period, or a
+    /// quota where there was none, counts from zero.
     pub quota: Option<Option<Quota>>,
+    /// Starts the quota's count again (`POST /keys/{id}/quota/refill`, the admin's top-up).
+    pub refill_quota: bool,
 }
 
 impl KeyRecord {
@@ -54,7 +57,14 @@ impl KeyRecord {
             self.allowed_ips.clone_from(allowed_ips);
         }
         if let Some(quota) = patch.quota {
+            let same_period =
+                matches!((self.quota, quota), (Some(old), Some(new)) if old.period == new.period);
             self.quota = quota;
+            if !same_period {
+                self.quota_revision = self.quota_revision.wrapping_add(1);
+            }
+        }
+        if patch.refill_quota && self.quota.is_some() {
             self.quota_revision = self.quota_revision.wrapping_add(1);
         }
         *self != before
@@ -102,6 +112,31 @@ mod tests {
             ..KeyPatch::default()
         }));
         assert!(key.allowed_ips.is_empty());
+    }
+
+    #[test]
+    fn a_quota_of_the_same_period_keeps_its_count_and_a_refill_or_another_period_does_not() {
+        use crate::keys::{Quota, QuotaPeriod};
+        let quota = |requests, period| Quota { requests, period };
+        let mut key = record();
+        let set = |q| KeyPatch {
+            quota: Some(q),
+            ..KeyPatch::default()
+        };
+        assert!(key.apply(&set(Some(quota(10, QuotaPeriod::Day)))));
+        assert_eq!(key.quota_revision, 1, "a first quota counts from zero");
+        assert!(key.apply(&set(Some(quota(20, QuotaPeriod::Day)))));
+        assert_eq!(key.quota_revision, 1, "a bigger quota keeps what was spent");
+        assert!(key.apply(&set(Some(quota(20, QuotaPeriod::Month)))));
+        assert_eq!(key.quota_revision, 2, "another period counts from zero");
+        let refill = KeyPatch {
+            refill_quota: true,
+            ..KeyPatch::default()
+        };
+        assert!(key.apply(&refill));
+        assert_eq!(key.quota_revision, 3);
+        let mut without = record();
+        assert!(!without.apply(&refill), "nothing to refill");
     }
 
     #[test]

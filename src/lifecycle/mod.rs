@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use crate::clock::unix_now;
 use crate::keys::{
     DEFAULT_NAME, KeyFormat, KeyHash, KeyPatch, KeyRecord, Quota, QuotaUsage, RateLimit, Usage,
-    new_key_id, quota_stamp,
+    new_key_id,
 };
 use crate::store::{AuditEntry, KeyCache, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::usage::UsageRecorder;
@@ -293,13 +293,11 @@ impl Lifecycle {
     }
 
     /// A new key with the old one's settings; the old one stops working after `grace`.
-    /// The new key's quota starts where the old one's stands (`quota_used` of it spent in
-    /// the current period). Not atomic: should retiring the old key fail, the call fails
-    /// after minting a key nobody received, which is harmless (it is never shown).
+    /// Not atomic: should retiring the old key fail, the call fails after minting a key
+    /// nobody received, which is harmless (it is never shown).
     pub async fn rotate(
         &self,
         old: &KeyRecord,
-        quota_used: u64,
         grace_seconds: i64,
         audit: Audit<'_>,
     ) -> Result<Created, LifecycleError> {
@@ -314,20 +312,6 @@ impl Lifecycle {
             quota: old.quota,
         };
         let created = self.insert(new, Some(old.id.clone())).await?;
-        if let Some(quota) = old.quota
-            && quota_used > 0
-        {
-            let spent = Usage {
-                quota: QuotaUsage {
-                    stamp: quota_stamp(created.record.quota_revision, quota.period, unix_now()),
-                    used: quota_used,
-                },
-                ..Usage::default()
-            };
-            self.store()
-                .add_usage(&[(created.record.id.clone(), spent)])
-                .await?;
-        }
         let retired = self
             .store()
             .retire(&old.id, unix_now() + grace_seconds)
@@ -337,6 +321,20 @@ impl Lifecycle {
         }
         self.audit(audit, Some(&old.id)).await?;
         Ok(created)
+    }
+
+    /// Writes `used` as what key `id`'s quota has spent in the period `stamp` names (a
+    /// rotated key's inheritance), durably, before the key is handed out.
+    pub async fn seed_quota(&self, id: &str, stamp: i64, used: u64) -> Result<(), LifecycleError> {
+        if used == 0 {
+            return Ok(());
+        }
+        let spent = Usage {
+            quota: QuotaUsage { stamp, used },
+            ..Usage::default()
+        };
+        self.store().add_usage(&[(id.to_string(), spent)]).await?;
+        Ok(())
     }
 
     /// Removes every key revoked or expired before `before`, `PURGE_BATCH` at a time (each

@@ -26,6 +26,8 @@ pub(super) enum KeyedCall {
     RevokeByValue,
     Rotate(String),
     Update(String),
+    /// The admin's top-up: the key's quota counts from zero again.
+    RefillQuota(String),
     Audit,
     Verify,
 }
@@ -71,6 +73,9 @@ impl Call {
             ["keys", id, "rotate"] if !id.is_empty() => {
                 return only("POST", Call::Keyed(K::Rotate(id.to_string())));
             }
+            ["keys", id, "quota", "refill"] if !id.is_empty() => {
+                return only("POST", Call::Keyed(K::RefillQuota(id.to_string())));
+            }
             ["audit"] => return only("GET", Call::Keyed(K::Audit)),
             _ => return Err(ApiError::NotFound),
         };
@@ -97,6 +102,7 @@ impl Call {
             Call::Keyed(KeyedCall::RevokeByValue) => "revoke_by_value",
             Call::Keyed(KeyedCall::Rotate(_)) => "rotate",
             Call::Keyed(KeyedCall::Update(_)) => "update",
+            Call::Keyed(KeyedCall::RefillQuota(_)) => "refill_quota",
             Call::Keyed(KeyedCall::Audit) => "audit",
             Call::Keyed(KeyedCall::Verify) => "verify",
         }
@@ -112,7 +118,10 @@ impl KeyedCall {
             KeyedCall::List | KeyedCall::Get(_) => Some(ManagementBudget::List),
             // A change in place spends the budget of changes to existing keys.
             KeyedCall::Revoke(_) | KeyedCall::Update(_) => Some(ManagementBudget::Revoke),
-            KeyedCall::RevokeByValue | KeyedCall::Audit | KeyedCall::Verify => None,
+            KeyedCall::RevokeByValue
+            | KeyedCall::Audit
+            | KeyedCall::Verify
+            | KeyedCall::RefillQuota(_) => None,
         }
     }
 

@@ -327,7 +327,7 @@ impl CreateKey {
 
 /// `PATCH /keys/{id}`, as written (not yet checked against the key rules or the caller's
 /// rights). `null` removes `metadata`, `rate_limit`, `expires_at`, `allowed_ips` and
-/// `quota`; a `quota`, even the one the key has, starts its count again (a top-up).
+/// `quota`.
 pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Fields) {
     const FIELDS: [&str; 7] = [
         "name",
@@ -349,6 +349,7 @@ pub(super) fn read_patch(body: Map<String, Value>, now: i64) -> (KeyPatch, Field
             .nullable("allowed_ips", |f| f.strings("allowed_ips"))
             .map(Option::unwrap_or_default),
         quota: f.nullable("quota", Fields::quota),
+        refill_quota: false,
     };
     (patch, f)
 }

@@ -333,15 +333,7 @@ pub(super) async fn spend(
 }
 
 pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
-    let mut old = [request.owned_key(id).await?];
-    let now = unix_now();
-    request.shared.limits.settle_quotas(&mut old, now).await;
-    let [KeyWithUsage { record: old, usage }] = old;
-    let quota_used = old.quota.map_or(0, |quota| {
-        usage
-            .quota
-            .used_in(quota_stamp(old.quota_revision, quota.period, now))
-    });
+    let old = request.owned_key(id).await?.record;
     let grace = fields::read_rotate(std::mem::take(&mut request.body))?;
     let conflict = |code, message| Err(ApiError::Conflict { code, message });
     if old.is_revoked() {
@@ -370,16 +362,40 @@ pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {
             "a key can only rotate keys whose scopes it holds itself",
         ));
     }
-    let settings = capped_for(request.caller, old);
+    let settings = capped_for(request.caller, old.clone());
     let created = request
         .keys
-        .rotate(&settings, quota_used, grace, request.audit("rotate"))
+        .rotate(&settings, grace, request.audit("rotate"))
         .await?;
+    let spent = hand_on_quota(&request, &old, &created.record).await?;
     let mut view = KeyView::created(created);
-    view.quota_remaining = view
-        .quota
-        .map(|quota| quota.requests.saturating_sub(quota_used));
+    view.quota_remaining = view.quota.map(|quota| quota.requests.saturating_sub(spent));
     json_reply(201, &view)
+}
+
+/// What the old key spent of its quota in the current period, read once the rotation has
+/// retired it (with no grace it spends no more here), and written as the new key's count
+/// so far: the new key inherits what is left. Nothing is handed on to a quota of another
+/// period (capped by a key caller's own).
+async fn hand_on_quota(
+    request: &Request<'_>,
+    old: &KeyRecord,
+    new: &KeyRecord,
+) -> Result<u64, ApiError> {
+    let (Some(old_quota), Some(new_quota)) = (old.quota, new.quota) else {
+        return Ok(0);
+    };
+    if old_quota.period != new_quota.period {
+        return Ok(0);
+    }
+    let now = unix_now();
+    let mut retired = [request.owned_key(&old.id).await?];
+    request.shared.limits.settle_quotas(&mut retired, now).await;
+    let old_stamp = quota_stamp(old.quota_revision, old_quota.period, now);
+    let spent = retired[0].usage.quota.used_in(old_stamp);
+    let new_stamp = quota_stamp(new.quota_revision, new_quota.period, now);
+    request.keys.seed_quota(&new.id, new_stamp, spent).await?;
+    Ok(spent)
 }
 
 /// `PATCH /keys/{id}`: the fields checked as create checks them (every bad one named),
@@ -416,6 +432,35 @@ pub(super) async fn update(mut request: Request<'_>, id: &str) -> ApiResult {
     limits.settle_quotas(&mut updated, unix_now()).await;
     let [updated] = updated;
     json_reply(200, &KeyView::from(updated))
+}
+
+/// `POST /keys/{id}/quota/refill` (the admin only): the key's quota counts from zero again
+/// from now, on every gateway (a new quota revision, which the stores, Redis and every
+/// gateway's cache see as a new count).
+pub(super) async fn refill_quota(request: Request<'_>, id: &str) -> ApiResult {
+    let current = request.owned_key(id).await?;
+    refuse_unchangeable(&current.record)?;
+    if current.record.quota.is_none() {
+        return Err(ApiError::Conflict {
+            code: crate::error::code::NO_QUOTA,
+            message: "this key has no quota to refill; set one with PATCH",
+        });
+    }
+    let patch = KeyPatch {
+        refill_quota: true,
+        ..KeyPatch::default()
+    };
+    let record = request
+        .keys
+        .update(id, &patch, request.audit("refill_quota"))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    refuse_unchangeable(&record)?;
+    let refilled = KeyWithUsage {
+        record,
+        usage: current.usage,
+    };
+    json_reply(200, &KeyView::from(refilled))
 }
 
 /// 409 for a key that can no longer change: revoked, or replaced by a rotation.

@@ -309,6 +309,10 @@ fn authorize(call: &KeyedCall, caller: &Caller) -> Result<(), ApiError> {
     if *call == KeyedCall::Audit && !matches!(caller, Caller::Admin) {
         return Err(ApiError::Forbidden("the audit log is for the admin only"));
     }
+    // A key refilling its own (or a sibling's) quota would make quotas bind nobody.
+    if matches!(call, KeyedCall::RefillQuota(_)) && !matches!(caller, Caller::Admin) {
+        return Err(ApiError::Forbidden("only the admin refills quotas"));
+    }
     Ok(())
 }
 
@@ -321,6 +325,7 @@ async fn dispatch(call: KeyedCall, request: Request<'_>) -> ApiResult {
         KeyedCall::RevokeByValue => handlers::revoke_by_value(request).await,
         KeyedCall::Rotate(id) => handlers::rotate(request, &id).await,
         KeyedCall::Update(id) => handlers::update(request, &id).await,
+        KeyedCall::RefillQuota(id) => handlers::refill_quota(request, &id).await,
         KeyedCall::Audit => handlers::audit(request).await,
         KeyedCall::Verify => verify::verify(request).await,
     }

@@ -5,6 +5,7 @@
 //! a rate budget once it has refilled, a quota count an hour after its period ends (a
 //! `total` quota's after 30 idle days; it is then counted again from the store).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,8 @@ pub(crate) struct RedisLimits {
     timeout: Duration,
     on_error: OnLimitError,
     metrics: Arc<Metrics>,
+    /// The second of the last error logged.
+    last_logged: AtomicI64,
 }
 
 /// A rate to check: the limit and the Redis key of its budget.
@@ -110,6 +113,7 @@ impl RedisLimits {
             timeout,
             on_error,
             metrics,
+            last_logged: AtomicI64::new(0),
         })
     }
 
@@ -254,7 +258,11 @@ impl RedisLimits {
         let reason = match failure {
             Failure::Timeout => "timeout",
             Failure::Error(e) => {
-                tracing::warn!(error = %e, "Redis did not decide a limit");
+                // At most one line a second: an outage fails every limited request.
+                let second = crate::clock::unix_now();
+                if self.last_logged.swap(second, Ordering::Relaxed) != second {
+                    tracing::warn!(error = %e, "Redis did not decide a limit (logged once a second)");
+                }
                 "error"
             }
         };

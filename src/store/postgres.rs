@@ -431,6 +431,7 @@ impl KeyStore for PgStore {
                  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
                  AS d(key_id, count, last_used, quota_stamp, quota_used) \
                  WHERE EXISTS (SELECT 1 FROM keys k WHERE k.id = d.key_id) \
+                 ORDER BY d.key_id COLLATE \"C\" \
                  ON CONFLICT (key_id) DO UPDATE SET \
                  count = usage.count + EXCLUDED.count, \
                  last_used = GREATEST(usage.last_used, EXCLUDED.last_used), \

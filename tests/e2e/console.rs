@@ -568,7 +568,14 @@ async fn filter_and_audit(browser: &Browser) {
     assert_eq!(
         actions,
         json!([
-            "revoke", "rotate", "update", "update", "create", "create", "create"
+            "revoke",
+            "rotate",
+            "update",
+            "refill_quota",
+            "update",
+            "create",
+            "create",
+            "create"
         ])
     );
 }

@@ -454,6 +454,21 @@ async fn rotate_revoke_and_the_rest(r: &mut Recorder<'_>, key: &str) {
             grace,
         )
         .await;
+    let quota = Body::Json(json!({"owner": "alice", "quota": {"requests": 9, "period": "month"}}));
+    let metered = r.post("/keys", "/keys", Cred::Admin, quota).await;
+    let refill = format!("/keys/{}/quota/refill", id_of(&metered));
+    r.post("/keys/{id}/quota/refill", &refill, Cred::Admin, Body::None)
+        .await;
+    r.post(
+        "/keys/{id}/quota/refill",
+        &refill,
+        Cred::Key(key),
+        Body::None,
+    )
+    .await;
+    let none = format!("/keys/{}/quota/refill", &child["/keys/".len()..]);
+    r.post("/keys/{id}/quota/refill", &none, Cred::Admin, Body::None)
+        .await;
     let by_value = Body::Json(json!({"key": rotated["key"]}));
     r.post("/keys/revoke", "/keys/revoke", Cred::Key(key), by_value)
         .await;

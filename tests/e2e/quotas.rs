@@ -147,6 +147,8 @@ async fn redis_down_allow_admits_and_counts_deny_refuses_and_both_resume_when_it
     let limit = json!({"owner": "alice", "rate_limit": {"requests": 3, "window_seconds": 3600}});
     let (_, limited) = created_key(&allow, limit).await;
     let (_, free) = created_key(&allow, json!({"owner": "alice"})).await;
+    let budget = json!({"owner": "alice", "quota": {"requests": 100, "period": "month"}});
+    let (_, budgeted) = created_key(&allow, budget).await;
     assert_eq!(
         call(&allow, &limited).await,
         (200, String::new(), true, None)
@@ -166,6 +168,13 @@ async fn redis_down_allow_admits_and_counts_deny_refuses_and_both_resume_when_it
         );
         let (status, code, _, _) = call(&deny, &limited).await;
         assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
+        assert_eq!(
+            call(&allow, &budgeted).await.0,
+            200,
+            "allow: a quota key too"
+        );
+        let (status, code, _, _) = call(&deny, &budgeted).await;
+        assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
         for gateway in [&allow, &deny] {
             let (status, _, limited, _) = call(gateway, &free).await;
             assert_eq!(
@@ -178,7 +187,7 @@ async fn redis_down_allow_admits_and_counts_deny_refuses_and_both_resume_when_it
     for gateway in [&allow, &deny] {
         let counted = metric(gateway, &format!("{errors}{{reason=\"error\"}}")).await
             + metric(gateway, &format!("{errors}{{reason=\"timeout\"}}")).await;
-        assert!(counted >= 3.0, "{counted} errors counted");
+        assert!(counted >= 6.0, "{counted} errors counted");
     }
 
     // Redis back (empty: its counts were lost with it): limits resume without a restart.
@@ -278,25 +287,79 @@ async fn a_quota_holds_across_a_restart_a_rotation_and_a_top_up() {
         (&json!(false), &json!("quota_exhausted"), &json!(0))
     );
 
-    // A top-up: the same quota set again counts from zero.
-    let patched = env
-        .send(
-            reqwest::Method::PATCH,
-            &format!("/keys/{new_id}"),
+    // A bigger quota of the same period keeps what was spent (5 of 5): 2 left of 7.
+    let patched = patch(
+        &env,
+        &new_id,
+        Cred::Admin,
+        json!({"quota": {"requests": 7, "period": "day"}}),
+    )
+    .await;
+    assert_eq!(patched.ok(200)["quota_remaining"], 2);
+    // The admin's top-up counts from zero again.
+    let refilled = env
+        .post(
+            &format!("/keys/{new_id}/quota/refill"),
             Cred::Admin,
-            crate::common::management::Body::Json(json!({"quota": daily})),
+            json!({}),
         )
         .await
         .ok(200)
         .clone();
-    assert_eq!(patched["quota_remaining"], 5, "{patched}");
+    assert_eq!(refilled["quota_remaining"], 7, "{refilled}");
     let verified = verify(&env, &new_key).await;
     assert_eq!(
         (&verified["valid"], &verified["quota_remaining"]),
-        (&json!(true), &json!(4))
+        (&json!(true), &json!(6))
     );
     env.assert_admitted(&new_key, "after the top-up").await;
-    assert_eq!(env.record(&new_id).await["quota_remaining"], 3);
+    assert_eq!(env.record(&new_id).await["quota_remaining"], 5);
+}
+
+async fn patch(env: &Env, id: &str, cred: Cred<'_>, body: Value) -> crate::common::Reply {
+    let body = crate::common::management::Body::Json(body);
+    env.send(reqwest::Method::PATCH, &format!("/keys/{id}"), cred, body)
+        .await
+}
+
+/// A `keys:manage` key with a quota hands it on and cannot loosen, remove or refill it,
+/// neither on the keys it makes nor on itself.
+#[tokio::test]
+async fn a_managing_key_is_bound_by_its_own_quota() {
+    let env = Env::start(GENEROUS).await;
+    let daily = json!({"requests": 5, "period": "day"});
+    let body = json!({"owner": "alice", "scopes": ["keys:manage"], "quota": daily});
+    let (manager, manager_key) = env.create(Cred::Admin, body).await;
+    let manager_id = manager["id"].as_str().expect("id").to_string();
+    let me = Cred::Key(&manager_key);
+    let (child, _) = env.create(me, json!({})).await;
+    assert_eq!(child["quota"], daily, "inherited");
+    for looser in [
+        json!({"requests": 6, "period": "day"}),
+        json!({"requests": 3, "period": "month"}),
+    ] {
+        env.post("/keys", me, json!({"quota": looser}))
+            .await
+            .invalid(&["quota"]);
+    }
+    patch(&env, &manager_id, me, json!({"quota": null}))
+        .await
+        .invalid(&["quota"]);
+    let refill = format!("/keys/{manager_id}/quota/refill");
+    let refused = env.post(&refill, me, json!({})).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    // Its own quota set again (or lowered) keeps what it spent.
+    let before = env.record(&manager_id).await["quota_remaining"].clone();
+    let same = patch(&env, &manager_id, me, json!({"quota": daily})).await;
+    assert_eq!(same.ok(200)["quota_remaining"], before);
+    let plain = json!({"owner": "alice"});
+    let (plain, _) = env.create(Cred::Admin, plain).await;
+    let plain_refill = format!("/keys/{}/quota/refill", plain["id"].as_str().expect("id"));
+    let none = env.post(&plain_refill, Cred::Admin, json!({})).await;
+    assert_eq!(
+        (none.status, none.json["error"]["code"].as_str()),
+        (409, Some("no_quota"))
+    );
 }
 
 #[tokio::test]

@@ -235,6 +235,7 @@ async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
         expires_at: Some(None),
         allowed_ips: Some(vec!["10.0.0.0/8".into(), "2001:db8::/32".into()]),
         quota: Some(Some(MONTHLY)),
+        refill_quota: false,
     };
     let updated = store
         .update(&key.id, &patch)
@@ -247,8 +248,7 @@ async fn update_applies_a_patch_in_place(store: Arc<dyn KeyStore>) {
     assert_eq!(updated.name, "renamed ключ");
     assert_eq!(updated.expires_at, None);
     assert_eq!(updated.allowed_ips, ["10.0.0.0/8", "2001:db8::/32"]);
-    let quota = (updated.quota, updated.quota_revision);
-    assert_eq!(quota, (Some(MONTHLY), 1), "a quota set starts a new count");
+    assert_eq!((updated.quota, updated.quota_revision), (Some(MONTHLY), 1));
     let stored = store.get(&key.id).await.expect("get").expect("present");
     assert_eq!((stored.record, stored.usage), (expected.clone(), usage));
     let by_hash = store.find_by_hash(&hash_of(&key)).await.expect("find");

@@ -556,6 +556,8 @@ const ACTIONS = {
     $("edit-quota").value = record.quota ? record.quota.requests : "";
     $("edit-period").value = record.quota ? record.quota.period : "day";
     $("edit-quota-refill").checked = false;
+    // Only the admin refills: a key that could would not be bound by its quota.
+    $("edit-refill-row").hidden = !session.admin || !record.quota;
     $("edit-ips").value = (record.allowed_ips || []).join(" ");
     $("edit-metadata").value = record.metadata ? JSON.stringify(record.metadata, null, 2) : "";
     $("edit-error").hidden = true;
@@ -595,8 +597,7 @@ function editBody(record) {
   const limit = rateLimitField("edit", errors);
   if (!sameJson(limit, record.rate_limit)) body.rate_limit = limit;
   const quota = quotaField("edit", errors);
-  // Setting a quota, even the same one, starts its count again: sent only when asked.
-  if (!sameJson(quota, record.quota) || (quota && $("edit-quota-refill").checked)) body.quota = quota;
+  if (!sameJson(quota, record.quota)) body.quota = quota;
   const ips = $("edit-ips").value.split(/[\s,]+/).filter(Boolean);
   if (!sameJson(ips, record.allowed_ips || [])) body.allowed_ips = ips.length ? ips : null;
   const metadata = metadataField("edit-metadata", errors);
@@ -611,14 +612,17 @@ $("edit-form").addEventListener("input", () => {
 $("edit-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const { body, errors } = editBody(target);
-  if (errors.length || !Object.keys(body).length) {
+  const refill = session.admin && $("edit-quota-refill").checked;
+  if (errors.length || (!Object.keys(body).length && !refill)) {
     $("edit-error").textContent = errors.length ? `Not sent: ${errors.join("; ")}.` : "Nothing changed.";
     $("edit-error").hidden = false;
     return;
   }
   $("edit-submit").disabled = true;
   try {
-    const updated = await api("PATCH", `/keys/${encodeURIComponent(target.id)}`, body);
+    const path = `/keys/${encodeURIComponent(target.id)}`;
+    let updated = Object.keys(body).length ? await api("PATCH", path, body) : target;
+    if (refill) updated = await api("POST", `${path}/quota/refill`);
     $("edit-dialog").close();
     showNotice(`Saved ${aboutKey(updated)}.`, [], true);
     loadKeys();
