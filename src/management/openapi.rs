@@ -72,6 +72,7 @@ mod tests {
             "POST /keys",
             "POST /keys/revoke",
             "POST /keys/verify",
+            "POST /keys/{id}/quota/refill",
             "POST /keys/{id}/rotate",
             "POST /signup",
         ];
