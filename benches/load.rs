@@ -20,7 +20,10 @@
 //! Environment: LOAD_SECONDS (default 5), LOAD_CONNECTIONS (default 32),
 //! LOAD_ROWS (comma-separated row names to run; default all), LOAD_WRK=1 to drive the
 //! single-header rows with wrk instead (when wrk is installed), LOAD_SCALE=1 for the scale
-//! check instead (1 million keys, or LOAD_SCALE_KEYS: start-up, RSS, durable creates).
+//! check instead (1 million keys, or LOAD_SCALE_KEYS: start-up, RSS, durable creates),
+//! LOAD_GATEWAY_CORES and LOAD_GENERATOR_CORES (taskset lists, e.g. `4-7` and `0-3`; default
+//! the last core and the first) to give the servers and the generator cores of their own,
+//! LOAD_GATEWAY_THREADS (default: one per gateway core).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -76,8 +79,9 @@ fn cores() -> usize {
 /// forked before this runs, would otherwise keep the generator's core) to one core (best
 /// effort: `taskset` may be missing).
 fn pin(pid: u32, core: usize) {
+    let cores = cores::list(cores::plan().group_of(core));
     let _ = Command::new("taskset")
-        .args(["-a", "-cp", &core.to_string(), &pid.to_string()])
+        .args(["-a", "-cp", &cores, &pid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -783,8 +787,6 @@ struct RowRun<'a> {
     valid_key: &'a str,
     connections: usize,
     seconds: u64,
-    /// The core the proxy under test has to itself.
-    server_core: usize,
 }
 
 impl RowRun<'_> {
@@ -798,9 +800,8 @@ impl RowRun<'_> {
         rows.into_iter()
             .filter(|row| wanted(row.0))
             .map(|(name, label, target, requests)| {
-                let ((rps, p50, p99, statuses), cpu) = cores::measured(self.server_core, || {
-                    self.measure(runtime, name, target, requests)
-                });
+                let ((rps, p50, p99, statuses), cpu) =
+                    cores::measured(|| self.measure(runtime, name, target, requests));
                 (name, label, rps, p50, p99, statuses, cpu)
             })
             .collect()
@@ -888,17 +889,12 @@ fn print_table(results: &[Measured], rss_kib: u64) {
 }
 
 /// What the run is: connections, duration, threads, cores, generator.
-fn print_header(
-    connections: usize,
-    seconds: u64,
-    threads: usize,
-    cores: usize,
-    server_core: usize,
-    use_wrk: bool,
-) {
+fn print_header(connections: usize, seconds: u64, threads: usize, cores: usize, use_wrk: bool) {
     println!(
         "load: {connections} keep-alive connections, {seconds} s per row, gateway threads = {threads}, \
-         {cores} cores (servers pinned to core {server_core}), generator = {}",
+         {cores} cores (servers pinned to cores {}, generator to {}), generator = {}",
+        cores::list(&cores::plan().server),
+        cores::list(&cores::plan().generator),
         if use_wrk {
             "wrk (single-header rows)"
         } else {
@@ -977,10 +973,11 @@ fn wanted_rows() -> impl Fn(&str) -> bool {
 /// number of cores and the one the servers get.
 fn pin_generator() -> (usize, usize) {
     let cores = cores();
+    let plan = cores::plan();
     if cores > 1 {
-        pin(std::process::id(), 0);
+        pin(std::process::id(), plan.generator[0]);
     }
-    (cores, cores.saturating_sub(1))
+    (cores, plan.server[0])
 }
 
 /// The upstream every row ends at, served on the generator's runtime.
@@ -996,7 +993,7 @@ fn start_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
 /// The load generator's runtime: one worker thread, on the core the bench is pinned to.
 fn generator_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cores::plan().generator.len())
         .enable_all()
         .build()
         .expect("runtime")
@@ -1023,7 +1020,7 @@ fn main() {
 
     let upstream = start_upstream(&runtime);
 
-    let threads: usize = env_or("LOAD_GATEWAY_THREADS", 1);
+    let threads: usize = env_or("LOAD_GATEWAY_THREADS", cores::plan().server.len());
     let (gateway, keygate_addr, keygate_admin) =
         start_pinned_keygate(dir.path(), upstream, threads, cores, server_core);
     let nginx_wanted = wanted("nginx-valid") || wanted("nginx-invalid");
@@ -1050,7 +1047,7 @@ fn main() {
             )
         })
         .flatten();
-    let bare = bare::start(wanted("bare"), upstream, cores, server_core);
+    let bare = bare::start(wanted("bare"), upstream, threads, cores, server_core);
     let targets = Targets {
         upstream,
         bare: bare.as_ref().map(|(_, addr)| *addr),
@@ -1060,13 +1057,12 @@ fn main() {
         nginx_auth: nginx_auth.as_ref().map(|(_, addr)| *addr),
     };
     let use_wrk = wrk_available();
-    print_header(connections, seconds, threads, cores, server_core, use_wrk);
+    print_header(connections, seconds, threads, cores, use_wrk);
     let run = RowRun {
         use_wrk,
         valid_key: &valid[0],
         connections,
         seconds,
-        server_core,
     };
     let mut results = run.measure_rows(&runtime, bench_rows(&targets, &valid, &invalid), &wanted);
 

@@ -1,9 +1,10 @@
 //! The framework's floor (issue 21): a bare Pingora passthrough, built from the same
-//! Pingora version and the server options keygate uses (one thread, no grace period,
+//! Pingora version and the server options keygate uses (its thread count, no grace period,
 //! upstream keep-alive pool of 256, mimalloc), with no keygate code at all. Every keygate
 //! row reads against it.
 //!
-//! It runs as this bench binary started again with `LOAD_BARE_PINGORA=<listen>,<upstream>`
+//! It runs as this bench binary started again with
+//! `LOAD_BARE_PINGORA=<listen>,<upstream>,<threads>`
 //! (a process of its own, pinned to the server core like the gateway).
 
 use std::net::SocketAddr;
@@ -43,12 +44,16 @@ pub(crate) fn serve_if_asked() {
     let Ok(spec) = std::env::var(ENV) else {
         return;
     };
-    let (listen, upstream) = spec
-        .split_once(',')
-        .expect("LOAD_BARE_PINGORA=listen,upstream");
+    let mut parts = spec.split(',');
+    let mut next = || {
+        parts
+            .next()
+            .expect("LOAD_BARE_PINGORA=listen,upstream,threads")
+    };
+    let (listen, upstream, threads) = (next(), next(), next());
     let upstream: SocketAddr = upstream.parse().expect("upstream address");
     let conf = ServerConf {
-        threads: 1,
+        threads: threads.parse().expect("threads"),
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(0),
         upstream_keepalive_pool_size: 256,
@@ -78,6 +83,7 @@ pub(crate) fn row(bare: SocketAddr) -> Row {
 pub(crate) fn start(
     wanted: bool,
     upstream: SocketAddr,
+    threads: usize,
     cores: usize,
     server_core: usize,
 ) -> Option<(Gateway, SocketAddr)> {
@@ -88,7 +94,7 @@ pub(crate) fn start(
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let exe = std::env::current_exe().expect("the bench's own path");
     let child = Command::new(exe)
-        .env(ENV, format!("{listen},{upstream}"))
+        .env(ENV, format!("{listen},{upstream},{threads}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -1,6 +1,69 @@
-//! How busy each core was during a row, from `/proc/stat`, so that every figure says which
-//! process was the limit: a row counts as the proxy's rate only when the server core (the
-//! proxy under test, alone on it) is the saturated one.
+//! Which cores the servers and the load generator run on, and how busy each core was during
+//! a row, from `/proc/stat`, so that every figure says which process was the limit: a row
+//! counts as the proxy's rate only when the server cores (the proxy under test, alone on
+//! them) are the saturated ones.
+//!
+//! `LOAD_GATEWAY_CORES` and `LOAD_GENERATOR_CORES` (taskset lists: `1`, `2-7`, `0,2`) give
+//! each side its cores, on machines that have them; by default the servers get the last
+//! core and the generator (with the upstream) the first.
+
+use std::sync::OnceLock;
+
+/// The cores of each side.
+pub(crate) struct Plan {
+    pub(crate) generator: Vec<usize>,
+    pub(crate) server: Vec<usize>,
+}
+
+impl Plan {
+    /// The side `core` belongs to: pinning "to a core" pins to all of that side's cores.
+    pub(crate) fn group_of(&self, core: usize) -> &[usize] {
+        if self.server.contains(&core) {
+            &self.server
+        } else {
+            &self.generator
+        }
+    }
+}
+
+/// `2-4,7` -> [2, 3, 4, 7]; None when malformed or empty.
+fn parse_list(text: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(a.parse::<usize>().ok()?..=b.parse::<usize>().ok()?),
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn from_env(name: &str, default: Vec<usize>) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(text) => parse_list(&text).unwrap_or_else(|| panic!("{name}={text}: not a core list")),
+        Err(_) => default,
+    }
+}
+
+pub(crate) fn plan() -> &'static Plan {
+    static PLAN: OnceLock<Plan> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let last = super::cores().saturating_sub(1);
+        Plan {
+            generator: from_env("LOAD_GENERATOR_CORES", vec![0]),
+            server: from_env("LOAD_GATEWAY_CORES", vec![last]),
+        }
+    })
+}
+
+/// A taskset list: `2,3,4`.
+pub(crate) fn list(cores: &[usize]) -> String {
+    cores
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// (busy, total) jiffies per core.
 pub(crate) struct CoreTimes(Vec<(u64, u64)>);
@@ -44,18 +107,24 @@ impl CoreTimes {
 }
 
 /// `core0 62% core1 100%: server core saturated` (or which side was the limit instead).
-pub(crate) fn describe(busy: &[f64], server_core: usize) -> String {
+/// With several server cores, their mean is what must be saturated.
+pub(crate) fn describe(busy: &[f64]) -> String {
+    let servers = &plan().server;
     let shares = busy
         .iter()
         .enumerate()
         .map(|(i, b)| format!("core{i} {:.0}%", b * 100.0))
         .collect::<Vec<_>>()
         .join(" ");
-    let server = busy.get(server_core).copied().unwrap_or(0.0);
+    let server = servers
+        .iter()
+        .map(|c| busy.get(*c).copied().unwrap_or(0.0))
+        .sum::<f64>()
+        / servers.len().max(1) as f64;
     let others_saturated = busy
         .iter()
         .enumerate()
-        .any(|(i, b)| i != server_core && *b >= SATURATED);
+        .any(|(i, b)| !servers.contains(&i) && *b >= SATURATED);
     let verdict = if server >= SATURATED {
         "server core saturated"
     } else if others_saturated {
@@ -67,9 +136,9 @@ pub(crate) fn describe(busy: &[f64], server_core: usize) -> String {
 }
 
 /// Runs `row`, returning its result and how busy the cores were meanwhile.
-pub(crate) fn measured<T>(server_core: usize, row: impl FnOnce() -> T) -> (T, String) {
+pub(crate) fn measured<T>(row: impl FnOnce() -> T) -> (T, String) {
     let before = CoreTimes::now();
     let result = row();
     let busy = CoreTimes::now().busy_since(&before);
-    (result, describe(&busy, server_core))
+    (result, describe(&busy))
 }

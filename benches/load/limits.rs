@@ -70,9 +70,6 @@ const REDIS_LIMITS: &str = "[ratelimit]\nbackend = \"redis\"\nurl_env = \"KEYGAT
 /// which Redis refuses: every decision of such a key is a backend error. 10⁶ a second is a
 /// 10⁻³ ms interval, four steps.
 const RATE_LIMIT: u32 = 1_000_000;
-/// The core the generator, the upstream and Redis share.
-const GENERATOR_CORE: usize = 0;
-
 /// The three keys the rows send, one per kind of limit.
 struct Keys {
     none: String,
@@ -204,7 +201,7 @@ impl<'a> Group<'a> {
     }
 
     fn server_core(&self) -> usize {
-        self.cores.saturating_sub(1)
+        super::cores::plan().server[0]
     }
 
     /// The Redis rows, on a gateway whose limits are decided in a throwaway Redis; none
@@ -274,7 +271,7 @@ impl<'a> Group<'a> {
         };
         wait_for_port(port, "redis-server");
         if self.cores > 1 {
-            pin(server.pid(), GENERATOR_CORE);
+            pin(server.pid(), super::cores::plan().generator[0]);
         }
         Some(server)
     }
@@ -305,15 +302,16 @@ fn measure_row(
 ) -> (Measured, u64) {
     let requests = Arc::new(vec![request("/x", &[("x-api-key", key)])]);
     let (started, redis_cpu) = (Instant::now(), redis.map(cpu_seconds));
-    let (r, mut cpu) = super::cores::measured(run.server_core, || {
+    let (r, mut cpu) = super::cores::measured(|| {
         runtime.block_on(drive(target, requests, run.connections, run.seconds))
     });
     if let (Some(pid), Some(from)) = (redis, redis_cpu) {
         let share = (cpu_seconds(pid) - from) / started.elapsed().as_secs_f64();
         cpu = cpu.replace("GENERATOR/UPSTREAM-BOUND", "GENERATOR/UPSTREAM/REDIS-BOUND");
         cpu.push_str(&format!(
-            "; redis-server {:.0}% of a core (on core{GENERATOR_CORE})",
-            share * 100.0
+            "; redis-server {:.0}% of a core (on the generator's cores, {})",
+            share * 100.0,
+            super::cores::list(&super::cores::plan().generator)
         ));
     }
     let statuses = statuses(&r);

@@ -268,7 +268,7 @@ impl EdgeRun<'_> {
         pem: &str,
         h2: bool,
     ) -> Measured {
-        let (r, cpu) = super::cores::measured(self.server_core, || {
+        let (r, cpu) = super::cores::measured(|| {
             runtime.block_on(drive_tls(
                 target,
                 pem,
