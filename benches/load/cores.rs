@@ -125,7 +125,9 @@ pub(crate) fn describe(busy: &[f64]) -> String {
         .iter()
         .enumerate()
         .any(|(i, b)| !servers.contains(&i) && *b >= SATURATED);
-    let verdict = if server >= SATURATED {
+    let verdict = if server >= SATURATED && others_saturated {
+        "server AND generator cores saturated: a lower bound of the proxy's rate"
+    } else if server >= SATURATED {
         "server core saturated"
     } else if others_saturated {
         "GENERATOR/UPSTREAM-BOUND: not the proxy's rate"
