@@ -800,8 +800,16 @@ impl RowRun<'_> {
         rows.into_iter()
             .filter(|row| wanted(row.0))
             .map(|(name, label, target, requests)| {
-                let ((rps, p50, p99, statuses), cpu) =
-                    cores::measured(|| self.measure(runtime, name, target, requests));
+                let ((rps, p50, p99, statuses), mut cpu, server_seconds) =
+                    cores::measured_with_seconds(|| self.measure(runtime, name, target, requests));
+                // The generator's half-second warm-up is served inside the window too.
+                let served = rps * (self.seconds as f64 + 0.5);
+                if served > 0.0 {
+                    let per_request = server_seconds / served * 1e6;
+                    cpu.push_str(&format!(
+                        "; {per_request:.1} µs of server-core CPU a request"
+                    ));
+                }
                 (name, label, rps, p50, p99, statuses, cpu)
             })
             .collect()
