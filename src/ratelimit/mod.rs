@@ -226,7 +226,7 @@ pub(crate) enum Decision {
 }
 
 /// Which budget a request spends: the key's own `rate_limit` (across all routes), or a
-/// route's default limit (per route, identified by the route's index).
+/// route's default limit (per route).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Budget {
     Key,
