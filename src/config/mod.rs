@@ -268,21 +268,26 @@ impl ManagementConfig {
     }
 }
 
+/// The value of environment variable `var`, which config field `field` names (connection
+/// strings are read from the environment, never from the file: they may hold a password).
+pub fn named_env(field: &str, var: &str) -> Result<String, ConfigProblem> {
+    std::env::var(var)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .ok_or_else(|| ConfigProblem {
+            path: field.to_string(),
+            reason: format!("names {var}, but that environment variable is not set"),
+        })
+}
+
 impl Config {
     /// Problems of the environment this configuration reads at start-up (the admin
     /// token), for `keygate check` and `keygate serve` alike.
     pub fn environment_problems(&self) -> Vec<ConfigProblem> {
         let mut problems: Vec<ConfigProblem> =
             self.management.admin_token().err().into_iter().collect();
-        if let LimitBackend::Redis { url_env, .. } = &self.ratelimit
-            && std::env::var(url_env).map_or(true, |url| url.is_empty())
-        {
-            problems.push(ConfigProblem {
-                path: "ratelimit.url_env".into(),
-                reason: format!(
-                    "names {url_env}, but that environment variable is not set (it holds redis://host:port/db)"
-                ),
-            });
+        if let LimitBackend::Redis { url_env, .. } = &self.ratelimit {
+            problems.extend(named_env("ratelimit.url_env", url_env).err());
         }
         problems
     }

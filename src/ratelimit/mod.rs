@@ -83,14 +83,8 @@ impl Limits {
                 timeout,
                 on_error,
             } => {
-                let url = std::env::var(url_env)
-                    .ok()
-                    .filter(|url| !url.is_empty())
-                    .with_context(|| {
-                        format!(
-                            "ratelimit.url_env names {url_env}, but that environment variable is not set"
-                        )
-                    })?;
+                let url = crate::config::named_env("ratelimit.url_env", url_env)
+                    .map_err(|problem| anyhow::anyhow!("{problem}"))?;
                 let redis = RedisLimits::new(&url, *timeout, *on_error, Arc::clone(metrics))
                     .with_context(|| {
                         format!("{url_env} is not a Redis URL (redis://host:port/db)")

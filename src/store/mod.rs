@@ -120,12 +120,8 @@ pub trait KeyStore: Send + Sync + 'static {
 /// The PostgreSQL connection string, from the environment variable the config names (never
 /// from the file: it may hold a password).
 pub fn database_url(url_env: &str) -> anyhow::Result<String> {
-    std::env::var(url_env)
-        .ok()
-        .filter(|url| !url.is_empty())
-        .with_context(|| {
-            format!("store.url_env names {url_env}, but that environment variable is not set")
-        })
+    crate::config::named_env("store.url_env", url_env)
+        .map_err(|problem| anyhow::anyhow!("{problem}"))
 }
 
 /// Opens the store the configuration names.
