@@ -75,7 +75,7 @@ pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
         .as_ref()
         .is_some_and(|key| key.rate_limit.is_some() || key.quota.is_some());
     let route_limited = ctx.route().is_some_and(|r| r.config.rate_limit.is_some());
-    let limited = ctx.rate_limit.is_some() || key_limited || route_limited;
+    let limited = key_limited || route_limited;
     let cache_control = if cache_for > 0 && !limited {
         HeaderValue::from_str(&format!("private, max-age={cache_for}"))
             .unwrap_or(HeaderValue::from_static("no-store"))

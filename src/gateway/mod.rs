@@ -203,7 +203,7 @@ impl Gateway {
         }
         ctx.quota_stamp = key.quota_stamp(now);
         ctx.key = Some(key);
-        verdict.admitted().map(drop)
+        verdict.admitted()
     }
 
     /// Step 8: only an admitted request gets its chunked body read, and only a request

@@ -329,7 +329,7 @@ pub(super) async fn spend(
     who: &str,
 ) -> Result<(), ApiError> {
     let verdict = shared.limits.spend_management(limiters, budget, who).await;
-    verdict.admitted().map(drop).map_err(ApiError::from)
+    verdict.admitted().map_err(ApiError::from)
 }
 
 pub(super) async fn rotate(mut request: Request<'_>, id: &str) -> ApiResult {

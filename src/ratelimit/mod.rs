@@ -46,13 +46,10 @@ impl Verdict {
         quota_remaining: None,
     };
 
-    /// An admitted request's rate decision and quota left, or the refusal.
-    pub(crate) fn admitted(self) -> Result<(Option<Decision>, Option<u64>), GatewayError> {
+    /// Ok for an admitted request, else the refusal.
+    pub(crate) fn admitted(self) -> Result<(), GatewayError> {
         match self {
-            Verdict::Admitted {
-                rate,
-                quota_remaining,
-            } => Ok((rate, quota_remaining)),
+            Verdict::Admitted { .. } => Ok(()),
             Verdict::RateLimited(decision) => Err(GatewayError::RateLimited {
                 retry_after: match decision {
                     Decision::Limited { retry_after, .. } => retry_after,
