@@ -93,6 +93,12 @@ impl KeyRecord {
         }
     }
 
+    /// The stamp of the quota count a request at `now` spends; None without a quota.
+    pub fn quota_stamp(&self, now: i64) -> Option<i64> {
+        self.quota
+            .map(|quota| quota_stamp(self.quota_revision, quota.period, now))
+    }
+
     pub fn key_hash(&self) -> Option<KeyHash> {
         KeyHash::from_hex(&self.hash)
     }

@@ -13,7 +13,7 @@ use super::views::{AuditView, KeyView, PageBody, RevokeResult};
 use crate::clock::unix_now;
 use crate::error::GatewayError;
 use crate::keys::scope::{has_scopes, valid_owner};
-use crate::keys::{KeyPatch, KeyRecord, Quota, RateLimit, new_key_id, quota_stamp};
+use crate::keys::{KeyPatch, KeyRecord, Quota, RateLimit, new_key_id};
 use crate::lifecycle::{
     Actor, Audit, FieldErrors, KeyState, Lifecycle, ListFilter, NewKey, add_error, check_patch,
 };
@@ -256,10 +256,12 @@ pub(super) async fn list(request: Request<'_>) -> ApiResult {
 }
 
 pub(super) async fn get(request: Request<'_>, id: &str) -> ApiResult {
-    let mut key = [request.owned_key(id).await?];
-    let limits = &request.shared.limits;
-    limits.settle_quotas(&mut key, unix_now()).await;
-    let [key] = key;
+    let mut key = request.owned_key(id).await?;
+    request
+        .shared
+        .limits
+        .settle_quota(&mut key, unix_now())
+        .await;
     json_reply(200, &KeyView::from(key))
 }
 
@@ -382,18 +384,16 @@ async fn hand_on_quota(
     old: &KeyRecord,
     new: &KeyRecord,
 ) -> Result<u64, ApiError> {
-    let (Some(old_quota), Some(new_quota)) = (old.quota, new.quota) else {
+    let same_period = matches!((old.quota, new.quota), (Some(a), Some(b)) if a.period == b.period);
+    let now = unix_now();
+    let (true, Some(old_stamp), Some(new_stamp)) =
+        (same_period, old.quota_stamp(now), new.quota_stamp(now))
+    else {
         return Ok(0);
     };
-    if old_quota.period != new_quota.period {
-        return Ok(0);
-    }
-    let now = unix_now();
-    let mut retired = [request.owned_key(&old.id).await?];
-    request.shared.limits.settle_quotas(&mut retired, now).await;
-    let old_stamp = quota_stamp(old.quota_revision, old_quota.period, now);
-    let spent = retired[0].usage.quota.used_in(old_stamp);
-    let new_stamp = quota_stamp(new.quota_revision, new_quota.period, now);
+    let mut retired = request.owned_key(&old.id).await?;
+    request.shared.limits.settle_quota(&mut retired, now).await;
+    let spent = retired.usage.quota.used_in(old_stamp);
     request.keys.seed_quota(&new.id, new_stamp, spent).await?;
     Ok(spent)
 }
@@ -424,13 +424,15 @@ pub(super) async fn update(mut request: Request<'_>, id: &str) -> ApiResult {
         .ok_or(ApiError::NotFound)?;
     // Revoked or rotated meanwhile: the store left it as it was.
     refuse_unchangeable(&record)?;
-    let mut updated = [KeyWithUsage {
+    let mut updated = KeyWithUsage {
         record,
         usage: current.usage,
-    }];
-    let limits = &request.shared.limits;
-    limits.settle_quotas(&mut updated, unix_now()).await;
-    let [updated] = updated;
+    };
+    request
+        .shared
+        .limits
+        .settle_quota(&mut updated, unix_now())
+        .await;
     json_reply(200, &KeyView::from(updated))
 }
 

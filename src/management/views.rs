@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::clock::{rfc3339, unix_now};
-use crate::keys::{KeyRecord, Quota, RateLimit, Usage, quota_stamp};
+use crate::keys::{KeyRecord, Quota, RateLimit, Usage};
 use crate::lifecycle::{Created, Page};
 use crate::store::{AuditEntry, KeyWithUsage};
 
@@ -40,10 +40,11 @@ pub(crate) struct KeyView {
 
 impl KeyView {
     pub(crate) fn new(record: KeyRecord, usage: Usage) -> Self {
-        let quota_remaining = record.quota.map(|quota| {
-            let stamp = quota_stamp(record.quota_revision, quota.period, unix_now());
-            quota.requests.saturating_sub(usage.quota.used_in(stamp))
-        });
+        let stamp = record.quota_stamp(unix_now());
+        let quota_remaining = record
+            .quota
+            .zip(stamp)
+            .map(|(quota, stamp)| quota.requests.saturating_sub(usage.quota.used_in(stamp)));
         KeyView {
             quota: record.quota,
             quota_remaining,

@@ -149,15 +149,7 @@ impl Limits {
     /// Sets each key's quota count to the live one at `now`: this process's count, or
     /// Redis's, where either has one; the store's (flushed and pending usage) otherwise.
     pub(crate) async fn settle_quotas(&self, keys: &mut [KeyWithUsage], now: i64) {
-        let stamps: Vec<Option<i64>> = keys
-            .iter()
-            .map(|k| {
-                let record = &k.record;
-                record
-                    .quota
-                    .map(|q| crate::keys::quota_stamp(record.quota_revision, q.period, now))
-            })
-            .collect();
+        let stamps: Vec<Option<i64>> = keys.iter().map(|k| k.record.quota_stamp(now)).collect();
         let live: Vec<Option<u64>> = match &self.redis {
             Some(redis) => {
                 let with_quota: Vec<(usize, String)> = keys
@@ -191,6 +183,11 @@ impl Limits {
                 key.usage.quota = QuotaUsage { stamp, used };
             }
         }
+    }
+
+    /// `settle_quotas` for one key.
+    pub(crate) async fn settle_quota(&self, key: &mut KeyWithUsage, now: i64) {
+        self.settle_quotas(std::slice::from_mut(key), now).await;
     }
 
     /// Drops state of local limits that have fully recovered, bounding memory.
