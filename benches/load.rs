@@ -51,6 +51,8 @@ mod cores;
 mod flood;
 #[path = "load/forward_auth.rs"]
 mod forward_auth;
+#[path = "load/instructions.rs"]
+mod instructions;
 #[path = "load/limits.rs"]
 mod limits;
 #[path = "load/reload.rs"]
@@ -189,14 +191,17 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u16>
 
 struct RowResult {
     requests: u64,
+    /// Every response, the warm-up's included: what the server did during the row.
+    served: u64,
     errors: u64,
     statuses: std::collections::BTreeMap<u16, u64>,
     elapsed: Duration,
     latencies_us: Vec<u32>,
 }
 
-/// What one connection of a row saw: latencies (µs), statuses, errors.
-type ConnectionResult = (Vec<u32>, std::collections::BTreeMap<u16, u64>, u64);
+/// What one connection of a row saw: latencies (µs), statuses, errors, and every response
+/// (the warm-up's too).
+type ConnectionResult = (Vec<u32>, std::collections::BTreeMap<u16, u64>, u64, u64);
 
 impl RowResult {
     /// The row's result from its connections' tasks, over `elapsed` of measured time.
@@ -206,14 +211,16 @@ impl RowResult {
     ) -> RowResult {
         let mut result = RowResult {
             requests: 0,
+            served: 0,
             errors: 0,
             statuses: Default::default(),
             elapsed,
             latencies_us: Vec::new(),
         };
         for task in tasks {
-            if let Ok((latencies, statuses, errors)) = task.await {
+            if let Ok((latencies, statuses, errors, served)) = task.await {
                 result.requests += latencies.len() as u64;
+                result.served += served;
                 result.latencies_us.extend(latencies);
                 result.errors += errors;
                 for (s, n) in statuses {
@@ -257,6 +264,7 @@ async fn drive(
             let mut latencies = Vec::with_capacity(100_000);
             let mut statuses = std::collections::BTreeMap::new();
             let mut errors = 0u64;
+            let mut served = 0u64;
             let mut buf = Vec::with_capacity(16 * 1024);
             let mut i = c * 7919;
             'connect: while !stop.load(Ordering::Relaxed) {
@@ -276,6 +284,7 @@ async fn drive(
                     }
                     match read_response(&mut stream, &mut buf).await {
                         Some(status) => {
+                            served += 1;
                             if started.elapsed() > warmup {
                                 latencies.push(
                                     sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32,
@@ -290,7 +299,7 @@ async fn drive(
                     }
                 }
             }
-            (latencies, statuses, errors)
+            (latencies, statuses, errors, served)
         }));
     }
     tokio::time::sleep(warmup).await;
@@ -347,7 +356,7 @@ impl Drop for Gateway {
 }
 
 fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(instructions::start_seconds());
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -393,7 +402,7 @@ upstreams = ["{upstream}"]
     );
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+    let child = instructions::server_command(env!("CARGO_BIN_EXE_keygate"))
         .args(["serve", "--config", path.to_str().expect("path")])
         .env("RUST_LOG", "error")
         .envs(env.iter().copied())
@@ -403,6 +412,7 @@ upstreams = ["{upstream}"]
         .expect("start keygate");
     wait_for_port(admin, "keygate admin");
     wait_for_port(listen, "keygate");
+    instructions::register(listen, child.id());
     Gateway { child }
 }
 
@@ -800,15 +810,23 @@ impl RowRun<'_> {
         rows.into_iter()
             .filter(|row| wanted(row.0))
             .map(|(name, label, target, requests)| {
-                let ((rps, p50, p99, statuses), mut cpu, server_seconds) =
-                    cores::measured_with_seconds(|| self.measure(runtime, name, target, requests));
-                // The generator's half-second warm-up is served inside the window too.
-                let served = rps * (self.seconds as f64 + 0.5);
+                let (((rps, p50, p99, statuses, served), instructions), mut cpu, server_seconds) =
+                    cores::measured_with_seconds(|| {
+                        instructions::counted(target, || {
+                            self.measure(runtime, name, target, requests)
+                        })
+                    });
+                // wrk counts no warm-up: its half second is estimated at the row's rate.
+                let served = served.unwrap_or(rps * (self.seconds as f64 + 0.5));
                 if served > 0.0 {
                     let per_request = server_seconds / served * 1e6;
                     cpu.push_str(&format!(
                         "; {per_request:.1} µs of server-core CPU a request"
                     ));
+                    if let Some(total) = instructions {
+                        let per_request = total as f64 / served;
+                        cpu.push_str(&format!("; {per_request:.0} instructions a request"));
+                    }
                 }
                 (name, label, rps, p50, p99, statuses, cpu)
             })
@@ -821,7 +839,7 @@ impl RowRun<'_> {
         name: &str,
         target: SocketAddr,
         requests: Vec<Vec<u8>>,
-    ) -> (f64, f64, f64, String) {
+    ) -> (f64, f64, f64, String, Option<f64>) {
         let single = requests.len() == 1;
         let wrk_result = if self.use_wrk && single {
             let path = if name == "none" { "/open/x" } else { "/x" };
@@ -838,7 +856,7 @@ impl RowRun<'_> {
             None
         };
         match wrk_result {
-            Some((rps, p50, p99)) => (rps, p50, p99, "(wrk)".to_string()),
+            Some((rps, p50, p99)) => (rps, p50, p99, "(wrk)".to_string(), None),
             None => {
                 let r = runtime.block_on(drive(
                     target,
@@ -857,7 +875,14 @@ impl RowRun<'_> {
                     } else {
                         String::new()
                     };
-                (r.rps(), r.percentile(0.5), r.percentile(0.99), statuses)
+                let served = Some(r.served as f64);
+                (
+                    r.rps(),
+                    r.percentile(0.5),
+                    r.percentile(0.99),
+                    statuses,
+                    served,
+                )
             }
         }
     }

@@ -8,7 +8,7 @@
 //! (a process of its own, pinned to the server core like the gateway).
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
@@ -93,7 +93,8 @@ pub(crate) fn start(
     let port = free_port();
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let exe = std::env::current_exe().expect("the bench's own path");
-    let child = Command::new(exe)
+    let exe = exe.to_str().expect("the bench's path is UTF-8");
+    let child = super::instructions::server_command(exe)
         .env(ENV, format!("{listen},{upstream},{threads}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -101,6 +102,7 @@ pub(crate) fn start(
         .spawn()
         .expect("start the bare Pingora server");
     wait_for_port(port, "the bare Pingora server");
+    super::instructions::register(port, child.id());
     // Once it listens, every thread it will serve with exists: all of them are pinned.
     if cores > 1 {
         pin(child.id(), server_core);

@@ -130,18 +130,20 @@ async fn drive_tls(
                 let mut latencies = Vec::with_capacity(100_000);
                 let mut statuses = std::collections::BTreeMap::new();
                 let mut errors = 0u64;
+                let mut served = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let sent = Instant::now();
                     let Some(status) = sender.get(target, &key).await else {
                         errors += 1;
                         break;
                     };
+                    served += 1;
                     if started.elapsed() > warmup {
                         latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                         *statuses.entry(status).or_insert(0u64) += 1;
                     }
                 }
-                (latencies, statuses, errors)
+                (latencies, statuses, errors, served)
             })
         })
         .collect();
