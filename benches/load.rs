@@ -23,7 +23,9 @@
 //! check instead (1 million keys, or LOAD_SCALE_KEYS: start-up, RSS, durable creates),
 //! LOAD_GATEWAY_CORES and LOAD_GENERATOR_CORES (taskset lists, e.g. `4-7` and `0-3`; default
 //! the last core and the first) to give the servers and the generator cores of their own,
-//! LOAD_GATEWAY_THREADS (default: one per gateway core).
+//! LOAD_GATEWAY_THREADS (default: one per gateway core), LOAD_KEYGATE_BIN (another keygate
+//! binary to measure, for before/after pairs), LOAD_CALLGRIND=1 (instructions a request
+//! instead of rates: `load/instructions.rs`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -402,7 +404,10 @@ upstreams = ["{upstream}"]
     );
     let path = dir.join("keygate.toml");
     std::fs::write(&path, config).expect("config");
-    let child = instructions::server_command(env!("CARGO_BIN_EXE_keygate"))
+    // LOAD_KEYGATE_BIN runs another build (an A/B pair of commits) under the same bench.
+    let program = std::env::var("LOAD_KEYGATE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keygate").to_string());
+    let child = instructions::server_command(&program)
         .args(["serve", "--config", path.to_str().expect("path")])
         .env("RUST_LOG", "error")
         .envs(env.iter().copied())

@@ -66,16 +66,40 @@ pub(crate) fn client_address(peer: IpAddr, headers: &HeaderMap, proxies: &[IpNet
 /// The `X-Forwarded-For` keygate sends: the chain a trusted peer sent followed by the
 /// peer; from any other peer, the peer alone.
 pub(crate) fn forwarded_for(peer: IpAddr, headers: &HeaderMap, proxies: &[IpNet]) -> String {
-    if !trusted(peer, proxies) {
-        return peer.to_string();
+    let mut value = String::with_capacity(16);
+    if trusted(peer, proxies) {
+        for ip in chain(headers) {
+            push_ip(&mut value, ip);
+            value.push_str(", ");
+        }
     }
-    let mut value = String::new();
-    for ip in chain(headers) {
-        value.push_str(&ip.to_string());
-        value.push_str(", ");
-    }
-    value.push_str(&peer.to_string());
+    push_ip(&mut value, peer);
     value
+}
+
+/// Appends `ip` as text. Every proxied request formats its peer: the IPv4 case skips the
+/// formatting machinery, which cost about a thousand instructions a request (callgrind).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -88,6 +112,23 @@ mod tests {
             map.append("x-forwarded-for", value.parse().expect("value"));
         }
         map
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.199.255.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = text.parse().expect("ip");
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]
