@@ -101,16 +101,24 @@ fn newest_total(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Runs `row` with the counting of `target`'s server on: the row's result and the
-/// instructions the server executed meanwhile (None when not counting).
-pub(crate) fn counted<T>(target: SocketAddr, row: impl FnOnce() -> T) -> (T, Option<u64>) {
-    let pid = SERVERS
+/// Whether the server behind `target` runs under callgrind.
+pub(crate) fn counts(target: SocketAddr) -> bool {
+    server_of(target).is_some()
+}
+
+fn server_of(target: SocketAddr) -> Option<u32> {
+    SERVERS
         .lock()
         .expect("servers")
         .iter()
         .find(|(port, _)| *port == target.port())
-        .map(|(_, pid)| *pid);
-    let Some(pid) = pid else {
+        .map(|(_, pid)| *pid)
+}
+
+/// Runs `row` with the counting of `target`'s server on: the row's result and the
+/// instructions the server executed meanwhile (None when not counting).
+pub(crate) fn counted<T>(target: SocketAddr, row: impl FnOnce() -> T) -> (T, Option<u64>) {
+    let Some(pid) = server_of(target) else {
         return (row(), None);
     };
     control(pid, &["-z"]);

@@ -10,6 +10,7 @@ mod gated;
 pub mod invalidation;
 mod pg_connection;
 mod pg_schema;
+mod point_reads;
 pub mod postgres;
 mod sled_store;
 
