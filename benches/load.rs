@@ -10,7 +10,8 @@
 //!   nginx each terminating TLS (`load/tls.rs`) | keygate, a key with a rate limit or a
 //!   quota (never reached) beside one with neither, limits decided in the gateway or in a
 //!   throwaway Redis when redis-server is installed (rows `limits-*`, `quota-*`; all of
-//!   them: `LOAD_ROWS=limits`; `load/limits.rs`)
+//!   them: `LOAD_ROWS=limits`; `load/limits.rs`) | latency at a fixed rate, `auth = "none"`
+//!   against a valid key (`LOAD_ROWS=latency`, `load/latency.rs`)
 //!
 //! `cargo bench --bench load` builds the release gateway (bench profile) and runs it from
 //! `CARGO_BIN_EXE_keygate`; nothing is built by hand. HTTP/1.1 keep-alive, a fixed number
@@ -55,6 +56,8 @@ mod flood;
 mod forward_auth;
 #[path = "load/instructions.rs"]
 mod instructions;
+#[path = "load/latency.rs"]
+mod latency;
 #[path = "load/limits.rs"]
 mod limits;
 #[path = "load/reload.rs"]
@@ -1114,6 +1117,13 @@ fn main() {
     let mut results = run.measure_rows(&runtime, bench_rows(&targets, &valid, &invalid), &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
+    latency::run_if(
+        wanted("latency"),
+        &runtime,
+        keygate_addr,
+        &valid[0],
+        seconds,
+    );
     let edge = tls::EdgeRun {
         dir: dir.path(),
         upstream,
