@@ -1117,13 +1117,7 @@ fn main() {
     let mut results = run.measure_rows(&runtime, bench_rows(&targets, &valid, &invalid), &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
-    latency::run_if(
-        wanted("latency"),
-        &runtime,
-        keygate_addr,
-        &valid[0],
-        seconds,
-    );
+    latency::run_if(wanted("latency"), &runtime, keygate_addr, &run);
     let edge = tls::EdgeRun {
         dir: dir.path(),
         upstream,

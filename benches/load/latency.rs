@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{cores, env_or, read_response, request};
+use super::{RowRun, cores, env_or, read_response, request};
 
 const CONNECTIONS: u64 = 16;
 const DEFAULT_RATE: u64 = 10_000;
@@ -95,12 +95,12 @@ pub(crate) fn run_if(
     wanted: bool,
     runtime: &tokio::runtime::Runtime,
     keygate: SocketAddr,
-    valid_key: &str,
-    seconds: u64,
+    run: &RowRun,
 ) {
     if !wanted {
         return;
     }
+    let (valid_key, seconds) = (run.valid_key, run.seconds);
     let rate: u64 = env_or("LOAD_LATENCY_RATE", DEFAULT_RATE);
     let none = Arc::new(request("/open/x", &[]));
     let valid = Arc::new(request("/x", &[("x-api-key", valid_key)]));
