@@ -63,7 +63,7 @@ impl PointReads {
 #[cfg(target_os = "linux")]
 fn read_from_disk_lately() -> bool {
     thread_local! {
-        static BLOCKS_READ: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+        static BLOCKS_READ: std::cell::Cell<libc::c_long> = const { std::cell::Cell::new(0) };
     }
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
