@@ -818,17 +818,18 @@ impl RowRun<'_> {
         rows.into_iter()
             .filter(|row| wanted(row.0))
             .map(|(name, label, target, requests)| {
+                // Uncounted (and outside the CPU window): connections, pools and lazy state
+                // settle first; not for rows of many keys, which would spend keys meant to
+                // be new.
+                if requests.len() == 1 && instructions::counts(target) {
+                    let warm_up = RowRun {
+                        seconds: 1,
+                        ..*self
+                    };
+                    warm_up.measure(runtime, name, target, requests.clone());
+                }
                 let (((rps, p50, p99, statuses, served), instructions), mut cpu, server_seconds) =
                     cores::measured_with_seconds(|| {
-                        // Uncounted: connections, pools and lazy state settle first (not for
-                        // rows of many keys, which would spend keys meant to be new).
-                        if requests.len() == 1 && instructions::counts(target) {
-                            let warm_up = RowRun {
-                                seconds: 1,
-                                ..*self
-                            };
-                            warm_up.measure(runtime, name, target, requests.clone());
-                        }
                         instructions::counted(target, || {
                             self.measure(runtime, name, target, requests)
                         })

@@ -2,27 +2,28 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::point_reads::PointReads;
+use super::point_reads::{PointReads, ThreadCounts};
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
 
 const KEY_COUNT: &[u8] = b"key_count";
 
-/// The embedded store. A point read (by hash or id) runs on the calling thread while such
-/// reads are memory-fast, and on tokio's blocking pool for a while after one was slow (see
-/// `PointReads`): handing every read to the pool costs a cache miss more than the read
-/// itself, but a read that waits on the disk must not stall every request on a proxy
-/// worker. Scans (listings, the filter's rebuild) always run on the pool. Writes run one at a time on
-/// one writer thread: sled 0.34 can deadlock when transactions run concurrently with flushes
-/// (sled issues #1308, #1241), and a stuck sled call must never occupy a proxy worker
-/// thread. A write is acknowledged only after a flush that covers it; writes that queue up
-/// while one is running share the next flush (group commit), so concurrent creates do not
-/// each pay a whole flush.
+/// The embedded store. A point read (by hash or id) runs on the calling worker while the
+/// store is not writing and such reads do not block, and on tokio's blocking pool otherwise
+/// (see `PointReads`): a memory-fast read costs less than handing it to another thread,
+/// but a read that waits on the disk, or on sled's global lock behind a transaction, must
+/// not stall every request on a proxy worker. Scans (listings, the filter's rebuild) always
+/// run on the pool. Writes run one at a time on one writer thread: sled 0.34 can deadlock
+/// when transactions run concurrently with flushes (sled issues #1308, #1241), and a stuck
+/// sled write must never occupy a proxy worker thread. A write is acknowledged only after a
+/// flush that covers it; writes that queue up while one is running share the next flush
+/// (group commit), so concurrent creates do not each pay a whole flush.
 pub struct SledStore {
     trees: Arc<Trees>,
     point_reads: PointReads,
@@ -57,6 +58,8 @@ fn run_writer(trees: Arc<Trees>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&trees))).ok()
     };
     while let Ok(first) = jobs.recv() {
+        // Point reads keep off the workers meanwhile: a transaction holds sled's global lock.
+        trees.writing.store(true, Ordering::SeqCst);
         let mut completions: Vec<Completion> = apply(first).into_iter().collect();
         for _ in 1..MAX_GROUP {
             match jobs.try_recv() {
@@ -69,6 +72,7 @@ fn run_writer(trees: Arc<Trees>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
                 Ok(flushed) => flushed.map(drop).map_err(StoreError::from),
                 Err(_) => Err(StoreError::Io("the store flush failed unexpectedly".into())),
             };
+        trees.writing.store(false, Ordering::SeqCst);
         for complete in completions {
             complete(flushed.clone());
         }
@@ -76,6 +80,8 @@ fn run_writer(trees: Arc<Trees>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
 }
 
 struct Trees {
+    /// Set while the writer applies and flushes a group of writes.
+    writing: AtomicBool,
     db: sled::Db,
     /// id -> JSON `KeyRecord`
     keys: sled::Tree,
@@ -172,6 +178,7 @@ impl SledStore {
         let usage = db.open_tree("usage")?;
         usage.set_merge_operator(merge_usage);
         let trees = Arc::new(Trees {
+            writing: AtomicBool::new(false),
             keys: db.open_tree("keys")?,
             hashes: db.open_tree("hashes")?,
             owners: db.open_tree("owners")?,
@@ -222,11 +229,14 @@ impl SledStore {
         op: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let began = Instant::now();
-        if !self.point_reads.inline_now(began) {
+        if self.trees.writing.load(Ordering::SeqCst) || !self.point_reads.inline_now(began) {
             return self.read(op).await;
         }
-        let out = op(&self.trees);
-        self.point_reads.finished(began);
+        let counts = ThreadCounts::now();
+        // As on the pool, a read that panics is an error for its caller, not a dead task.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(&self.trees)))
+            .unwrap_or_else(|_| Err(StoreError::Io("a store read failed unexpectedly".into())));
+        self.point_reads.finished(began, counts);
         out
     }
 
