@@ -6,8 +6,8 @@
 //!
 //! The pieces, as the request path uses them: the configuration in force (`ArcSwap`,
 //! `load_full` once a request), a route's Prometheus counter and request-duration histogram,
-//! the usage record of one hot key, one hot key's GCRA cell (a rate limit), and a hit on
-//! one hot key in the moka key cache.
+//! the usage record of one hot key, one hot key's GCRA cell (a rate limit), a sled read
+//! (a cache miss: sled's process-wide lock) and a hit on one hot key in the moka key cache.
 //!
 //! `cargo bench --bench contention`. On a machine with more cores, `CONTENTION_THREADS`
 //! sets the second row's thread count (default 2).
@@ -97,6 +97,22 @@ fn shared_state(c: &mut Criterion) {
     let limiter = governor::RateLimiter::dashmap(limit);
     pair(c, "GCRA cell, one hot key (governor, keyed)", &|| {
         black_box(limiter.check_key(&id_number).is_ok());
+    });
+
+    // A cache miss: every sled read takes sled's process-wide concurrency control, a lock
+    // in read mode once any transaction has run (keygate's creates are transactions).
+    let db = sled::Config::new()
+        .temporary(true)
+        .open()
+        .expect("temporary sled");
+    let tree = db.open_tree("keys").expect("tree");
+    tree.insert(b"key", b"record".as_slice()).expect("insert");
+    let _: Result<(), sled::transaction::TransactionError<()>> = tree.transaction(|tx| {
+        tx.insert(b"other".as_slice(), b"record".as_slice())?;
+        Ok(())
+    });
+    pair(c, "store read, one key (sled get)", &|| {
+        black_box(tree.get(b"key").ok());
     });
 
     let cache: moka::sync::Cache<[u8; 32], Arc<String>> = moka::sync::Cache::new(100_000);

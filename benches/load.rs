@@ -242,12 +242,16 @@ impl RowResult {
     }
 
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return 0.0;
-        }
-        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
-        f64::from(self.latencies_us[i])
+        percentile(&self.latencies_us, p)
     }
+}
+
+/// The `p` quantile (0..=1) of sorted latencies; 0 when there are none.
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    let Some(last) = sorted_us.len().checked_sub(1) else {
+        return 0.0;
+    };
+    f64::from(sorted_us[(last as f64 * p).round() as usize])
 }
 
 /// Drives `connections` keep-alive connections for `seconds`, cycling through `requests`

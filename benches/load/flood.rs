@@ -10,12 +10,8 @@ use std::sync::Arc;
 
 use keygate::keys::KeyFormat;
 
-use std::time::{Duration, Instant};
-
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-
-use super::{Gateway, RowResult, drive, env_or, read_response, request};
+use super::latency::drive_paced;
+use super::{Gateway, RowResult, drive, env_or, request};
 
 /// More than the negative cache holds (10 000 by default), so it cannot absorb them.
 const FLOOD_KEYS: usize = 200_000;
@@ -43,55 +39,6 @@ pub(super) fn cpu_seconds(pid: u32) -> f64 {
 const DEFAULT_FLOOD_RATE: u64 = 5_000;
 /// Connections the paced flood spreads its rate over.
 const FLOOD_CONNECTIONS: u64 = 8;
-
-/// Sends `rate` requests a second for `seconds` (after a 0.5 s warm-up, as `drive`),
-/// cycling through `requests`; returns the requests answered in the measured time.
-async fn drive_paced(
-    target: SocketAddr,
-    requests: Arc<Vec<Vec<u8>>>,
-    rate: u64,
-    seconds: u64,
-) -> u64 {
-    let interval = Duration::from_secs_f64(FLOOD_CONNECTIONS as f64 / rate.max(1) as f64);
-    let started = Instant::now();
-    let warmup = Duration::from_millis(500);
-    let end = started + warmup + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..FLOOD_CONNECTIONS as usize)
-        .map(|c| {
-            let requests = Arc::clone(&requests);
-            tokio::spawn(async move {
-                let Ok(mut stream) = TcpStream::connect(target).await else {
-                    return 0u64;
-                };
-                let _ = stream.set_nodelay(true);
-                let mut ticker = tokio::time::interval(interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                let (mut buf, mut answered, mut i) = (Vec::with_capacity(4096), 0u64, c * 7919);
-                while Instant::now() < end {
-                    ticker.tick().await;
-                    if stream
-                        .write_all(&requests[i % requests.len()])
-                        .await
-                        .is_err()
-                        || read_response(&mut stream, &mut buf).await.is_none()
-                    {
-                        break;
-                    }
-                    i += 1;
-                    if started.elapsed() > warmup {
-                        answered += 1;
-                    }
-                }
-                answered
-            })
-        })
-        .collect();
-    let mut answered = 0;
-    for task in tasks {
-        answered += task.await.unwrap_or(0);
-    }
-    answered
-}
 
 struct FloodResult {
     alone: RowResult,
@@ -135,7 +82,7 @@ fn run(
     let (paced_valid, paced) = runtime.block_on(async {
         tokio::join!(
             drive(target, Arc::clone(&valid), connections, seconds),
-            drive_paced(target, Arc::clone(&flood), rate, seconds)
+            drive_paced(target, Arc::clone(&flood), rate, seconds, FLOOD_CONNECTIONS)
         )
     });
     let after_paced = cpu();
@@ -149,7 +96,7 @@ fn run(
     FloodResult {
         alone,
         paced_valid,
-        paced_rate: paced as f64 / seconds as f64,
+        paced_rate: paced.latencies_us.len() as f64 / seconds as f64,
         valid,
         flood,
         cpu_alone: spent(before, after_alone),
