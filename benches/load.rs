@@ -1,7 +1,8 @@
 //! End-to-end load, side by side, measured in one run:
 //!
 //!   direct to the upstream | keygate, auth = "none" | keygate, one valid key |
-//!   keygate, random invalid keys | keygate, 100k distinct valid keys |
+//!   keygate, random invalid keys | keygate, 100k distinct valid keys, the cache warmed at
+//!   start (`distinct`) and with the warm-up off (`distinct-cold`: every first use a miss) |
 //!   keygate on PostgreSQL (valid key, warm cache), when PostgreSQL is installed |
 //!   keygate, valid key alone and beside a flood of distinct unknown well-formed keys
 //!   (row `flood`, `benches/load/flood.rs`) |
@@ -575,9 +576,13 @@ fn import_scale_keys(
         }
     }
     runtime.block_on(store.import(&batch)).expect("import");
+    let imported = started.elapsed();
+    store.checkpoint().expect("checkpoint");
     println!(
-        "imported {keys} keys in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "imported {keys} keys in {:.1} s, then a checkpoint in {:.1} s (sled's snapshot: the \
+         gateway's first start replays none of the load)",
+        imported.as_secs_f64(),
+        (started.elapsed() - imported).as_secs_f64()
     );
     sample
 }
@@ -650,7 +655,8 @@ fn scale_check() {
     durable_creates(&runtime, listen, admin_token, gateway.child.id());
 }
 
-/// 100k valid keys, bulk-imported into the gateway's store before it starts.
+/// 100k valid keys, bulk-imported into the gateway's store before it starts, and the same
+/// store copied for the gateway without a warm-up (`cold` under `dir`).
 fn import_bench_keys(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
@@ -659,16 +665,23 @@ fn import_bench_keys(
     let valid: Vec<String> = (0..DISTINCT_KEYS)
         .map(|_| format.generate().expect("rng"))
         .collect();
-    {
-        let store = SledStore::open(&dir.join("store")).expect("store");
-        let records: Vec<KeyRecord> = valid
-            .iter()
-            .map(|k| KeyRecord::for_key(format, k, "bench", 0))
-            .collect();
-        runtime
-            .block_on(store.import(&records))
-            .expect("import keys");
-    }
+    let store = SledStore::open(&dir.join("store")).expect("store");
+    let records: Vec<KeyRecord> = valid
+        .iter()
+        .map(|k| KeyRecord::for_key(format, k, "bench", 0))
+        .collect();
+    runtime
+        .block_on(store.import(&records))
+        .expect("import keys");
+    store.checkpoint().expect("checkpoint");
+    std::fs::create_dir_all(dir.join("cold")).expect("cold dir");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("store"))
+        .arg(dir.join("cold"))
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copying the store failed");
     valid
 }
 
@@ -711,6 +724,8 @@ struct Targets {
     upstream: SocketAddr,
     bare: Option<SocketAddr>,
     keygate: SocketAddr,
+    /// The same gateway and store with `cache_warm_keys = 0`.
+    cold: Option<SocketAddr>,
     postgres: Option<SocketAddr>,
     nginx: Option<SocketAddr>,
     nginx_auth: Option<SocketAddr>,
@@ -718,6 +733,32 @@ struct Targets {
 
 /// (name for LOAD_ROWS, label, target, the requests its connections cycle through)
 type Row = (&'static str, &'static str, SocketAddr, Vec<Vec<u8>>);
+
+/// Every stored key once in turn: with the cache warmed at start, and (when wanted) on a
+/// gateway of the same store without the warm-up, where each first use is a miss.
+fn distinct_rows(targets: &Targets, valid: &[String]) -> Vec<Row> {
+    let requests = || {
+        valid
+            .iter()
+            .map(|k| request("/x", &[("x-api-key", k)]))
+            .collect()
+    };
+    let mut rows: Vec<Row> = vec![(
+        "distinct",
+        "keygate, 100k distinct valid keys (mostly first use; cache warmed at start)",
+        targets.keygate,
+        requests(),
+    )];
+    if let Some(cold) = targets.cold {
+        rows.push((
+            "distinct-cold",
+            "keygate, 100k distinct valid keys (mostly first use; warm-up off: cache misses)",
+            cold,
+            requests(),
+        ));
+    }
+    rows
+}
 
 fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Row> {
     let mut rows: Vec<Row> = vec![
@@ -748,16 +789,8 @@ fn bench_rows(targets: &Targets, valid: &[String], invalid: &[String]) -> Vec<Ro
                 .map(|k| request("/x", &[("x-api-key", k)]))
                 .collect(),
         ),
-        (
-            "distinct",
-            "keygate, 100k distinct valid keys (mostly first use: cache misses)",
-            targets.keygate,
-            valid
-                .iter()
-                .map(|k| request("/x", &[("x-api-key", k)]))
-                .collect(),
-        ),
     ];
+    rows.extend(distinct_rows(targets, valid));
     if let Some(bare) = targets.bare.map(bare::row) {
         rows.insert(1, bare);
     }
@@ -927,7 +960,9 @@ fn print_table(results: &[Measured], rss_kib: u64) {
     );
     for (name, label, rps, p50, p99, statuses, cpu) in results {
         let vs_nginx = match *name {
-            "valid" | "distinct" | "postgres" | "nginx-auth" => nginx_valid.map(|n| rps / n),
+            "valid" | "distinct" | "distinct-cold" | "postgres" | "nginx-auth" => {
+                nginx_valid.map(|n| rps / n)
+            }
             "invalid" => nginx_invalid.map(|n| rps / n),
             "tls-valid" | "h2-valid" => tls::nginx_ratio(results, name, *rps),
             _ => None,
@@ -959,15 +994,20 @@ fn print_header(connections: usize, seconds: u64, threads: usize, cores: usize, 
 }
 
 /// The gateway under test, on the sled store under `dir`, pinned to `server_core`.
+/// The `distinct-cold` gateway's store settings.
+const COLD: &str = "cache_warm_keys = 0";
+
 fn start_pinned_keygate(
     dir: &Path,
+    store_extra: &str,
     upstream: SocketAddr,
     threads: usize,
     cores: usize,
     server_core: usize,
 ) -> (Gateway, SocketAddr, u16) {
     let (listen, admin) = (free_port(), free_port());
-    let gateway = start_keygate(dir, &sled_store(dir), &[], upstream, listen, admin, threads);
+    let store = format!("{}\n{store_extra}", sled_store(dir));
+    let gateway = start_keygate(dir, &store, &[], upstream, listen, admin, threads);
     if cores > 1 {
         pin(gateway.child.id(), server_core);
     }
@@ -1069,15 +1109,16 @@ fn main() {
     let runtime = generator_runtime();
     let dir = tempfile::tempdir().expect("temp dir");
 
-    let format = KeyFormat::new("kg");
-    let valid = import_bench_keys(&runtime, dir.path(), &format);
-    let invalid = invalid_keys(10_000);
+    let valid = import_bench_keys(&runtime, dir.path(), &KeyFormat::new("kg"));
 
     let upstream = start_upstream(&runtime);
 
     let threads: usize = env_or("LOAD_GATEWAY_THREADS", cores::plan().server.len());
-    let (gateway, keygate_addr, keygate_admin) =
-        start_pinned_keygate(dir.path(), upstream, threads, cores, server_core);
+    let start = |dir: &Path, store_extra| {
+        start_pinned_keygate(dir, store_extra, upstream, threads, cores, server_core)
+    };
+    let (gateway, keygate_addr, keygate_admin) = start(dir.path(), "");
+    let cold = wanted("distinct-cold").then(|| start(&dir.path().join("cold"), COLD));
     let nginx_wanted = wanted("nginx-valid") || wanted("nginx-invalid");
     let (nginx, nginx_addr) = start_pinned_nginx(
         nginx_wanted,
@@ -1107,6 +1148,7 @@ fn main() {
         upstream,
         bare: bare.as_ref().map(|(_, addr)| *addr),
         keygate: keygate_addr,
+        cold: cold.as_ref().map(|(_, addr, _)| *addr),
         postgres: pg_gateway.as_ref().map(|(_, addr)| *addr),
         nginx: nginx.is_some().then_some(nginx_addr),
         nginx_auth: nginx_auth.as_ref().map(|(_, addr)| *addr),
@@ -1119,7 +1161,8 @@ fn main() {
         connections,
         seconds,
     };
-    let mut results = run.measure_rows(&runtime, bench_rows(&targets, &valid, &invalid), &wanted);
+    let rows = bench_rows(&targets, &valid, &invalid_keys(10_000));
+    let mut results = run.measure_rows(&runtime, rows, &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
     latency::run_if(wanted("latency"), &runtime, keygate_addr, &run);

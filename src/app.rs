@@ -169,6 +169,42 @@ impl BackgroundService for KeyFilterBuilder {
     }
 }
 
+/// Fills the key cache whenever it is cold (at start on sled; after each LISTEN on
+/// PostgreSQL, which clears it), most recently used keys first (`store.cache_warm_keys`),
+/// so that traffic after a restart finds its keys cached instead of reading the store on
+/// the request path, one miss at a time.
+struct CacheWarmUp {
+    cache: Arc<KeyCache>,
+    keys: usize,
+}
+
+#[async_trait]
+impl BackgroundService for CacheWarmUp {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = self.cache.warm_requested() => {}
+                _ = shutdown.changed() => return,
+            }
+            let began = std::time::Instant::now();
+            tokio::select! {
+                warmed = self.cache.warm(crate::clock::unix_now(), self.keys) => match warmed {
+                    Ok(keys) => tracing::info!(
+                        keys,
+                        ms = began.elapsed().as_millis() as u64,
+                        "key cache warmed"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "the key cache warm-up failed; keys are cached on first use"
+                    ),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// Drops the state of rate limits that have fully recovered, bounding their memory, and,
 /// with `keys.purge_revoked_after_days`, deletes long-dead keys (hourly, in batches, on
 /// this background task: the request path never waits for it).
@@ -354,8 +390,8 @@ fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// The usage flusher, the key filter, the invalidation
-/// listener (on PostgreSQL) and housekeeping.
+/// The usage flusher, the key filter, the cache warm-up, the invalidation listener (on
+/// PostgreSQL) and housekeeping.
 fn add_background_services(
     server: &mut Server,
     shared: &Arc<Shared>,
@@ -379,10 +415,20 @@ fn add_background_services(
             cache: Arc::clone(&shared.cache),
         }),
     ));
+    if config.store.cache_warm_keys > 0 {
+        server.add_service(GenBackgroundService::new(
+            "key cache warm-up".to_string(),
+            Arc::new(CacheWarmUp {
+                cache: Arc::clone(&shared.cache),
+                keys: usize::try_from(config.store.cache_warm_keys).unwrap_or(usize::MAX),
+            }),
+        ));
+    }
     let backend = &config.store.backend;
     if matches!(backend, StoreBackend::Sled { .. }) {
         // One process owns a sled store: nothing is created behind its back.
         shared.cache.filter().request_rebuild();
+        shared.cache.request_warm();
     }
     if let (StoreBackend::Postgres { url_env, .. }, Some(options)) =
         (backend, store::postgres_options(backend))

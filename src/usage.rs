@@ -222,6 +222,9 @@ mod tests {
         async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
             unused()
         }
+        async fn warm_set(&self, _: i64, _: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+            unused()
+        }
         async fn list(&self, _: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
             unused()
         }

@@ -127,6 +127,8 @@ pub struct StoreConfig {
     pub cache_ttl: Duration,
     pub negative_cache_capacity: u64,
     pub negative_cache_ttl: Duration,
+    /// Keys put in the cache at start, most recently used first (0: none).
+    pub cache_warm_keys: u64,
     /// Cache misses reading the store at once; kept below the PostgreSQL pool so that the
     /// usage flusher and management calls keep connections under a flood.
     pub max_concurrent_reads: usize,

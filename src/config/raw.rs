@@ -129,6 +129,8 @@ pub(super) struct RawStore {
     pub(super) cache_ttl_seconds: i64,
     pub(super) negative_cache_capacity: i64,
     pub(super) negative_cache_ttl_seconds: i64,
+    /// None: `cache_capacity`.
+    pub(super) cache_warm_keys: Option<i64>,
     /// None: half of `pool_size` on PostgreSQL (at least 1), 64 on sled.
     pub(super) max_concurrent_reads: Option<i64>,
     pub(super) read_wait_ms: i64,
@@ -149,6 +151,7 @@ impl Default for RawStore {
             cache_ttl_seconds: 300,
             negative_cache_capacity: 10_000,
             negative_cache_ttl_seconds: 30,
+            cache_warm_keys: None,
             max_concurrent_reads: None,
             read_wait_ms: 500,
             usage_flush_interval_ms: 1000,
@@ -172,6 +175,7 @@ impl RawStore {
             negative_cache_capacity: f.int("negative_cache_capacity", d.negative_cache_capacity),
             negative_cache_ttl_seconds: f
                 .int("negative_cache_ttl_seconds", d.negative_cache_ttl_seconds),
+            cache_warm_keys: f.opt_int("cache_warm_keys"),
             max_concurrent_reads: f.opt_int("max_concurrent_reads"),
             read_wait_ms: f.int("read_wait_ms", d.read_wait_ms),
             usage_flush_interval_ms: f.int("usage_flush_interval_ms", d.usage_flush_interval_ms),

@@ -377,3 +377,24 @@ fn decision_only_routes_need_upstreams_written_out_as_empty() {
         assert!(has(&p, "routes[0].decision_cache_seconds"), "{bad}: {p:?}");
     }
 }
+
+#[test]
+fn the_cache_warm_up_defaults_to_the_cache_capacity_and_cannot_exceed_it() {
+    let store = |extra: &str| format!("[store]\ncache_capacity = 500\n{extra}\n{MINIMAL}");
+    let config = Config::parse(&store("")).expect("valid");
+    assert_eq!(config.store.cache_warm_keys, 500);
+    let config = Config::parse(&store("cache_warm_keys = 0")).expect("valid");
+    assert_eq!(config.store.cache_warm_keys, 0, "0 turns the warm-up off");
+    let config = Config::parse(&store("cache_warm_keys = 120")).expect("valid");
+    assert_eq!(config.store.cache_warm_keys, 120);
+    for bad in ["cache_warm_keys = 501", "cache_warm_keys = -1"] {
+        let p = problems(&store(bad));
+        assert!(has(&p, "store.cache_warm_keys"), "{bad}: {p:?}");
+    }
+    let p = problems(&store("cache_warm_keys = 501"));
+    assert!(
+        p.iter()
+            .any(|p| p.reason.contains("store.cache_capacity (500)")),
+        "{p:?}"
+    );
+}

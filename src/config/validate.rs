@@ -292,6 +292,7 @@ fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
         }
     }
     let max_concurrent_reads = max_concurrent_reads(&raw, &backend, p);
+    let cache_capacity = p.ranged("store.cache_capacity", raw.cache_capacity, CACHE_CAPACITY);
     StoreConfig {
         max_concurrent_reads,
         read_wait: Duration::from_millis(p.ranged(
@@ -300,7 +301,8 @@ fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
             1..=MAX_READ_WAIT_MS,
         )),
         backend,
-        cache_capacity: p.ranged("store.cache_capacity", raw.cache_capacity, CACHE_CAPACITY),
+        cache_warm_keys: cache_warm_keys(raw.cache_warm_keys, cache_capacity, p),
+        cache_capacity,
         cache_ttl: Duration::from_secs(p.ranged(
             "store.cache_ttl_seconds",
             raw.cache_ttl_seconds,
@@ -321,6 +323,23 @@ fn validate_store(raw: RawStore, p: &mut Problems) -> StoreConfig {
             raw.usage_flush_interval_ms,
             10..=MAX_INTERVAL_MS,
         )),
+    }
+}
+
+/// More than the cache holds would only evict what the warm-up itself put in.
+fn cache_warm_keys(value: Option<i64>, cache_capacity: u64, p: &mut Problems) -> u64 {
+    let Some(value) = value else {
+        return cache_capacity;
+    };
+    let max = i64::try_from(cache_capacity).unwrap_or(i64::MAX);
+    if (0..=max).contains(&value) {
+        value as u64
+    } else {
+        p.add(
+            "store.cache_warm_keys",
+            format!("must be between 0 and store.cache_capacity ({cache_capacity}), got {value}"),
+        );
+        0
     }
 }
 

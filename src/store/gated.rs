@@ -1,5 +1,5 @@
-//! Test support: a real `SledStore` whose hash reads stop after reading, until the test
-//! lets them go, so that races with a read in flight can be played step by step.
+//! Test support: a real `SledStore` whose hash and warm-set reads stop after reading, until
+//! the test lets them go, so that races with a read in flight can be played step by step.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,7 +11,7 @@ use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 pub(crate) struct GatedStore {
     pub(crate) inner: SledStore,
-    /// `find_by_hash` calls and `stored_hashes` calls that read the store.
+    /// `find_by_hash`, `stored_hashes` and `warm_set` calls that read the store.
     pub(crate) reads: AtomicUsize,
     /// One message per read that has read and now waits.
     parked: mpsc::UnboundedSender<()>,
@@ -72,6 +72,11 @@ impl KeyStore for GatedStore {
         let hashes = self.inner.stored_hashes().await;
         self.stop_here().await;
         hashes
+    }
+    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        let keys = self.inner.warm_set(now, limit).await;
+        self.stop_here().await;
+        keys
     }
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         self.inner.list(query).await

@@ -189,6 +189,7 @@ async fn listen_until_lost(
     }
     // Anything revoked or created before the LISTEN took effect was not notified to us.
     cache.clear();
+    cache.request_warm();
     cache.filter().mark_stale();
     cache.filter().request_rebuild();
     if let Some(gauge) = connected {

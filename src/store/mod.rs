@@ -91,6 +91,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// the key filter is built from (about 32 bytes a key, all in memory at once).
     async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError>;
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError>;
+    /// Up to `limit` live keys (neither revoked nor expired at `now`) with their usage, to
+    /// fill a cold cache at start: the most recently used first, then never-used keys,
+    /// newest first.
+    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError>;
     /// Marks a key revoked at `at`; a key revoked before keeps its first `revoked_at`.
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError>;
     /// Retires a key a rotation replaced: marks it superseded and brings its expiry forward

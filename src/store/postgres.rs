@@ -302,6 +302,26 @@ impl KeyStore for PgStore {
             .collect()
     }
 
+    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let select = client
+            .prepare_cached(&format!(
+                "{SELECT_WITH_USAGE} WHERE k.record->>'revoked_at' IS NULL \
+                 AND (k.record->>'expires_at' IS NULL OR (k.record->>'expires_at')::bigint > $1) \
+                 ORDER BY u.last_used DESC NULLS LAST, k.id DESC LIMIT $2"
+            ))
+            .await?;
+        client
+            .query(&select, &[&now, &sql_limit(limit)])
+            .await?
+            .iter()
+            .map(decode_key_with_usage)
+            .collect()
+    }
+
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         if query.limit == 0 || query.owner.is_some_and(has_nul) {
             return Ok(Vec::new());

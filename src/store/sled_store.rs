@@ -1,6 +1,6 @@
 //! The embedded store: sled, one directory, one process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -11,6 +11,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use super::point_reads::{PointReads, ThreadCounts};
 use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
 use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
+
+#[cfg(test)]
+mod tests;
+mod warm;
 
 const KEY_COUNT: &[u8] = b"key_count";
 
@@ -25,6 +29,7 @@ const KEY_COUNT: &[u8] = b"key_count";
 /// flush that covers it; writes that queue up while one is running share the next flush
 /// (group commit), so concurrent creates do not each pay a whole flush.
 pub struct SledStore {
+    path: PathBuf,
     trees: Arc<Trees>,
     point_reads: PointReads,
     jobs: Option<std::sync::mpsc::Sender<WriteJob>>,
@@ -194,6 +199,7 @@ impl SledStore {
             .spawn(move || run_writer(writer_trees, queue))
             .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?;
         Ok(SledStore {
+            path: path.to_path_buf(),
             trees,
             point_reads: PointReads::new(),
             jobs: Some(jobs),
@@ -249,6 +255,17 @@ impl SledStore {
         tokio::task::spawn_blocking(move || op(&trees))
             .await
             .map_err(|_| StoreError::Io("a store read failed unexpectedly".into()))?
+    }
+
+    /// Closes the store and opens its directory once more, for the end of a bulk load: sled
+    /// writes its snapshot only when it opens a database, so without this the next start
+    /// (the gateway's) replays the whole load from the log before it can listen.
+    pub fn checkpoint(self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        drop(self);
+        let reopened = SledStore::open(&path)?;
+        drop(reopened);
+        Ok(())
     }
 
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks
@@ -411,6 +428,10 @@ impl KeyStore for SledStore {
                 .collect()
         })
         .await
+    }
+
+    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        self.read(move |trees| trees.warm_set(now, limit)).await
     }
 
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

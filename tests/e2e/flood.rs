@@ -40,17 +40,6 @@ fn unknown_keys(n: usize) -> Vec<String> {
     (0..n).map(|_| format.generate().expect("rng")).collect()
 }
 
-async fn status_with(client: &reqwest::Client, url: &str, key: &str) -> u16 {
-    client
-        .get(url)
-        .header("x-api-key", key)
-        .send()
-        .await
-        .expect("request")
-        .status()
-        .as_u16()
-}
-
 #[tokio::test]
 async fn a_flood_of_unknown_keys_does_not_read_the_store_per_key() {
     let upstream = Upstream::start("u").await;
@@ -69,7 +58,7 @@ async fn a_flood_of_unknown_keys_does_not_read_the_store_per_key() {
         tasks.push(tokio::spawn(async move {
             let c = client();
             for key in &keys {
-                assert_eq!(status_with(&c, &url, key).await, 401);
+                assert_eq!(status_with_key(&c, &url, key).await, 401);
             }
         }));
     }
@@ -79,7 +68,7 @@ async fn a_flood_of_unknown_keys_does_not_read_the_store_per_key() {
         tokio::spawn(async move {
             let c = client();
             for _ in 0..200 {
-                assert_eq!(status_with(&c, &url, &valid).await, 200);
+                assert_eq!(status_with_key(&c, &url, &valid).await, 200);
             }
         })
     };
@@ -188,7 +177,7 @@ async fn misses_beyond_the_read_bound_get_503_while_the_store_stalls() {
     // Holds the only read slot, waiting on the lock.
     let stalled = {
         let (base, key) = (gateway.base().to_string(), first.clone());
-        tokio::spawn(async move { status_with(&client(), &format!("{base}/work"), &key).await })
+        tokio::spawn(async move { status_with_key(&client(), &format!("{base}/work"), &key).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();

@@ -31,4 +31,5 @@ mod store_conformance;
 mod store_faults;
 mod tls;
 mod usage;
+mod warm;
 mod websocket;

@@ -107,6 +107,7 @@ conformance!(
     update_applies_a_patch_in_place,
     update_leaves_revoked_and_rotated_keys_alone,
     purge_removes_only_long_dead_keys_in_batches,
+    warm_set_is_live_keys_most_recently_used_first_then_newest,
 );
 
 async fn insert_get_and_find_by_hash_round_trip(store: Arc<dyn KeyStore>) {
@@ -723,6 +724,78 @@ async fn quota_counts_add_within_a_period_and_restart_in_a_later_one(store: Arc<
         usage.count,
         3 + 2 + 1 + 9 + 4 + 100 + 1,
         "counts still add up"
+    );
+}
+
+/// The cache warm-up's set: used keys by latest use, then never-used keys by id (newest
+/// first), revoked and expired keys left out, cut at the limit, each with its usage.
+async fn warm_set_is_live_keys_most_recently_used_first_then_newest(store: Arc<dyn KeyStore>) {
+    const NOW: i64 = 1_800_000_000;
+    let key = |id: &str, expires_at: Option<i64>| KeyRecord {
+        expires_at,
+        ..record_with_id(id, "alice")
+    };
+    let records = [
+        key("k1-oldest-unused", Some(NOW + 60)),
+        key("k2-used-long-ago", None),
+        key("k3-used-lately", None),
+        key("k4-revoked", None),
+        key("k5-expired", Some(NOW - 1)),
+        key("k6-unused", None),
+        key("k7-newest-unused", None),
+    ];
+    for r in &records {
+        store.insert(r).await.expect("insert");
+    }
+    let usage = |count, last_used| Usage {
+        count,
+        last_used,
+        ..Default::default()
+    };
+    store
+        .add_usage(&[
+            ("k2-used-long-ago".into(), usage(7, NOW - 5000)),
+            ("k3-used-lately".into(), usage(2, NOW - 10)),
+            ("k4-revoked".into(), usage(9, NOW - 1)),
+            ("k5-expired".into(), usage(1, NOW - 2)),
+        ])
+        .await
+        .expect("usage");
+    store.revoke("k4-revoked", NOW - 1).await.expect("revoke");
+
+    let all = store.warm_set(NOW, 100).await.expect("warm set");
+    assert_eq!(
+        ids(&all),
+        [
+            "k3-used-lately",
+            "k2-used-long-ago",
+            "k7-newest-unused",
+            "k6-unused",
+            "k1-oldest-unused"
+        ]
+    );
+    assert_eq!(all[0].usage, usage(2, NOW - 10));
+    assert_eq!(all[1].usage, usage(7, NOW - 5000));
+    assert_eq!(all[2].usage, Usage::default());
+    assert_eq!(all[0].record, records[2], "the record as stored");
+
+    let first = store.warm_set(NOW, 1).await.expect("warm set");
+    assert_eq!(ids(&first), ["k3-used-lately"]);
+    let three = store.warm_set(NOW, 3).await.expect("warm set");
+    assert_eq!(
+        ids(&three),
+        ["k3-used-lately", "k2-used-long-ago", "k7-newest-unused"]
+    );
+    assert!(store.warm_set(NOW, 0).await.expect("warm set").is_empty());
+    assert_eq!(
+        ids(&store.warm_set(NOW + 61, 100).await.expect("warm set")),
+        [
+            "k3-used-lately",
+            "k2-used-long-ago",
+            "k7-newest-unused",
+            "k6-unused"
+        ],
+        "a key is left out once it has expired"
     );
 }
 

@@ -176,6 +176,9 @@ impl KeyStore for FlakyStore {
     async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
         self.inner.stored_hashes().await
     }
+    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        self.inner.warm_set(now, limit).await
+    }
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         self.inner.list(query).await
     }

@@ -1,0 +1,80 @@
+//! The cache warm-up's read of a sled store (`KeyStore::warm_set`).
+
+use std::collections::HashSet;
+
+use super::{Trees, decode_usage};
+use crate::keys::{KeyRecord, Usage};
+use crate::store::{KeyWithUsage, StoreError};
+
+impl Trees {
+    /// See `KeyStore::warm_set`. The usage tree names every key ever used with its last
+    /// use, so the used keys come from one pass over it, the most recent `limit` of them
+    /// sorted first (the rest only if dead keys among those leave room); never-used keys
+    /// follow from the end of the key tree (ids sort by creation).
+    pub(super) fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        let live = |record: &KeyRecord| {
+            !record.is_revoked() && record.expires_at.is_none_or(|at| at > now)
+        };
+        let mut used = Vec::new();
+        for entry in self.usage.iter() {
+            let (id, bytes) = entry?;
+            used.push((decode_usage(&bytes), id));
+        }
+        let newest_use_first =
+            |a: &(Usage, sled::IVec), b: &(Usage, sled::IVec)| b.0.last_used.cmp(&a.0.last_used);
+        let split = limit.min(used.len());
+        if split > 0 && split < used.len() {
+            used.select_nth_unstable_by(split - 1, newest_use_first);
+        }
+        let (recent, older) = used.split_at_mut(split);
+        recent.sort_unstable_by(newest_use_first);
+        let mut out = Vec::with_capacity(limit.min(65_536));
+        let mut taken = HashSet::with_capacity(split);
+        for (usage, id) in recent.iter() {
+            self.push_if_live(&mut out, &mut taken, id, *usage, &live)?;
+        }
+        if out.len() < limit {
+            older.sort_unstable_by(newest_use_first);
+            for (usage, id) in older.iter() {
+                if out.len() == limit {
+                    break;
+                }
+                self.push_if_live(&mut out, &mut taken, id, *usage, &live)?;
+            }
+        }
+        for entry in self.keys.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (id, bytes) = entry?;
+            if taken.contains(&id) {
+                continue;
+            }
+            let record = Self::decode_record(&bytes)?;
+            if live(&record) {
+                out.push(self.with_usage(record)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the record `id` names to the warm set when it is live; `taken` remembers every
+    /// used key looked at, so the never-used pass skips them.
+    fn push_if_live(
+        &self,
+        out: &mut Vec<KeyWithUsage>,
+        taken: &mut HashSet<sled::IVec>,
+        id: &sled::IVec,
+        usage: Usage,
+        live: &impl Fn(&KeyRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        taken.insert(id.clone());
+        if let Some(bytes) = self.keys.get(id)? {
+            let record = Self::decode_record(&bytes)?;
+            if live(&record) {
+                out.push(KeyWithUsage { record, usage });
+            }
+        }
+        Ok(())
+    }
+}
