@@ -623,9 +623,15 @@ fn scale_check() {
     let (listen, admin) = (free_port(), free_port());
     let admin_token = "scale-check-admin-token-of-32-chars-or-more";
     let started = Instant::now();
+    // LOAD_STORE_EXTRA: [store] lines to try, e.g. `cache_warm_keys = 0`.
+    let store = format!(
+        "{}\n{}",
+        sled_store(dir.path()),
+        std::env::var("LOAD_STORE_EXTRA").unwrap_or_default()
+    );
     let gateway = start_keygate(
         dir.path(),
-        &sled_store(dir.path()),
+        &store,
         &[("KEYGATE_ADMIN_TOKEN", admin_token)],
         upstream,
         listen,

@@ -7,7 +7,7 @@
 //! one `ServerApp::process_new` call: the cap wraps that (a connection), the deadline wraps
 //! `HttpServerApp::process_new_http` (one request).
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,23 +19,18 @@ use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::ShutdownWatch;
-use tokio::sync::oneshot;
 
 use crate::drain::Drain;
 
 tokio::task_local! {
-    /// Set while a request is processed; taken once its header is parsed.
-    static HEADER_PARSED: RefCell<Option<oneshot::Sender<()>>>;
+    /// Set while a request is processed; true once its header is parsed.
+    static HEADER_PARSED: Cell<bool>;
 }
 
 /// Marks the current request's header as complete (from `early_request_filter`, which
 /// Pingora runs in the connection's task right after parsing it).
 pub(crate) fn header_parsed() {
-    let _ = HEADER_PARSED.try_with(|cell| {
-        if let Some(signal) = cell.borrow_mut().take() {
-            let _ = signal.send(());
-        }
-    });
+    let _ = HEADER_PARSED.try_with(|parsed| parsed.set(true));
 }
 
 /// At most `max_connections` connections at once; over the cap a new connection is closed
@@ -144,18 +139,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for HeaderDeadline<
         } else {
             self.header_timeout
         };
-        let (signal, parsed) = oneshot::channel();
+        // A flag the request's own task sets, read only if the deadline passes: no channel,
+        // no wake-up, for the requests (nearly all) that finish before it.
         let work = HEADER_PARSED.scope(
-            RefCell::new(Some(signal)),
+            Cell::new(false),
             self.inner.process_new_http(session, shutdown),
         );
         tokio::pin!(work);
         tokio::select! {
             biased;
             reused = &mut work => return self.finished(connection, reused),
-            _ = parsed => {}
-            // Dropping the request closes the connection.
-            _ = tokio::time::sleep(deadline) => return None,
+            () = tokio::time::sleep(deadline) => {}
+        }
+        // Dropping a request whose header is still incomplete closes the connection; one
+        // that got past its header goes on without a deadline.
+        let parsed = work
+            .as_mut()
+            .take_value()
+            .is_some_and(|parsed| parsed.get());
+        if !parsed {
+            return None;
         }
         let reused = work.await;
         self.finished(connection, reused)

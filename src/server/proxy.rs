@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use http::HeaderValue;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::UniqueID;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -96,6 +97,11 @@ impl ProxyHttp for KeygateProxy {
         let shared = &self.gateway.shared;
         RequestCtx::new(shared.drain.enter(), shared.live())
     }
+
+    /// None. Pingora's default adds its response compression module, disabled, which still
+    /// allocates a context and runs its filters on every request; keygate compresses
+    /// nothing (it forwards what the upstream sent).
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn early_request_filter(
         &self,

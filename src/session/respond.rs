@@ -79,7 +79,9 @@ pub(crate) async fn send(
     reply: Reply,
     request_id: &str,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+    // No case map: keygate's own header names need no case preserved, and inserting into
+    // one costs each header a second map's work.
+    let mut header = ResponseHeader::build_no_case(reply.status, Some(4 + reply.headers.len()))?;
     if !reply.body.is_empty() {
         header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
     }

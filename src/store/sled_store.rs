@@ -17,6 +17,10 @@ mod tests;
 mod warm;
 
 const KEY_COUNT: &[u8] = b"key_count";
+/// sled's own page cache (its default is 1 GiB). The request path reads through moka; sled
+/// serves its misses, the warm-up and the management API, and a scan such as the warm-up's
+/// would otherwise leave every page it read in memory.
+const SLED_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// The embedded store. A point read (by hash or id) runs on the calling worker while the
 /// store is not writing and such reads do not block, and on tokio's blocking pool otherwise
@@ -167,6 +171,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(None)
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()
             .map_err(|e| match e {
                 // sled takes an exclusive lock on its directory; a second process fails to.
