@@ -194,7 +194,7 @@ mod tests {
 
     use super::*;
     use crate::keys::{KeyHash, KeyPatch, KeyRecord};
-    use crate::store::{AuditEntry, KeyWithUsage, ListQuery};
+    use crate::store::{AuditEntry, KeyWithUsage, ListQuery, WarmSink};
 
     /// A store whose usage writes fail while `down` is set, and which records the batches
     /// it accepts. Nothing else of it is used.
@@ -222,7 +222,7 @@ mod tests {
         async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
             unused()
         }
-        async fn warm_set(&self, _: i64, _: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+        async fn warm_set(&self, _: i64, _: usize, _: WarmSink) -> Result<(), StoreError> {
             unused()
         }
         async fn list(&self, _: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

@@ -40,8 +40,6 @@ pub struct Resolved {
     pub source: LookupSource,
 }
 
-/// Keys a warm-up caches under one hold of the fill guard.
-const WARM_CHUNK: usize = 1024;
 /// Reads of the warm set before a warm-up gives up on invalidations racing it.
 const WARM_ATTEMPTS: usize = 3;
 
@@ -269,13 +267,28 @@ impl KeyCache {
     ///
     /// The set is read before it is cached, so an invalidation may come in between: keys
     /// cached before it were removed by it if they had to be, and none is cached after it
-    /// from the old read. The rest is read again, at most `WARM_ATTEMPTS` times in all.
+    /// from the old read. The set is then read again, at most `WARM_ATTEMPTS` times in all.
     pub async fn warm(&self, now: i64, limit: usize) -> Result<usize, StoreError> {
         let mut cached = 0;
         for _ in 0..WARM_ATTEMPTS {
             let seen = self.invalidations.load(Ordering::SeqCst);
-            let keys = self.store.warm_set(now, limit).await?;
-            match self.cache_warm_set(&keys, seen).await {
+            let (out, chunks) = tokio::sync::mpsc::channel::<Vec<KeyWithUsage>>(2);
+            let fill = async move {
+                let mut chunks = chunks;
+                let mut added = 0;
+                while let Some(chunk) = chunks.recv().await {
+                    match self.cache_warm_chunk(&chunk, seen) {
+                        Some(n) => added += n,
+                        // Dropping `chunks` ends the store's read.
+                        None => return Err(added),
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Ok(added)
+            };
+            let (read, filled) = tokio::join!(self.store.warm_set(now, limit, out), fill);
+            read?;
+            match filled {
                 Ok(added) => return Ok(cached + added),
                 Err(added) => cached += added,
             }
@@ -283,35 +296,31 @@ impl KeyCache {
         Ok(cached)
     }
 
-    /// Caches `keys` in chunks (an invalidation waits for one chunk at most); Err with the
-    /// count so far when an invalidation since `seen` stopped it.
-    async fn cache_warm_set(&self, keys: &[KeyWithUsage], seen: u64) -> Result<usize, usize> {
-        let mut cached = 0;
-        for chunk in keys.chunks(WARM_CHUNK) {
-            // A record that cannot be cached is left for the request path, which reports it.
-            let entries: Vec<Arc<CachedKey>> = chunk
-                .iter()
-                .filter_map(|stored| {
-                    let mut key = CachedKey::from_record(&stored.record).ok()?;
-                    key.quota_seed = stored.usage.quota;
-                    Some(Arc::new(key))
-                })
-                .collect();
-            {
-                let _no_invalidation_meanwhile = self.fill_guard.read();
-                if self.invalidations.load(Ordering::SeqCst) != seen {
-                    return Err(cached);
-                }
-                for key in entries {
-                    if !self.positive.contains_key(&key.hash) {
-                        self.positive.insert(key.hash, key);
-                        cached += 1;
-                    }
-                }
-            }
-            tokio::task::yield_now().await;
+    /// Caches one chunk of a warm set under one hold of the fill guard (an invalidation
+    /// waits for a chunk at most); None, caching nothing, once an invalidation since `seen`
+    /// has run.
+    fn cache_warm_chunk(&self, chunk: &[KeyWithUsage], seen: u64) -> Option<usize> {
+        // A record that cannot be cached is left for the request path, which reports it.
+        let entries: Vec<Arc<CachedKey>> = chunk
+            .iter()
+            .filter_map(|stored| {
+                let mut key = CachedKey::from_record(&stored.record).ok()?;
+                key.quota_seed = stored.usage.quota;
+                Some(Arc::new(key))
+            })
+            .collect();
+        let _no_invalidation_meanwhile = self.fill_guard.read();
+        if self.invalidations.load(Ordering::SeqCst) != seen {
+            return None;
         }
-        Ok(cached)
+        let mut cached = 0;
+        for key in entries {
+            if !self.positive.contains_key(&key.hash) {
+                self.positive.insert(key.hash, key);
+                cached += 1;
+            }
+        }
+        Some(cached)
     }
 
     /// Makes every later look-up of `hash` miss the positive cache. Call after the change

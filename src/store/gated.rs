@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc};
 
-use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
+use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError, WarmSink};
 use crate::keys::{KeyHash, KeyPatch, KeyRecord, Usage};
 
 pub(crate) struct GatedStore {
@@ -73,10 +73,16 @@ impl KeyStore for GatedStore {
         self.stop_here().await;
         hashes
     }
-    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
-        let keys = self.inner.warm_set(now, limit).await;
+    /// Reads the whole set, stops, then delivers it: a read that an invalidation overtakes.
+    async fn warm_set(&self, now: i64, limit: usize, out: WarmSink) -> Result<(), StoreError> {
+        let keys = super::warm_set_list(&self.inner, now, limit).await;
         self.stop_here().await;
-        keys
+        for chunk in keys?.chunks(super::WARM_CHUNK) {
+            if out.send(chunk.to_vec()).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
     }
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         self.inner.list(query).await

@@ -92,9 +92,10 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError>;
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError>;
     /// Up to `limit` live keys (neither revoked nor expired at `now`) with their usage, to
-    /// fill a cold cache at start: the most recently used first, then never-used keys,
-    /// newest first.
-    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError>;
+    /// fill a cold cache: the most recently used first, then never-used keys, newest first.
+    /// Sent to `out` `WARM_CHUNK` at a time, so that a large set is never all in memory at
+    /// once; ends early, without an error, when `out` is closed.
+    async fn warm_set(&self, now: i64, limit: usize, out: WarmSink) -> Result<(), StoreError>;
     /// Marks a key revoked at `at`; a key revoked before keeps its first `revoked_at`.
     async fn revoke(&self, id: &str, at: i64) -> Result<Option<KeyRecord>, StoreError>;
     /// Retires a key a rotation replaced: marks it superseded and brings its expiry forward
@@ -120,6 +121,29 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Whether the store is usable right now (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Where `KeyStore::warm_set` sends its keys.
+pub type WarmSink = tokio::sync::mpsc::Sender<Vec<KeyWithUsage>>;
+/// Keys in one message of a warm set.
+pub const WARM_CHUNK: usize = 1024;
+
+/// A whole warm set in one list (for tests, and stores known to be small).
+pub async fn warm_set_list(
+    store: &dyn KeyStore,
+    now: i64,
+    limit: usize,
+) -> Result<Vec<KeyWithUsage>, StoreError> {
+    let (out, mut chunks) = tokio::sync::mpsc::channel(2);
+    let gather = async move {
+        let mut all = Vec::new();
+        while let Some(chunk) = chunks.recv().await {
+            all.extend(chunk);
+        }
+        all
+    };
+    let (read, all) = tokio::join!(store.warm_set(now, limit, out), gather);
+    read.map(|()| all)
 }
 
 /// The PostgreSQL connection string, from the environment variable the config names (never

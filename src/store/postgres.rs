@@ -23,13 +23,16 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
+use futures_util::StreamExt;
 use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
 use super::pg_connection::{Connector, with_tls_hint};
 pub use super::pg_schema::SCHEMA_VERSION;
 use super::pg_schema::migrate;
-use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgOptions, StoreError};
+use super::{
+    AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgOptions, StoreError, WARM_CHUNK, WarmSink,
+};
 use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
 
 /// The channel revokes and expiry changes notify, with the key's hash in hex as payload.
@@ -302,9 +305,9 @@ impl KeyStore for PgStore {
             .collect()
     }
 
-    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+    async fn warm_set(&self, now: i64, limit: usize, out: WarmSink) -> Result<(), StoreError> {
         if limit == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let client = self.client().await?;
         let select = client
@@ -314,12 +317,23 @@ impl KeyStore for PgStore {
                  ORDER BY u.last_used DESC NULLS LAST, k.id DESC LIMIT $2"
             ))
             .await?;
-        client
-            .query(&select, &[&now, &sql_limit(limit)])
-            .await?
-            .iter()
-            .map(decode_key_with_usage)
-            .collect()
+        let params: [&(dyn ToSql + Sync); 2] = [&now, &sql_limit(limit)];
+        let rows = client.query_raw(&select, params).await?;
+        futures_util::pin_mut!(rows);
+        let mut chunk = Vec::with_capacity(WARM_CHUNK);
+        while let Some(row) = rows.next().await {
+            chunk.push(decode_key_with_usage(&row?)?);
+            if chunk.len() == WARM_CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(WARM_CHUNK));
+                if out.send(full).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = out.send(chunk).await;
+        }
+        Ok(())
     }
 
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

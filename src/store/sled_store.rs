@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::point_reads::{PointReads, ThreadCounts};
-use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError};
+use super::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, StoreError, WarmSink};
 use crate::keys::{KeyHash, KeyPatch, KeyRecord, QuotaUsage, Usage};
 
 #[cfg(test)]
@@ -20,7 +20,7 @@ const KEY_COUNT: &[u8] = b"key_count";
 /// sled's own page cache (its default is 1 GiB). The request path reads through moka; sled
 /// serves its misses, the warm-up and the management API, and a scan such as the warm-up's
 /// would otherwise leave every page it read in memory.
-const SLED_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The embedded store. A point read (by hash or id) runs on the calling worker while the
 /// store is not writing and such reads do not block, and on tokio's blocking pool otherwise
@@ -435,8 +435,9 @@ impl KeyStore for SledStore {
         .await
     }
 
-    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
-        self.read(move |trees| trees.warm_set(now, limit)).await
+    async fn warm_set(&self, now: i64, limit: usize, out: WarmSink) -> Result<(), StoreError> {
+        self.read(move |trees| trees.warm_set(now, limit, &out))
+            .await
     }
 
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {

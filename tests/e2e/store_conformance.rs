@@ -11,7 +11,9 @@ use keygate::keys::{
     KeyFormat, KeyHash, KeyPatch, KeyRecord, Quota, QuotaPeriod, QuotaUsage, RateLimit, Usage,
     new_key_id,
 };
-use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgStore, StoreError};
+use keygate::store::{
+    AuditEntry, KeyStore, KeyWithUsage, ListQuery, PgStore, StoreError, warm_set_list,
+};
 
 const POOL_SIZE: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -763,7 +765,9 @@ async fn warm_set_is_live_keys_most_recently_used_first_then_newest(store: Arc<d
         .expect("usage");
     store.revoke("k4-revoked", NOW - 1).await.expect("revoke");
 
-    let all = store.warm_set(NOW, 100).await.expect("warm set");
+    let all = warm_set_list(store.as_ref(), NOW, 100)
+        .await
+        .expect("warm set");
     assert_eq!(
         ids(&all),
         [
@@ -779,16 +783,27 @@ async fn warm_set_is_live_keys_most_recently_used_first_then_newest(store: Arc<d
     assert_eq!(all[2].usage, Usage::default());
     assert_eq!(all[0].record, records[2], "the record as stored");
 
-    let first = store.warm_set(NOW, 1).await.expect("warm set");
+    let first = warm_set_list(store.as_ref(), NOW, 1)
+        .await
+        .expect("warm set");
     assert_eq!(ids(&first), ["k3-used-lately"]);
-    let three = store.warm_set(NOW, 3).await.expect("warm set");
+    let three = warm_set_list(store.as_ref(), NOW, 3)
+        .await
+        .expect("warm set");
     assert_eq!(
         ids(&three),
         ["k3-used-lately", "k2-used-long-ago", "k7-newest-unused"]
     );
-    assert!(store.warm_set(NOW, 0).await.expect("warm set").is_empty());
+    assert!(
+        warm_set_list(store.as_ref(), NOW, 0)
+            .await
+            .expect("warm set")
+            .is_empty()
+    );
     assert_eq!(
-        ids(&store.warm_set(NOW + 61, 100).await.expect("warm set")),
+        ids(&warm_set_list(store.as_ref(), NOW + 61, 100)
+            .await
+            .expect("warm set")),
         [
             "k3-used-lately",
             "k2-used-long-ago",

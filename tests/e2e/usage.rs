@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use keygate::keys::{KeyFormat, KeyHash, KeyPatch, KeyRecord, Usage};
-use keygate::store::{AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError};
+use keygate::store::{
+    AuditEntry, KeyStore, KeyWithUsage, ListQuery, SledStore, StoreError, WarmSink,
+};
 use keygate::usage::UsageRecorder;
 
 const ADMIN: &str = "test-admin-token-padded-to-32-ch";
@@ -176,8 +178,8 @@ impl KeyStore for FlakyStore {
     async fn stored_hashes(&self) -> Result<Vec<KeyHash>, StoreError> {
         self.inner.stored_hashes().await
     }
-    async fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
-        self.inner.warm_set(now, limit).await
+    async fn warm_set(&self, now: i64, limit: usize, out: WarmSink) -> Result<(), StoreError> {
+        self.inner.warm_set(now, limit, out).await
     }
     async fn list(&self, query: ListQuery<'_>) -> Result<Vec<KeyWithUsage>, StoreError> {
         self.inner.list(query).await

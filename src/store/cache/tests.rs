@@ -326,3 +326,31 @@ async fn a_warm_up_that_read_before_a_revoke_never_caches_the_key() {
     assert!(cache.cached(&hash).is_none(), "the revoked key stays out");
     assert!(cache.cached(&KeyHash::of(other_raw.as_bytes())).is_some());
 }
+
+/// A warm set of several chunks (`WARM_CHUNK` keys each) is cached whole, and cut exactly
+/// at the limit, also in the middle of a chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_set_of_several_chunks_is_cached_up_to_the_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SledStore::open(dir.path()).expect("sled"));
+    let format = KeyFormat::new("kg");
+    let total = 2 * crate::store::WARM_CHUNK + 100;
+    let records: Vec<KeyRecord> = (0..total)
+        .map(|_| KeyRecord::for_key(&format, &format.generate().expect("rng"), "bulk", 0))
+        .collect();
+    store.import(&records).await.expect("import");
+    let roomy = || CacheSettings {
+        capacity: 10_000,
+        ..settings(4, Duration::from_secs(5))
+    };
+    let all = KeyCache::new(store.clone(), roomy());
+    assert_eq!(all.warm(10, total + 5).await.expect("warm"), total);
+    let cut = KeyCache::new(store, roomy());
+    let limit = crate::store::WARM_CHUNK + 7;
+    assert_eq!(cut.warm(10, limit).await.expect("warm"), limit);
+    let cached = records
+        .iter()
+        .filter(|r| cut.cached(&r.key_hash().expect("hash")).is_some())
+        .count();
+    assert_eq!(cached, limit);
+}

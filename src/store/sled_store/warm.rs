@@ -4,14 +4,50 @@ use std::collections::HashSet;
 
 use super::{Trees, decode_usage};
 use crate::keys::{KeyRecord, Usage};
-use crate::store::{KeyWithUsage, StoreError};
+use crate::store::{KeyWithUsage, StoreError, WARM_CHUNK, WarmSink};
+
+/// The warm set on its way out: sent a chunk at a time from the blocking pool, counted
+/// against the limit.
+struct Chunks<'a> {
+    out: &'a WarmSink,
+    chunk: Vec<KeyWithUsage>,
+    sent: usize,
+    limit: usize,
+    closed: bool,
+}
+
+impl Chunks<'_> {
+    fn done(&self) -> bool {
+        self.sent >= self.limit || self.closed
+    }
+
+    fn push(&mut self, key: KeyWithUsage) {
+        self.chunk.push(key);
+        self.sent += 1;
+        if self.chunk.len() == WARM_CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.chunk.is_empty() && !self.closed {
+            let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(WARM_CHUNK));
+            self.closed = self.out.blocking_send(chunk).is_err();
+        }
+    }
+}
 
 impl Trees {
     /// See `KeyStore::warm_set`. The usage tree names every key ever used with its last
-    /// use, so the used keys come from one pass over it, the most recent `limit` of them
-    /// sorted first (the rest only if dead keys among those leave room); never-used keys
-    /// follow from the end of the key tree (ids sort by creation).
-    pub(super) fn warm_set(&self, now: i64, limit: usize) -> Result<Vec<KeyWithUsage>, StoreError> {
+    /// use, so the used keys come from one pass over it (their ids and uses only), the most
+    /// recent `limit` of them sorted first (the rest only if dead keys among those leave
+    /// room); never-used keys follow from the end of the key tree (ids sort by creation).
+    pub(super) fn warm_set(
+        &self,
+        now: i64,
+        limit: usize,
+        out: &WarmSink,
+    ) -> Result<(), StoreError> {
         let live = |record: &KeyRecord| {
             !record.is_revoked() && record.expires_at.is_none_or(|at| at > now)
         };
@@ -28,22 +64,28 @@ impl Trees {
         }
         let (recent, older) = used.split_at_mut(split);
         recent.sort_unstable_by(newest_use_first);
-        let mut out = Vec::with_capacity(limit.min(65_536));
+        let mut chunks = Chunks {
+            out,
+            chunk: Vec::with_capacity(WARM_CHUNK),
+            sent: 0,
+            limit,
+            closed: false,
+        };
         let mut taken = HashSet::with_capacity(split);
         for (usage, id) in recent.iter() {
-            self.push_if_live(&mut out, &mut taken, id, *usage, &live)?;
+            self.push_if_live(&mut chunks, &mut taken, id, *usage, &live)?;
         }
-        if out.len() < limit {
+        if !chunks.done() {
             older.sort_unstable_by(newest_use_first);
             for (usage, id) in older.iter() {
-                if out.len() == limit {
+                if chunks.done() {
                     break;
                 }
-                self.push_if_live(&mut out, &mut taken, id, *usage, &live)?;
+                self.push_if_live(&mut chunks, &mut taken, id, *usage, &live)?;
             }
         }
         for entry in self.keys.iter().rev() {
-            if out.len() >= limit {
+            if chunks.done() {
                 break;
             }
             let (id, bytes) = entry?;
@@ -52,17 +94,18 @@ impl Trees {
             }
             let record = Self::decode_record(&bytes)?;
             if live(&record) {
-                out.push(self.with_usage(record)?);
+                chunks.push(self.with_usage(record)?);
             }
         }
-        Ok(out)
+        chunks.flush();
+        Ok(())
     }
 
     /// Adds the record `id` names to the warm set when it is live; `taken` remembers every
     /// used key looked at, so the never-used pass skips them.
     fn push_if_live(
         &self,
-        out: &mut Vec<KeyWithUsage>,
+        chunks: &mut Chunks<'_>,
         taken: &mut HashSet<sled::IVec>,
         id: &sled::IVec,
         usage: Usage,
@@ -72,7 +115,7 @@ impl Trees {
         if let Some(bytes) = self.keys.get(id)? {
             let record = Self::decode_record(&bytes)?;
             if live(&record) {
-                out.push(KeyWithUsage { record, usage });
+                chunks.push(KeyWithUsage { record, usage });
             }
         }
         Ok(())
