@@ -1020,10 +1020,10 @@ fn print_header(connections: usize, seconds: u64, threads: usize, cores: usize, 
     );
 }
 
-/// The gateway under test, on the sled store under `dir`, pinned to `server_core`.
 /// The `distinct-cold` gateway's store settings.
 const COLD: &str = "cache_warm_keys = 0";
 
+/// The gateway under test, on the sled store under `dir`, pinned to `server_core`.
 fn start_pinned_keygate(
     dir: &Path,
     store_extra: &str,

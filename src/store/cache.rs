@@ -20,7 +20,7 @@ use tokio::sync::{Notify, OnceCell, Semaphore};
 use super::cached_key::CachedKey;
 use super::filter::KeyFilter;
 use super::{KeyStore, KeyWithUsage, StoreError};
-use crate::keys::{KeyHash, QuotaUsage};
+use crate::keys::{KeyHash, QuotaUsage, Usage};
 
 /// Where a resolution was answered from, for the cache metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +38,13 @@ pub enum LookupSource {
 pub struct Resolved {
     pub key: Option<Arc<CachedKey>>,
     pub source: LookupSource,
+}
+
+/// A key a rotation made, with a quota, whose inherited spend may not be written yet.
+fn awaits_inherited_quota(stored: &KeyWithUsage) -> bool {
+    stored.record.rotated_from.is_some()
+        && stored.record.quota.is_some()
+        && stored.usage == Usage::default()
 }
 
 /// Reads of the warm set before a warm-up gives up on invalidations racing it.
@@ -301,8 +308,12 @@ impl KeyCache {
     /// has run.
     fn cache_warm_chunk(&self, chunk: &[KeyWithUsage], seen: u64) -> Option<usize> {
         // A record that cannot be cached is left for the request path, which reports it.
+        // So is a rotated key with a quota and no usage yet: the quota it inherits is
+        // written after its record (`Lifecycle::seed_quota`, before the key is handed out),
+        // and caching it in between would start its quota from nothing.
         let entries: Vec<Arc<CachedKey>> = chunk
             .iter()
+            .filter(|stored| !awaits_inherited_quota(stored))
             .filter_map(|stored| {
                 let mut key = CachedKey::from_record(&stored.record).ok()?;
                 key.quota_seed = stored.usage.quota;

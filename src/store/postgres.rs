@@ -322,7 +322,11 @@ impl KeyStore for PgStore {
         futures_util::pin_mut!(rows);
         let mut chunk = Vec::with_capacity(WARM_CHUNK);
         while let Some(row) = rows.next().await {
-            chunk.push(decode_key_with_usage(&row?)?);
+            // A record that does not decode is left for the request path, which reports it.
+            let Ok(key) = decode_key_with_usage(&row?) else {
+                continue;
+            };
+            chunk.push(key);
             if chunk.len() == WARM_CHUNK {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(WARM_CHUNK));
                 if out.send(full).await.is_err() {

@@ -354,3 +354,42 @@ async fn a_warm_set_of_several_chunks_is_cached_up_to_the_limit() {
         .count();
     assert_eq!(cached, limit);
 }
+
+/// A rotated key with a quota is not warmed until the spend it inherits is written: a
+/// warm-up between the new record and its seeded usage would start the quota from 0.
+#[tokio::test]
+async fn a_rotated_key_is_not_warmed_before_its_inherited_quota_is_written() {
+    use crate::keys::{Quota, QuotaPeriod, QuotaUsage, Usage};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SledStore::open(dir.path()).expect("sled"));
+    let format = KeyFormat::new("kg");
+    let raw = format.generate().expect("rng");
+    let record = KeyRecord {
+        rotated_from: Some("01JOLDKEYOLDKEYOLDKEYOLDKE".into()),
+        quota: Some(Quota {
+            requests: 100,
+            period: QuotaPeriod::Total,
+        }),
+        ..KeyRecord::for_key(&format, &raw, "alice", 0)
+    };
+    store.insert(&record).await.expect("insert");
+    let hash = KeyHash::of(raw.as_bytes());
+
+    let early = KeyCache::new(store.clone(), settings(4, Duration::from_secs(5)));
+    assert_eq!(early.warm(10, 100).await.expect("warm"), 0);
+    assert!(early.cached(&hash).is_none());
+
+    let spent = QuotaUsage { stamp: 0, used: 40 };
+    let seeded = Usage {
+        quota: spent,
+        ..Usage::default()
+    };
+    store
+        .add_usage(&[(record.id.clone(), seeded)])
+        .await
+        .expect("seed");
+    let later = KeyCache::new(store, settings(4, Duration::from_secs(5)));
+    assert_eq!(later.warm(10, 100).await.expect("warm"), 1);
+    let cached = later.cached(&hash).and_then(|r| r.key).expect("warmed");
+    assert_eq!(cached.quota_seed, spent, "the inherited spend is the seed");
+}

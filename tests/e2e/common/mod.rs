@@ -485,8 +485,6 @@ pub(crate) async fn key_record(base: &str, admin_token: &str, id: &str) -> serde
     resp.json().await.expect("record JSON")
 }
 
-/// The status and `error.code` of a response; from 400 up it must be keygate's JSON error
-/// (`envelope::error_envelope`, else a panic), below that the code is "".
 /// The status of a GET of `url` with `key` in `x-api-key`.
 pub(crate) async fn status_with_key(client: &reqwest::Client, url: &str, key: &str) -> u16 {
     client
@@ -499,6 +497,8 @@ pub(crate) async fn status_with_key(client: &reqwest::Client, url: &str, key: &s
         .as_u16()
 }
 
+/// The status and `error.code` of a response; from 400 up it must be keygate's JSON error
+/// (`envelope::error_envelope`, else a panic), below that the code is "".
 pub(crate) async fn error_code(resp: reqwest::Response) -> (u16, String) {
     let what = format!("{} {}", resp.url().path(), resp.status());
     let reply = Reply::read(what, resp).await;
