@@ -57,3 +57,5 @@ mod state;
 pub mod store;
 mod tunnels;
 pub mod usage;
+
+pub use app::without_transparent_huge_pages;

@@ -52,6 +52,8 @@ pub(crate) fn serve_if_asked() {
     };
     let (listen, upstream, threads) = (next(), next(), next());
     let upstream: SocketAddr = upstream.parse().expect("upstream address");
+    // As keygate's own process: the floor must not pay a cost keygate avoids.
+    keygate::without_transparent_huge_pages();
     let conf = ServerConf {
         threads: threads.parse().expect("threads"),
         grace_period_seconds: Some(0),

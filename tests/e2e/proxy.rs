@@ -1288,3 +1288,18 @@ async fn pipelined_requests_are_all_answered_in_order() {
     assert_eq!(paths, ["/one", "/three", "/four"]);
     assert_eq!(seen[1].body, b"hello");
 }
+
+/// `keygate serve` runs without transparent huge pages (see `without_transparent_huge_pages`).
+#[tokio::test]
+async fn the_gateway_runs_without_transparent_huge_pages() {
+    let upstream = Upstream::start("thp").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let gateway = Gateway::start(&config).await;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", gateway.pid())).expect("status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("THP_enabled:"))
+        .expect("a kernel that reports THP_enabled (Linux 5.0 and later)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
