@@ -629,15 +629,18 @@ fn scale_check() {
         sled_store(dir.path()),
         std::env::var("LOAD_STORE_EXTRA").unwrap_or_default()
     );
-    let gateway = start_keygate(
-        dir.path(),
-        &store,
-        &[("KEYGATE_ADMIN_TOKEN", admin_token)],
-        upstream,
-        listen,
-        admin,
-        2,
-    );
+    let start = || {
+        start_keygate(
+            dir.path(),
+            &store,
+            &[("KEYGATE_ADMIN_TOKEN", admin_token)],
+            upstream,
+            listen,
+            admin,
+            2,
+        )
+    };
+    let gateway = start();
     let startup = started.elapsed();
     let rss_at_start = rss_kib(gateway.child.id());
     let status = runtime.block_on(async {
@@ -665,15 +668,7 @@ fn scale_check() {
     drop(gateway);
     for attempt in ["restart", "second restart"] {
         let started = Instant::now();
-        let gateway = start_keygate(
-            dir.path(),
-            &store,
-            &[("KEYGATE_ADMIN_TOKEN", admin_token)],
-            upstream,
-            listen,
-            admin,
-            2,
-        );
+        let gateway = start();
         println!(
             "{attempt}: start-up to listening {:.0} ms",
             started.elapsed().as_secs_f64() * 1000.0
