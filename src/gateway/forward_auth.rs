@@ -14,6 +14,7 @@ use pingora::proxy::Session;
 use super::destination::{Destination, Destinations, management_rest};
 use super::{Admission, Gateway, RequestCtx};
 use crate::error::GatewayError;
+use crate::http::names::{X_KEYGATE_KEY_ID, X_KEYGATE_METADATA, X_KEYGATE_OWNER, X_KEYGATE_SCOPES};
 use crate::http::{original, target};
 use crate::session::respond::Reply;
 
@@ -61,12 +62,12 @@ pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
     let mut reply = Reply::json(200, Bytes::new()).with_rate_limit(ctx.rate_limit);
     if let Some(key) = &ctx.key {
         reply = reply
-            .with_header("x-keygate-key-id", key.id_header.clone())
-            .with_header("x-keygate-owner", key.owner_header.clone())
-            .with_header("x-keygate-scopes", key.scopes_header.clone());
+            .with_header(X_KEYGATE_KEY_ID, key.id_header.clone())
+            .with_header(X_KEYGATE_OWNER, key.owner_header.clone())
+            .with_header(X_KEYGATE_SCOPES, key.scopes_header.clone());
         let forward_metadata = ctx.route().is_some_and(|r| r.config.forward_metadata);
         if let Some(metadata) = key.metadata_header.as_ref().filter(|_| forward_metadata) {
-            reply = reply.with_header("x-keygate-metadata", metadata.clone());
+            reply = reply.with_header(X_KEYGATE_METADATA, metadata.clone());
         }
     }
     let cache_for = ctx.route().map_or(0, |r| r.config.decision_cache_seconds);
@@ -82,7 +83,7 @@ pub(crate) fn admitted(ctx: &RequestCtx) -> Reply {
     } else {
         HeaderValue::from_static("no-store")
     };
-    reply.with_header("cache-control", cache_control)
+    reply.with_header(http::header::CACHE_CONTROL, cache_control)
 }
 
 #[cfg(test)]

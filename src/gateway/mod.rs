@@ -10,7 +10,7 @@ mod forward_auth;
 
 pub(crate) use ctx::{RequestCtx, Target};
 pub(crate) use destination::management_rest;
-pub(crate) use forward::prepare_upstream_request;
+pub(crate) use forward::{prepare_client_response, prepare_upstream_request};
 pub(crate) use forward_auth::admitted as admitted_decision;
 
 use std::sync::Arc;

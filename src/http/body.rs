@@ -75,18 +75,6 @@ pub(crate) fn framed_both_ways(req: &pingora::http::RequestHeader, keepalive_off
     both_present || content_length_removed
 }
 
-/// The upstream request for a body keygate has already read: its length instead of the
-/// chunked coding (and no `Expect`, which keygate has answered itself).
-pub(crate) fn frame_as_buffered(
-    req: &mut pingora::http::RequestHeader,
-    length: usize,
-) -> pingora::Result<()> {
-    req.remove_header(&http::header::TRANSFER_ENCODING);
-    req.remove_header(&http::header::EXPECT);
-    req.insert_header(http::header::CONTENT_LENGTH, length.to_string())?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
 //! Credential extraction: which header carries an API key, pure functions over the request
 //! headers. Works on raw bytes, so non-UTF-8 values are judged, never unwrapped.
 
-use http::HeaderMap;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName};
+
+use super::names::{KEY, X_API_KEY};
 
 use crate::keys::KeyFormat;
 
@@ -27,11 +30,11 @@ impl CredentialSources {
     }
 
     /// Header names to strip before forwarding, so the key never travels past keygate.
-    pub fn header_names(self) -> impl Iterator<Item = &'static str> {
+    pub fn header_names(self) -> impl Iterator<Item = HeaderName> {
         [
-            (Self::KEY, "key"),
-            (Self::X_API_KEY, "x-api-key"),
-            (Self::AUTHORIZATION, "authorization"),
+            (Self::KEY, KEY),
+            (Self::X_API_KEY, X_API_KEY),
+            (Self::AUTHORIZATION, AUTHORIZATION),
         ]
         .into_iter()
         .filter(move |(source, _)| self.contains(*source))
@@ -61,18 +64,18 @@ pub fn extract<'a>(
 ) -> Result<Option<Credential<'a>>, ExtractError> {
     let mut found: Option<Credential<'a>> = None;
     let candidates = headers
-        .get_all("key")
+        .get_all(KEY)
         .iter()
         .map(|v| (CredentialSources::KEY, Some(v.as_bytes())))
         .chain(
             headers
-                .get_all("x-api-key")
+                .get_all(X_API_KEY)
                 .iter()
                 .map(|v| (CredentialSources::X_API_KEY, Some(v.as_bytes()))),
         )
         .chain(
             headers
-                .get_all(http::header::AUTHORIZATION)
+                .get_all(AUTHORIZATION)
                 .iter()
                 .map(|v| (CredentialSources::AUTHORIZATION, bearer_token(v.as_bytes()))),
         );

@@ -41,7 +41,7 @@ fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
 /// IP addresses (`unknown`, obfuscated names) are skipped.
 fn chain(headers: &HeaderMap) -> impl Iterator<Item = IpAddr> + '_ {
     headers
-        .get_all("x-forwarded-for")
+        .get_all(super::names::X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))

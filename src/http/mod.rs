@@ -6,6 +6,7 @@ pub(crate) mod body;
 pub mod credentials;
 pub(crate) mod forwarded;
 pub(crate) mod host;
+pub(crate) mod names;
 pub(crate) mod original;
 pub mod path;
 pub(crate) mod target;

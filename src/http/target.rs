@@ -20,7 +20,7 @@ pub(crate) fn header_size(req: &RequestHeader) -> usize {
 /// fresh ULID.
 pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(super::names::X_REQUEST_ID)
         .and_then(|v: &HeaderValue| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)

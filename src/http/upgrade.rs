@@ -83,13 +83,12 @@ pub(crate) fn hold_empty_body(req: &mut RequestHeader) -> pingora::Result<()> {
 const HELD_LENGTH: &str = "1";
 
 /// The request as the upstream gets it: a handshake without a body again.
-pub(crate) fn unhold_empty_body(req: &mut RequestHeader) {
-    if req
-        .headers
+pub(crate) fn unhold_empty_body(headers: &mut http::HeaderMap) {
+    if headers
         .get(CONTENT_LENGTH)
         .is_some_and(|v| v == HELD_LENGTH)
     {
-        req.remove_header(&CONTENT_LENGTH);
+        headers.remove(CONTENT_LENGTH);
     }
 }
 

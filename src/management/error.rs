@@ -112,7 +112,7 @@ impl ApiError {
             ApiError::Unauthenticated(e, message) => Reply::refusal(*e, message, request_id),
             ApiError::NotFound => plain(404, "no such resource"),
             ApiError::MethodNotAllowed(allow) => plain(405, &format!("this path accepts {allow}"))
-                .with_header("allow", HeaderValue::from_static(allow)),
+                .with_header(http::header::ALLOW, HeaderValue::from_static(allow)),
             ApiError::PayloadTooLarge => plain(
                 413,
                 &format!(

@@ -167,7 +167,10 @@ impl Management {
         {
             reply
         } else {
-            reply.with_header("cache-control", HeaderValue::from_static("no-store"))
+            reply.with_header(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            )
         };
         respond::send(session, reply, &ctx.request_id).await
     }

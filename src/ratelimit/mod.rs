@@ -246,7 +246,8 @@ impl ManagementBudget {
 }
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for a decision.
-pub(crate) fn headers(decision: Decision) -> [(&'static str, http::HeaderValue); 3] {
+pub(crate) fn headers(decision: Decision) -> [(http::HeaderName, http::HeaderValue); 3] {
+    use crate::http::names::{RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET};
     let (limit, remaining, reset) = match decision {
         Decision::Allowed {
             limit,
@@ -256,8 +257,8 @@ pub(crate) fn headers(decision: Decision) -> [(&'static str, http::HeaderValue);
         Decision::Limited { limit, reset, .. } => (limit, 0, reset),
     };
     [
-        ("ratelimit-limit", http::HeaderValue::from(limit)),
-        ("ratelimit-remaining", http::HeaderValue::from(remaining)),
-        ("ratelimit-reset", http::HeaderValue::from(reset)),
+        (RATELIMIT_LIMIT, http::HeaderValue::from(limit)),
+        (RATELIMIT_REMAINING, http::HeaderValue::from(remaining)),
+        (RATELIMIT_RESET, http::HeaderValue::from(reset)),
     ]
 }

@@ -16,7 +16,6 @@ use crate::gateway::{self, Admission, Gateway, RequestCtx};
 use crate::http::body;
 use crate::http::target::request_id;
 use crate::management::Management;
-use crate::ratelimit;
 use crate::session::respond::{self, Reply};
 
 const NO_HEALTHY_UPSTREAM: &str = "no_healthy_upstream";
@@ -37,7 +36,10 @@ async fn refuse(
     let mut reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
     if ctx.forward_auth {
         // A proxy in front must not reuse a refusal for later requests.
-        reply = reply.with_header("cache-control", HeaderValue::from_static("no-store"));
+        reply = reply.with_header(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
     }
     respond::send(session, reply, &ctx.request_id).await
 }
@@ -240,15 +242,7 @@ impl ProxyHttp for KeygateProxy {
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             watch_tunnel(&self.gateway, session, ctx);
         }
-        if !upstream_response.headers.contains_key("x-request-id") {
-            upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
-        }
-        if let Some(decision) = ctx.rate_limit {
-            for (name, value) in ratelimit::headers(decision) {
-                upstream_response.insert_header(name, value)?;
-            }
-        }
-        Ok(())
+        gateway::prepare_client_response(upstream_response, ctx)
     }
 
     async fn fail_to_proxy(

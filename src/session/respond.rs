@@ -3,18 +3,20 @@
 //! keep-alive), `x-request-id`, and the headers a refusal needs.
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::error::{GatewayError, error_body};
+use crate::http::names::X_REQUEST_ID;
 use crate::ratelimit::{self, Decision};
 
 pub(crate) struct Reply {
     pub status: u16,
     pub body: Bytes,
     pub content_type: &'static str,
-    pub headers: Vec<(&'static str, HeaderValue)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Reply {
@@ -27,7 +29,7 @@ impl Reply {
         }
     }
 
-    pub(crate) fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
+    pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
     }
@@ -53,21 +55,21 @@ impl Reply {
         );
         match error {
             GatewayError::MissingCredentials => reply.with_header(
-                "www-authenticate",
+                WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"keygate\""),
             ),
             GatewayError::InvalidKey | GatewayError::KeyExpired => reply.with_header(
-                "www-authenticate",
+                WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"keygate\", error=\"invalid_token\""),
             ),
             GatewayError::ConnectNotAllowed => reply.with_header(
-                "allow",
+                ALLOW,
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             ),
             GatewayError::RateLimited { retry_after }
             | GatewayError::QuotaExhausted {
                 retry_after: Some(retry_after),
-            } => reply.with_header("retry-after", HeaderValue::from(retry_after)),
+            } => reply.with_header(RETRY_AFTER, HeaderValue::from(retry_after)),
             _ => reply,
         }
     }
@@ -79,20 +81,27 @@ pub(crate) async fn send(
     reply: Reply,
     request_id: &str,
 ) -> pingora::Result<()> {
-    // No case map: keygate's own header names need no case preserved, and inserting into
-    // one costs each header a second map's work.
-    let mut header = ResponseHeader::build_no_case(reply.status, Some(4 + reply.headers.len()))?;
+    // Built as plain parts, without Pingora's case map: keygate's own header names need no
+    // case kept, and each name given to `insert_header` as a string is parsed and copied.
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = StatusCode::from_u16(reply.status)
+        .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "reply status"))?;
+    let headers = &mut parts.headers;
+    headers.reserve(3 + reply.headers.len());
     if !reply.body.is_empty() {
-        header.insert_header(http::header::CONTENT_TYPE, reply.content_type)?;
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
     }
     // A 304 has no body, and a Content-Length there would describe the cached file's.
     if reply.status != 304 {
-        header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
     }
-    header.insert_header("x-request-id", request_id)?;
+    let request_id = HeaderValue::from_str(request_id)
+        .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "request id"))?;
+    headers.insert(X_REQUEST_ID, request_id);
     for (name, value) in reply.headers {
-        header.append_header(name, value)?;
+        headers.append(name, value);
     }
+    let header = ResponseHeader::from(parts);
     session
         .write_response_header(Box::new(header), reply.body.is_empty())
         .await?;

@@ -1303,3 +1303,116 @@ async fn the_gateway_runs_without_transparent_huge_pages() {
         .expect("a kernel that reports THP_enabled (Linux 5.0 and later)");
     assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
 }
+
+/// keygate edits the headers outside Pingora's case-preserving map (README, Decisions):
+/// names then travel in lowercase, but every header, value and the upstream's own reason
+/// phrase arrive as sent, in both directions, beside keygate's own headers.
+#[tokio::test]
+async fn headers_and_reason_phrase_pass_through_both_ways() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = listener.local_addr().expect("addr");
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while let Some(end) = find(&buf, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let _ = seen_tx.send(head);
+                        let reply = "HTTP/1.1 200 Fine By Me\r\nX-Upstream-Thing: Some Value\r\n\
+                                     Content-Length: 2\r\n\r\nok";
+                        if stream.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let config = GatewayConfig::public_route(upstream_addr);
+    let _gateway = Gateway::start(&config).await;
+
+    let mut stream = TcpStream::connect(("127.0.0.1", config.listen))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /p HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nX-Client-Thing: Mixed Case Value\r\n\
+         Accept: */*\r\n\r\n",
+        config.listen
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            break end;
+        }
+        tokio::time::timeout(Duration::from_secs(10), read_more(&mut stream, &mut buf))
+            .await
+            .expect("response timed out")
+            .expect("response");
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    assert_eq!(lines.next(), Some("HTTP/1.1 200 Fine By Me"), "{head}");
+    let response_headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(": "))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.to_string()))
+        .collect();
+    let value_of = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        value_of(&response_headers, "x-upstream-thing").as_deref(),
+        Some("Some Value"),
+        "{head}"
+    );
+    let request_id = value_of(&response_headers, "x-request-id").expect("x-request-id");
+
+    let upstream_head = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv())
+        .await
+        .expect("the upstream saw no request")
+        .expect("upstream");
+    let upstream_headers: Vec<(String, String)> = upstream_head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|line| line.split_once(": "))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.to_string()))
+        .collect();
+    for (name, expected) in [
+        ("x-client-thing", "Mixed Case Value"),
+        ("accept", "*/*"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", request_id.as_str()),
+    ] {
+        assert_eq!(
+            value_of(&upstream_headers, name).as_deref(),
+            Some(expected),
+            "{name} in {upstream_head}"
+        );
+    }
+    let host = format!("127.0.0.1:{}", config.listen);
+    assert_eq!(
+        value_of(&upstream_headers, "x-forwarded-host").as_deref(),
+        Some(host.as_str()),
+        "{upstream_head}"
+    );
+    assert!(
+        upstream_head.contains(&format!("\r\nHost: {host}")),
+        "standard names keep their title case: {upstream_head}"
+    );
+}

@@ -3,7 +3,10 @@
 //! credentials. The page is a client of the management API like any other: it holds no
 //! secret of its own and gets no privilege from being served here.
 
-use http::{HeaderMap, HeaderValue, Method};
+use http::header::{
+    CONTENT_SECURITY_POLICY, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
@@ -44,12 +47,12 @@ const ASSETS: [Asset; 4] = [
 pub(super) const CSP: &str = "default-src 'self'; frame-ancestors 'none'";
 
 /// What every console answer carries, errors included.
-const SECURITY_HEADERS: [(&str, &str); 4] = [
-    ("content-security-policy", CSP),
-    ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+const SECURITY_HEADERS: [(HeaderName, &str); 4] = [
+    (CONTENT_SECURITY_POLICY, CSP),
+    (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (REFERRER_POLICY, "no-referrer"),
     // For browsers that predate `frame-ancestors`.
-    ("x-frame-options", "DENY"),
+    (X_FRAME_OPTIONS, "DENY"),
 ];
 
 /// The page's DOM holds keys and their data once signed in: `no-store` keeps it out of
@@ -108,7 +111,7 @@ impl Console {
                 content_type: "text/plain; charset=utf-8",
                 headers: Vec::new(),
             };
-            return Ok(secured(reply, PAGE_CACHE).with_header("location", location));
+            return Ok(secured(reply, PAGE_CACHE).with_header(http::header::LOCATION, location));
         }
         let name = file.strip_prefix('/').unwrap_or(file);
         let index = ASSETS
@@ -135,19 +138,20 @@ impl Console {
             content_type: asset.content_type,
             headers: Vec::new(),
         };
-        Ok(secured(reply, cache).with_header("etag", etag.clone()))
+        Ok(secured(reply, cache).with_header(http::header::ETAG, etag.clone()))
     }
 }
 
 /// `reply` with the console's security headers and `cache`.
 fn secured(reply: Reply, cache: &'static str) -> Reply {
-    with_security_headers(reply).with_header("cache-control", HeaderValue::from_static(cache))
+    with_security_headers(reply)
+        .with_header(http::header::CACHE_CONTROL, HeaderValue::from_static(cache))
 }
 
 /// `reply` with the headers every console answer carries (an error under `console/` too).
 pub(super) fn with_security_headers(reply: Reply) -> Reply {
     SECURITY_HEADERS.iter().fold(reply, |reply, (name, value)| {
-        reply.with_header(name, HeaderValue::from_static(value))
+        reply.with_header(name.clone(), HeaderValue::from_static(value))
     })
 }
 
