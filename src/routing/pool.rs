@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pingora::lb::LoadBalancer;
@@ -21,29 +22,47 @@ use super::dns::{NameResolver, UpstreamDiscovery, UpstreamIndex};
 use crate::config::{ConfigProblem, RouteConfig, ServerConfig};
 use crate::metrics::{Metrics, RouteMetrics};
 
-/// How many backends round-robin selection may skip over looking for a healthy one: more
-/// than any route has, so an unhealthy upstream is always skipped.
-const SELECTION_ATTEMPTS: usize = 256;
-
 /// Idle pooled upstream connections are closed after this.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Route {
     /// The next healthy upstream, round-robin, other than `avoid` (the one that just failed
     /// this request) when another is healthy; None when every upstream is down.
+    ///
+    /// Walks Pingora's backend set itself rather than through `LoadBalancer::select`, whose
+    /// iterator clones each candidate (its extensions map allocated anew) and hashes it
+    /// twice, once to skip repeats: about 1,300 instructions a request. A route with one
+    /// upstream writes no shared counter.
     pub(crate) fn select_peer(
         &self,
         avoid: Option<SocketAddr>,
     ) -> Option<(Box<HttpPeer>, SocketAddr)> {
-        let backend = avoid
-            .and_then(|failed| {
-                self.balancer
-                    .select_with(b"", SELECTION_ATTEMPTS, |backend, healthy| {
-                        healthy && backend.addr.as_inet() != Some(&failed)
-                    })
-            })
-            .or_else(|| self.balancer.select(b"", SELECTION_ATTEMPTS))?;
-        let addr = *backend.addr.as_inet()?;
+        let backends = self.balancer.backends();
+        let set = backends.get_backend();
+        let start = match set.len() {
+            0 => return None,
+            1 => 0,
+            count => self.next_upstream.fetch_add(1, Ordering::Relaxed) % count,
+        };
+        let mut avoided = None;
+        let candidates = set.iter().cycle().skip(start).take(set.len());
+        for backend in candidates {
+            let Some(&addr) = backend.addr.as_inet() else {
+                continue;
+            };
+            if !backends.ready(backend) {
+                continue;
+            }
+            if avoid == Some(addr) {
+                avoided = Some(addr);
+                continue;
+            }
+            return Some(self.peer(addr));
+        }
+        avoided.map(|addr| self.peer(addr))
+    }
+
+    fn peer(&self, addr: SocketAddr) -> (Box<HttpPeer>, SocketAddr) {
         let mut peer = HttpPeer::new(addr, self.config.tls, self.config.sni.clone());
         let options = &mut peer.options;
         options.connection_timeout = Some(self.config.connect_timeout);
@@ -56,7 +75,7 @@ impl Route {
         // by trust roots: without a key of its own, a route could reuse a connection that
         // was verified against another route's `ca_file`.
         peer.group_key = self.id;
-        Some((Box::new(peer), addr))
+        (Box::new(peer), addr)
     }
 
     /// Health of each upstream as (configured name, healthy): a name is healthy while
@@ -207,6 +226,7 @@ async fn build_route(config: RouteConfig, env: &RouteEnv<'_>) -> std::io::Result
         balancer: Arc::new(balancer),
         trust,
         id,
+        next_upstream: AtomicUsize::new(0),
         resolver: env.resolver.clone(),
         dns_refresh: env.dns_refresh,
         config,

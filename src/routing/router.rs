@@ -24,6 +24,8 @@ pub(crate) struct Route {
     /// From the route's name: keeps its pooled upstream connections to itself (see
     /// `select_peer`) and its default rate limit's budgets across reloads.
     pub id: u64,
+    /// Round-robin position among several upstreams (`select_peer`).
+    pub(super) next_upstream: std::sync::atomic::AtomicUsize,
     /// How the route's upstream names were resolved.
     pub(super) resolver: NameResolver,
     pub(super) dns_refresh: Duration,
