@@ -109,7 +109,13 @@ pub fn lenient_reading(path: &str) -> Result<Option<String>, TooDeep> {
 
 fn read_once(path: &str) -> Option<String> {
     let bytes = path.as_bytes();
-    let plain = !bytes.iter().any(|b| matches!(b, b'%' | b';' | b'\\')) && !path.contains("//");
+    // One pass over the bytes (a substring search for `//` costs more than the path).
+    let mut after_slash = false;
+    let plain = bytes.iter().all(|&b| {
+        let repeated_slash = b == b'/' && after_slash;
+        after_slash = b == b'/';
+        !repeated_slash && !matches!(b, b'%' | b';' | b'\\')
+    });
     if plain {
         return None;
     }
@@ -151,7 +157,8 @@ fn read_once(path: &str) -> Option<String> {
 /// `/admin` to Rails and older Spring). None when it reads as written, which is every
 /// path without `.` or `%20`.
 pub fn suffix_reading(path: &str) -> Option<String> {
-    if !path.contains('.') && !path.contains("%20") {
+    let has_space_escape = path.contains('%') && path.contains("%20");
+    if !path.contains('.') && !has_space_escape {
         return None;
     }
     let segments: Vec<&str> = path.split('/').collect();

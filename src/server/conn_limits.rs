@@ -100,7 +100,7 @@ pub(crate) struct HeaderDeadline<A> {
     /// a connection closes; that is safe only because Pingora calls `process_new_http`
     /// again at once on a reused stream (pingora-core `apps/mod.rs`), which removes the
     /// entry before the fd can be closed and handed to a new connection.
-    idle: DashSet<i32>,
+    idle: DashSet<i32, foldhash::fast::RandomState>,
 }
 
 impl<A> HeaderDeadline<A> {
@@ -109,7 +109,7 @@ impl<A> HeaderDeadline<A> {
             inner: Arc::new(inner),
             header_timeout,
             keepalive_timeout,
-            idle: DashSet::new(),
+            idle: DashSet::with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 
