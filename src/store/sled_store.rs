@@ -56,6 +56,9 @@ type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// A write: runs against the trees, then waits for the flush.
 type WriteJob = Box<dyn FnOnce(&Trees) -> Completion + Send>;
 
+/// How long `reopen` waits for sled to release a database this process has just closed.
+const REOPEN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Writes applied before one flush, at most.
 const MAX_GROUP: usize = 256;
 
@@ -268,9 +271,23 @@ impl SledStore {
     pub fn checkpoint(self) -> Result<(), StoreError> {
         let path = self.path.clone();
         drop(self);
-        let reopened = SledStore::open(&path)?;
-        drop(reopened);
+        drop(SledStore::reopen(&path)?);
         Ok(())
+    }
+
+    /// Opens a store this process has just closed: sled's own I/O threads may hold the
+    /// database file (and its lock) for a moment after the last handle is gone, so a
+    /// `Locked` directory is tried again for a few seconds. Anything else fails at once.
+    pub fn reopen(path: &Path) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
+        loop {
+            match SledStore::open(path) {
+                Err(StoreError::Locked(_)) if started.elapsed() < REOPEN_LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened => return opened,
+            }
+        }
     }
 
     /// Inserts many records with one flush at the end (bulk loads, benchmarks). Same checks

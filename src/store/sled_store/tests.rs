@@ -37,7 +37,7 @@ async fn a_checkpoint_snapshots_a_bulk_load_and_keeps_every_record() {
         "the snapshot covers the load: {after:x} > {before:x}"
     );
 
-    let reopened = SledStore::open(dir.path()).expect("reopen");
+    let reopened = SledStore::reopen(dir.path()).expect("reopen");
     assert_eq!(reopened.count().await.expect("count"), 2000);
     let last = records.last().expect("records");
     let found = reopened
