@@ -3,34 +3,36 @@
 //! so a client trickling one header byte at a time would otherwise hold its connection (and
 //! a task) indefinitely.
 //!
-//! Two wrappers, because Pingora serves every request of a keep-alive connection inside
-//! one `ServerApp::process_new` call: the cap wraps that (a connection), the deadline wraps
-//! `HttpServerApp::process_new_http` (one request).
+//! Both wrap `ServerApp::process_new`, inside which Pingora serves every request of a
+//! keep-alive connection.
 
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dashmap::DashSet;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
-use pingora::protocols::Stream;
-use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::v2::server::H2Options;
+use pingora::apps::ServerApp;
+use pingora::protocols::{ALPN, Stream};
 use pingora::server::ShutdownWatch;
 
 use crate::drain::Drain;
 
 tokio::task_local! {
-    /// Set while a request is processed; true once its header is parsed.
-    static HEADER_PARSED: Cell<bool>;
+    /// Set for an HTTP/1 connection's task: when its next header is due.
+    static HEADER_DUE: HeaderDue;
 }
 
 /// Marks the current request's header as complete (from `early_request_filter`, which
 /// Pingora runs in the connection's task right after parsing it).
 pub(crate) fn header_parsed() {
-    let _ = HEADER_PARSED.try_with(|parsed| parsed.set(true));
+    let _ = HEADER_DUE.try_with(|due| due.at.set(None));
+}
+
+/// Marks the current request as served (from `logging`, Pingora's last hook of every
+/// request): the next header on the connection is due after the keep-alive idle time.
+pub(crate) fn request_done() {
+    let _ = HEADER_DUE.try_with(|due| due.at.set(Some(Instant::now() + due.between_requests)));
 }
 
 /// At most `max_connections` connections at once; over the cap a new connection is closed
@@ -91,16 +93,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
 /// Each request's header must be complete within `header_timeout` of the moment keygate
 /// starts waiting for it; on a reused keep-alive connection the client may first stay idle
 /// for `keepalive_timeout`.
+///
+/// Kept per connection, not per request: the connection's task carries when its next
+/// header is due (`HEADER_DUE`), which `early_request_filter` clears and `logging` sets
+/// again, and one timer a connection wakes only when that moment may have passed. A
+/// request therefore pays two writes to a task-local, not a timer of its own. HTTP/2
+/// connections are left out: their streams run in tasks of their own, each arriving with
+/// its header whole, and an idle HTTP/2 connection is closed by `h2_idle_timeout`.
 pub(crate) struct HeaderDeadline<A> {
     inner: Arc<A>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
-    /// Connections between two requests (by stream id): their next header may first wait
-    /// out the keep-alive idle time. The stream id is the raw fd, which the OS reuses once
-    /// a connection closes; that is safe only because Pingora calls `process_new_http`
-    /// again at once on a reused stream (pingora-core `apps/mod.rs`), which removes the
-    /// entry before the fd can be closed and handed to a new connection.
-    idle: DashSet<i32, foldhash::fast::RandomState>,
 }
 
 impl<A> HeaderDeadline<A> {
@@ -109,70 +112,58 @@ impl<A> HeaderDeadline<A> {
             inner: Arc::new(inner),
             header_timeout,
             keepalive_timeout,
-            idle: DashSet::with_hasher(foldhash::fast::RandomState::default()),
         }
-    }
-
-    fn finished(
-        &self,
-        connection: Option<i32>,
-        reused: Option<ReusedHttpStream>,
-    ) -> Option<ReusedHttpStream> {
-        if let (Some(connection), Some(_)) = (connection, &reused) {
-            self.idle.insert(connection);
-        }
-        reused
     }
 }
 
+/// What one connection's header deadline needs from its requests.
+struct HeaderDue {
+    /// When the header being waited for must be complete; None while a request is served.
+    at: Cell<Option<Instant>>,
+    /// From the end of a request to its successor's complete header.
+    between_requests: Duration,
+}
+
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for HeaderDeadline<A> {
-    async fn process_new_http(
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderDeadline<A> {
+    async fn process_new(
         self: &Arc<Self>,
-        session: ServerSession,
+        stream: Stream,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let connection = session.stream().map(|stream| stream.id());
-        let reused = connection.is_some_and(|id| self.idle.remove(&id).is_some());
-        let deadline = if reused {
-            self.keepalive_timeout + self.header_timeout
-        } else {
-            self.header_timeout
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let first_due = Instant::now() + self.header_timeout;
+        let due = HeaderDue {
+            at: Cell::new(Some(first_due)),
+            between_requests: self.keepalive_timeout + self.header_timeout,
         };
-        // A flag the request's own task sets, read only if the deadline passes: no channel,
-        // no wake-up, for the requests (nearly all) that finish before it.
-        let work = HEADER_PARSED.scope(
-            Cell::new(false),
-            self.inner.process_new_http(session, shutdown),
-        );
-        tokio::pin!(work);
-        tokio::select! {
-            biased;
-            reused = &mut work => return self.finished(connection, reused),
-            () = tokio::time::sleep(deadline) => {}
-        }
-        // Dropping a request whose header is still incomplete closes the connection; one
-        // that got past its header goes on without a deadline.
-        let parsed = work
-            .as_mut()
-            .take_value()
-            .is_some_and(|parsed| parsed.get());
-        if !parsed {
-            return None;
-        }
-        let reused = work.await;
-        self.finished(connection, reused)
+        let watched = async {
+            let work = self.inner.process_new(stream, shutdown);
+            tokio::pin!(work);
+            let timer = tokio::time::sleep_until(first_due.into());
+            tokio::pin!(timer);
+            loop {
+                tokio::select! {
+                    biased;
+                    stream = &mut work => return stream,
+                    () = &mut timer => {}
+                }
+                let now = Instant::now();
+                match HEADER_DUE.with(|due| due.at.get()) {
+                    // Dropping the connection's work closes it, mid-header.
+                    Some(at) if at <= now => return None,
+                    Some(at) => timer.as_mut().reset(at.into()),
+                    // A request is being served: look again one header timeout later.
+                    None => timer.as_mut().reset((now + self.header_timeout).into()),
+                }
+            }
+        };
+        HEADER_DUE.scope(due, watched).await
     }
 
-    fn h2_options(&self) -> Option<H2Options> {
-        self.inner.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.inner.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.inner.http_cleanup().await;
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
     }
 }

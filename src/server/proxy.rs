@@ -291,6 +291,7 @@ impl ProxyHttp for KeygateProxy {
     async fn logging(&self, session: &mut Session, _error: Option<&Error>, ctx: &mut RequestCtx) {
         // Before Pingora closes the client socket the tunnel sweep may shut down.
         ctx.tunnel = None;
+        super::conn_limits::request_done();
         super::access::record(&self.gateway, session, ctx);
     }
 }

@@ -421,3 +421,63 @@ async fn oversized_headers_are_refused_with_431() {
         "the oversized request never reached the upstream"
     );
 }
+
+/// The header deadline is for headers only: a request whose upstream takes longer than
+/// `header_read_timeout_seconds` (here 2.5 s against 1 s, so the connection's deadline
+/// timer fires twice while it is served) is answered, and the same connection then
+/// serves another request.
+#[tokio::test]
+async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while let Some(end) = crate::common::raw::find(&buf, b"\r\n\r\n") {
+                        let slow = buf.starts_with(b"GET /slow");
+                        buf.drain(..end + 4);
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(2500)).await;
+                        }
+                        let reply = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let mut config = GatewayConfig::public_route(upstream_addr);
+    config.server_extra = "header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = 2".into();
+    let _gateway = Gateway::start(&config).await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", config.listen))
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    for path in ["/slow", "/after"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::common::raw::read_next_response(&mut stream, &mut buf),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path}: no response"))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(response.status, 200, "{path}");
+        assert_eq!(response.body, b"ok", "{path}");
+    }
+}
