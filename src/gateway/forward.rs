@@ -37,8 +37,9 @@ pub(crate) fn prepare_upstream_request(
     let send_end_stream = req.send_end_stream();
     // The target is origin-form by now (`normalize_target`), which the URI carries whole.
     let mut parts = http::request::Parts::from(std::mem::replace(req, placeholder()));
-    edit_headers(&mut parts.headers, ctx, trusted_proxies)?;
+    let edited = edit_headers(&mut parts.headers, ctx, trusted_proxies);
     *req = RequestHeader::from(parts);
+    edited?;
     if let Some(send_end_stream) = send_end_stream {
         req.set_send_end_stream(send_end_stream);
     }
@@ -137,7 +138,20 @@ pub(crate) fn prepare_client_response(
         .map(str::to_string);
     let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let mut parts = http::response::Parts::from(std::mem::replace(resp, placeholder));
-    let headers = &mut parts.headers;
+    let edited = add_response_headers(&mut parts.headers, ctx, add_request_id);
+    *resp = ResponseHeader::from(parts);
+    edited?;
+    if reason.is_some() {
+        resp.set_reason_phrase(reason.as_deref())?;
+    }
+    Ok(())
+}
+
+fn add_response_headers(
+    headers: &mut HeaderMap,
+    ctx: &RequestCtx,
+    add_request_id: bool,
+) -> pingora::Result<()> {
     headers.reserve(4);
     if add_request_id {
         insert(headers, X_REQUEST_ID, value(ctx.request_id.as_str())?)?;
@@ -146,10 +160,6 @@ pub(crate) fn prepare_client_response(
         for (name, value) in ratelimit::headers(decision) {
             insert(headers, name, value)?;
         }
-    }
-    *resp = ResponseHeader::from(parts);
-    if reason.is_some() {
-        resp.set_reason_phrase(reason.as_deref())?;
     }
     Ok(())
 }

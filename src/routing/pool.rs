@@ -46,7 +46,7 @@ impl Route {
         };
         let mut avoided = None;
         let candidates = set.iter().cycle().skip(start).take(set.len());
-        for backend in candidates {
+        for (skipped, backend) in candidates.enumerate() {
             let Some(&addr) = backend.addr.as_inet() else {
                 continue;
             };
@@ -56,6 +56,11 @@ impl Route {
             if avoid == Some(addr) {
                 avoided = Some(addr);
                 continue;
+            }
+            // The next request starts after this one, not at a skipped one: otherwise the
+            // upstream after a down one would take its share too.
+            if skipped > 0 {
+                self.next_upstream.fetch_add(skipped, Ordering::Relaxed);
             }
             return Some(self.peer(addr));
         }

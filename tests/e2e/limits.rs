@@ -424,7 +424,8 @@ async fn oversized_headers_are_refused_with_431() {
 
 /// The header deadline is for headers only: a request whose upstream takes longer than
 /// `header_read_timeout_seconds` (here 2.5 s against 1 s, so the connection's deadline
-/// timer fires twice while it is served) is answered, and the same connection then
+/// timer fires twice while it is served) is answered, and the same connection, left idle
+/// for 2 s (longer than the header time, within keep-alive plus header time), then
 /// serves another request.
 #[tokio::test]
 async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
@@ -468,6 +469,9 @@ async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
         .expect("connect");
     let mut buf = Vec::new();
     for path in ["/slow", "/after"] {
+        if path == "/after" {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
         let response = tokio::time::timeout(

@@ -595,6 +595,41 @@ async fn two_upstreams_share_the_load() {
     );
 }
 
+/// Round robin stays even when an upstream is down: the one after it in the rotation does
+/// not take its share as well.
+#[tokio::test]
+async fn a_down_upstream_leaves_the_others_an_even_share() {
+    let a = Upstream::start("a").await;
+    let c = Upstream::start("c").await;
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = GatewayConfig::with_routes(&route(
+        "three",
+        "/",
+        &[a.addr, dead, c.addr],
+        "auth = \"none\"",
+    ));
+    let _gateway = Gateway::start(&config).await;
+    let client = client();
+    // Let the health check (every 200 ms) take the dead upstream out: a request sent to it
+    // before then is retried on another and would skew the counts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (a_before, c_before) = (a.count(), c.count());
+    for i in 0..40 {
+        let resp = client
+            .get(format!("{}/n/{i}", config.base_url()))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    let (a_share, c_share) = (a.count() - a_before, c.count() - c_before);
+    assert_eq!(a_share + c_share, 40);
+    assert!(
+        (16..=24).contains(&a_share) && (16..=24).contains(&c_share),
+        "uneven with one upstream down: a={a_share} c={c_share} (even is 20 each)"
+    );
+}
+
 /// 10. A key revoked offline while the gateway is stopped is refused after a restart.
 #[tokio::test]
 async fn key_revoked_offline_is_refused_after_restart() {
