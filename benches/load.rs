@@ -27,7 +27,9 @@
 //! the last core and the first) to give the servers and the generator cores of their own,
 //! LOAD_GATEWAY_THREADS (default: one per gateway core), LOAD_KEYGATE_BIN (another keygate
 //! binary to measure, for before/after pairs), LOAD_CALLGRIND=1 (instructions a request
-//! instead of rates: `load/instructions.rs`).
+//! instead of rates: `load/instructions.rs`), LOAD_ROUNDS (default 1: run the request-path
+//! rows that many times, the distinct ones once, and print each round's ratios and their
+//! medians).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -868,6 +870,28 @@ struct RowRun<'a> {
 
 impl RowRun<'_> {
     /// Every row of `rows` that `wanted` names, in order.
+    /// The request-path rows, then again `LOAD_ROUNDS` − 1 times, but for the distinct
+    /// rows, whose keys are no longer first uses after the first round.
+    fn measure_rounds(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        targets: &Targets,
+        valid: &[String],
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> (Vec<Measured>, Vec<Vec<Measured>>) {
+        let invalid = invalid_keys(10_000);
+        let first = self.measure_rows(runtime, bench_rows(targets, valid, &invalid), wanted);
+        let rounds: usize = env_or("LOAD_ROUNDS", 1);
+        let again = |name: &str| wanted(name) && !name.starts_with("distinct");
+        let later = (2..=rounds)
+            .map(|round| {
+                println!("round {round} of {rounds} (the request-path rows but the distinct ones)");
+                self.measure_rows(runtime, bench_rows(targets, valid, &invalid), &again)
+            })
+            .collect();
+        (first, later)
+    }
+
     fn measure_rows(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -966,7 +990,69 @@ impl RowRun<'_> {
 }
 
 /// The results as a Markdown table, with ratios to `auth = "none"` and to nginx.
+/// Each later round's table, then every round's ratios.
+fn print_later_rounds(first: &[Measured], later: &[Vec<Measured>]) {
+    if later.is_empty() {
+        return;
+    }
+    for (round, measured) in later.iter().enumerate() {
+        println!("\nround {}:", round + 2);
+        print_rows(measured);
+    }
+    let all: Vec<&[Measured]> = std::iter::once(first)
+        .chain(later.iter().map(Vec::as_slice))
+        .collect();
+    print_round_ratios(&all);
+}
+
+/// The ratios the request-path rows are read by, in each round (`LOAD_ROUNDS`) and their
+/// median: on a noisy machine single rows move by a third between runs, the median of
+/// several rounds much less.
+fn print_round_ratios(rounds: &[&[Measured]]) {
+    let rate = |round: &[Measured], name: &str| round.iter().find(|r| r.0 == name).map(|r| r.2);
+    let ratios: [(&str, &str, &str); 5] = [
+        ("auth = \"none\" ÷ bare Pingora", "none", "bare"),
+        ("one valid key ÷ bare Pingora", "valid", "bare"),
+        ("random invalid keys ÷ one valid key", "invalid", "valid"),
+        (
+            "100k distinct keys ÷ one valid key (first round only)",
+            "distinct",
+            "valid",
+        ),
+        ("bare Pingora ÷ nginx, valid key", "bare", "nginx-valid"),
+    ];
+    let mut out = std::io::stdout().lock();
+    let heads: String = (1..=rounds.len())
+        .map(|r| format!(" round {r} |"))
+        .collect();
+    let rules: String = rounds.iter().map(|_| "---:|").collect();
+    let _ = writeln!(out, "\n| ratio |{heads} median |\n|---|{rules}---:|");
+    for (label, over, under) in ratios {
+        let values: Vec<Option<f64>> = rounds
+            .iter()
+            .map(|round| Some(rate(round, over)? / rate(round, under)?))
+            .collect();
+        let mut present: Vec<f64> = values.iter().flatten().copied().collect();
+        if present.is_empty() {
+            continue;
+        }
+        present.sort_by(f64::total_cmp);
+        let median = present[present.len() / 2];
+        let cells: String = values
+            .iter()
+            .map(|v| v.map_or(" |".to_string(), |v| format!(" {v:.2} |")))
+            .collect();
+        let _ = writeln!(out, "| {label} |{cells} {median:.2} |");
+    }
+}
+
 fn print_table(results: &[Measured], rss_kib: u64) {
+    print_rows(results);
+    println!("\nkeygate RSS after the run: {} MiB", rss_kib / 1024);
+}
+
+/// One round's rows, with their ratios to `auth = "none"`, bare Pingora and nginx.
+fn print_rows(results: &[Measured]) {
     let baseline = results
         .iter()
         .find(|r| r.0 == "none")
@@ -997,7 +1083,6 @@ fn print_table(results: &[Measured], rss_kib: u64) {
             rps / baseline
         );
     }
-    let _ = writeln!(out, "\nkeygate RSS after the run: {} MiB", rss_kib / 1024);
 }
 
 /// What the run is: connections, duration, threads, cores, generator.
@@ -1183,8 +1268,7 @@ fn main() {
         connections,
         seconds,
     };
-    let rows = bench_rows(&targets, &valid, &invalid_keys(10_000));
-    let mut results = run.measure_rows(&runtime, rows, &wanted);
+    let (mut results, later_rounds) = run.measure_rounds(&runtime, &targets, &valid, &wanted);
 
     flood::run_if(wanted("flood"), &runtime, keygate_addr, &gateway, &valid[0]);
     latency::run_if(wanted("latency"), &runtime, keygate_addr, &run);
@@ -1204,5 +1288,6 @@ fn main() {
     let limits = limits::Group::new(dir.path(), upstream, threads, cores);
     results.extend(limits.measure(&run, &runtime, &wanted));
     print_table(&results, rss_kib(gateway.child.id()));
+    print_later_rounds(&results, &later_rounds);
     // The servers stop as they go out of scope, the gateway last.
 }
