@@ -429,37 +429,17 @@ async fn oversized_headers_are_refused_with_431() {
 /// serves another request.
 #[tokio::test]
 async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let upstream_addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    while let Some(end) = crate::common::raw::find(&buf, b"\r\n\r\n") {
-                        let slow = buf.starts_with(b"GET /slow");
-                        buf.drain(..end + 4);
-                        if slow {
-                            tokio::time::sleep(Duration::from_millis(2500)).await;
-                        }
-                        let reply = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if stream.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let (upstream_addr, _seen) = crate::common::raw::raw_upstream(|head| {
+        let delay = if head.starts_with("GET /slow") {
+            Duration::from_millis(2500)
+        } else {
+            Duration::ZERO
+        };
+        (delay, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    })
+    .await;
     let mut config = GatewayConfig::public_route(upstream_addr);
     config.server_extra = "header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = 2".into();
     let _gateway = Gateway::start(&config).await;

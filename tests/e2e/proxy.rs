@@ -1344,37 +1344,12 @@ async fn the_gateway_runs_without_transparent_huge_pages() {
 /// phrase arrive as sent, in both directions, beside keygate's own headers.
 #[tokio::test]
 async fn headers_and_reason_phrase_pass_through_both_ways() {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let upstream_addr = listener.local_addr().expect("addr");
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let seen_tx = seen_tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    while let Some(end) = find(&buf, b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end + 4);
-                        let _ = seen_tx.send(head);
-                        let reply = "HTTP/1.1 200 Fine By Me\r\nX-Upstream-Thing: Some Value\r\n\
-                                     Content-Length: 2\r\n\r\nok";
-                        if stream.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let (upstream_addr, mut seen_rx) = raw_upstream(|_| {
+        let reply = "HTTP/1.1 200 Fine By Me\r\nX-Upstream-Thing: Some Value\r\n\
+                     Content-Length: 2\r\n\r\nok";
+        (Duration::ZERO, reply)
+    })
+    .await;
     let config = GatewayConfig::public_route(upstream_addr);
     let _gateway = Gateway::start(&config).await;
 

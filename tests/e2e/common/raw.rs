@@ -1,4 +1,5 @@
-//! Raw HTTP/1.1 over TCP, for requests a real client would normalize or refuse to send.
+//! Raw HTTP/1.1 over TCP, for requests a real client would normalize or refuse to send,
+//! and for an upstream that answers with bytes of the test's choosing.
 
 use std::time::Duration;
 
@@ -45,6 +46,46 @@ impl super::envelope::Received for RawResponse {
     fn body(&self) -> &[u8] {
         &self.body
     }
+}
+
+/// A keep-alive upstream on a free loopback port that answers each request with what
+/// `answer` returns for its head (request line and headers, as received), after the delay
+/// it returns; every head is also sent on the returned channel.
+pub(crate) async fn raw_upstream(
+    answer: fn(&str) -> (Duration, &'static str),
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the raw upstream");
+    let addr = listener.local_addr().expect("raw upstream address");
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while let Some(end) = find(&buf, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let (delay, reply) = answer(&head);
+                        let _ = seen_tx.send(head);
+                        tokio::time::sleep(delay).await;
+                        if stream.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    if read_more(&mut stream, &mut buf).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen_rx)
 }
 
 pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
