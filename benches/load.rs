@@ -869,7 +869,6 @@ struct RowRun<'a> {
 }
 
 impl RowRun<'_> {
-    /// Every row of `rows` that `wanted` names, in order.
     /// The request-path rows, then again `LOAD_ROUNDS` − 1 times, but for the distinct
     /// rows, whose keys are no longer first uses after the first round.
     fn measure_rounds(
@@ -892,6 +891,7 @@ impl RowRun<'_> {
         (first, later)
     }
 
+    /// Every row of `rows` that `wanted` names, in order.
     fn measure_rows(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -989,7 +989,6 @@ impl RowRun<'_> {
     }
 }
 
-/// The results as a Markdown table, with ratios to `auth = "none"` and to nginx.
 /// Each later round's table, then every round's ratios.
 fn print_later_rounds(first: &[Measured], later: &[Vec<Measured>]) {
     if later.is_empty() {
@@ -1037,7 +1036,12 @@ fn print_round_ratios(rounds: &[&[Measured]]) {
             continue;
         }
         present.sort_by(f64::total_cmp);
-        let median = present[present.len() / 2];
+        let middle = present.len() / 2;
+        let median = if present.len().is_multiple_of(2) {
+            (present[middle - 1] + present[middle]) / 2.0
+        } else {
+            present[middle]
+        };
         let cells: String = values
             .iter()
             .map(|v| v.map_or(" |".to_string(), |v| format!(" {v:.2} |")))
@@ -1046,6 +1050,7 @@ fn print_round_ratios(rounds: &[&[Measured]]) {
     }
 }
 
+/// The results as a Markdown table, with ratios to `auth = "none"` and to nginx.
 fn print_table(results: &[Measured], rss_kib: u64) {
     print_rows(results);
     println!("\nkeygate RSS after the run: {} MiB", rss_kib / 1024);
