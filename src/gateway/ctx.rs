@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::drain::InFlight;
 use crate::http::credentials::CredentialSources;
+use crate::http::target::RequestId;
 use crate::metrics::Outcome;
 use crate::ratelimit::Decision;
 use crate::routing::Route;
@@ -27,7 +28,7 @@ pub(crate) enum Target {
 
 pub(crate) struct RequestCtx {
     pub started: Instant,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub target: Target,
     pub outcome: Outcome,
     pub key: Option<Arc<CachedKey>>,
@@ -73,7 +74,7 @@ impl RequestCtx {
     pub(crate) fn new(in_flight: InFlight, live: Arc<Live>) -> Self {
         RequestCtx {
             started: Instant::now(),
-            request_id: String::new(),
+            request_id: RequestId::none(),
             target: Target::Undecided,
             outcome: Outcome::Allowed,
             key: None,

@@ -88,7 +88,7 @@ fn edit_headers(
             insert(headers, X_KEYGATE_METADATA, metadata.clone())?;
         }
     }
-    insert(headers, X_REQUEST_ID, value(ctx.request_id.as_str())?)?;
+    insert(headers, X_REQUEST_ID, ctx.request_id.header_value())?;
     if let Some(length) = ctx.buffered_body {
         // keygate has read the body and answered any `Expect` itself.
         headers.remove(TRANSFER_ENCODING);
@@ -154,7 +154,7 @@ fn add_response_headers(
 ) -> pingora::Result<()> {
     headers.reserve(4);
     if add_request_id {
-        insert(headers, X_REQUEST_ID, value(ctx.request_id.as_str())?)?;
+        insert(headers, X_REQUEST_ID, ctx.request_id.header_value())?;
     }
     if let Some(decision) = ctx.rate_limit {
         for (name, value) in ratelimit::headers(decision) {

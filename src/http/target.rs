@@ -16,14 +16,54 @@ pub(crate) fn header_size(req: &RequestHeader) -> usize {
     })
 }
 
-/// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else a
-/// fresh ULID.
-pub(crate) fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(super::names::X_REQUEST_ID)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| crate::keys::new_ulid().to_string(), str::to_string)
+/// A request's id, kept as the header value it travels in: the request, the response
+/// and the access log share it without a copy (a client's id is a slice of the buffer
+/// Pingora parsed the request from).
+#[derive(Clone, Debug)]
+pub(crate) struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// None yet: the request failed before its header was read.
+    pub(crate) fn none() -> Self {
+        RequestId(HeaderValue::from_static(""))
+    }
+
+    /// The client's `x-request-id` when it is sane (1–128 visible ASCII characters), else
+    /// a fresh ULID.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let sane = headers.get(super::names::X_REQUEST_ID).filter(|v| {
+            let v = v.as_bytes();
+            !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
+        });
+        match sane {
+            Some(value) => RequestId(value.clone()),
+            None => {
+                let mut text = [0u8; ulid::ULID_LEN];
+                let ulid = crate::keys::new_ulid().array_to_str(&mut text);
+                // A ULID is Crockford base32: always a valid header value.
+                RequestId(HeaderValue::from_str(ulid).unwrap_or(HeaderValue::from_static("")))
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Visible ASCII by construction (`of`), which `to_str` accepts.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub(crate) fn header_value(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Puts the request target in origin-form with its unreserved escapes decoded, which is
@@ -100,10 +140,23 @@ mod tests {
     fn request_ids_are_kept_when_sane() {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert("x-request-id", HeaderValue::from_static("has space"));
-        assert_eq!(request_id(&h).len(), 26);
-        assert_eq!(request_id(&HeaderMap::new()).len(), 26);
+        assert_eq!(RequestId::of(&h).as_str(), "abc-123");
+        for insane in ["has space", "", "caf\u{e9}"] {
+            h.insert(
+                "x-request-id",
+                HeaderValue::from_str(insane).expect("value"),
+            );
+            let generated = RequestId::of(&h);
+            assert_eq!(generated.as_str().len(), 26, "{insane:?}");
+            assert!(ulid::Ulid::from_string(generated.as_str()).is_ok());
+        }
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_str(&"a".repeat(129)).expect("value"),
+        );
+        assert_eq!(RequestId::of(&h).as_str().len(), 26);
+        assert_eq!(RequestId::of(&HeaderMap::new()).as_str().len(), 26);
+        assert!(RequestId::none().is_empty());
     }
 
     #[test]

@@ -149,8 +149,8 @@ impl Management {
                 ctx.outcome = e.outcome();
                 ctx.error_code = Some(e.code());
                 match label {
-                    "console" => console::with_security_headers(e.reply(&ctx.request_id)),
-                    _ => e.reply(&ctx.request_id),
+                    "console" => console::with_security_headers(e.reply(ctx.request_id.as_str())),
+                    _ => e.reply(ctx.request_id.as_str()),
                 }
             });
         let status = reply.status.to_string();
@@ -160,11 +160,7 @@ impl Management {
             session.set_keepalive(None);
         }
         // Console files set their own; every API answer holds data.
-        let reply = if reply
-            .headers
-            .iter()
-            .any(|(name, _)| *name == "cache-control")
-        {
+        let reply = if reply.headers.contains_key(http::header::CACHE_CONTROL) {
             reply
         } else {
             reply.with_header(

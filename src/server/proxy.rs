@@ -14,7 +14,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::error::GatewayError;
 use crate::gateway::{self, Admission, Gateway, RequestCtx};
 use crate::http::body;
-use crate::http::target::request_id;
+use crate::http::target::RequestId;
 use crate::management::Management;
 use crate::session::respond::{self, Reply};
 
@@ -33,7 +33,8 @@ async fn refuse(
     refusal: GatewayError,
 ) -> pingora::Result<()> {
     ctx.error_code = Some(refusal.code());
-    let mut reply = Reply::gateway_error(refusal, &ctx.request_id).with_rate_limit(ctx.rate_limit);
+    let mut reply =
+        Reply::gateway_error(refusal, ctx.request_id.as_str()).with_rate_limit(ctx.rate_limit);
     if ctx.forward_auth {
         // A proxy in front must not reuse a refusal for later requests.
         reply = reply.with_header(
@@ -141,7 +142,7 @@ impl ProxyHttp for KeygateProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        ctx.request_id = request_id(&session.req_header().headers);
+        ctx.request_id = RequestId::of(&session.req_header().headers);
         match self.gateway.admit(session, ctx).await {
             Ok(Admission::Forward) => Ok(false),
             Ok(Admission::Management) => {
@@ -258,7 +259,7 @@ impl ProxyHttp for KeygateProxy {
             };
         };
         if ctx.request_id.is_empty() {
-            ctx.request_id = request_id(&session.req_header().headers);
+            ctx.request_id = RequestId::of(&session.req_header().headers);
         }
         if refusal == GatewayError::MalformedRequest {
             ctx.outcome = refusal.outcome();

@@ -4,20 +4,27 @@
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::error::{GatewayError, error_body};
 use crate::http::names::X_REQUEST_ID;
+use crate::http::target::RequestId;
 use crate::ratelimit::{self, Decision};
 
 pub(crate) struct Reply {
     pub status: u16,
     pub body: Bytes,
     pub content_type: &'static str,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The reply's own headers; `send` adds the framing ones and `x-request-id`, and then
+    /// Pingora `Date` and `Connection`, to the same map.
+    pub headers: HeaderMap,
 }
+
+/// Headers `send` and Pingora add to a reply's: `Content-Type`, `Content-Length`,
+/// `x-request-id`, `Date`, `Connection`.
+const ADDED_TO_EVERY_REPLY: usize = 5;
 
 impl Reply {
     pub(crate) fn json(status: u16, body: Bytes) -> Self {
@@ -25,26 +32,32 @@ impl Reply {
             status,
             body,
             content_type: "application/json",
-            headers: Vec::new(),
+            headers: HeaderMap::new(),
         }
     }
 
     pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.push((name, value));
+        if self.headers.is_empty() {
+            // One allocation for everything the reply will carry.
+            self.headers.reserve(ADDED_TO_EVERY_REPLY + 1);
+        }
+        self.headers.append(name, value);
         self
     }
 
     /// With the `RateLimit-*` headers of a rate-limited key's request.
     pub(crate) fn with_rate_limit(mut self, decision: Option<Decision>) -> Self {
         if let Some(decision) = decision {
-            self.headers.extend(ratelimit::headers(decision));
+            for (name, value) in ratelimit::headers(decision) {
+                self = self.with_header(name, value);
+            }
         }
         self
     }
 
     /// The JSON error for a refusal, with `WWW-Authenticate` on 401 and `Retry-After` on 429.
     pub(crate) fn gateway_error(error: GatewayError, request_id: &str) -> Self {
-        Reply::refusal(error, &error.to_string(), request_id)
+        Reply::refusal(error, error.message(), request_id)
     }
 
     /// As `gateway_error`, with a message of the caller's (the same code and headers).
@@ -79,15 +92,16 @@ impl Reply {
 pub(crate) async fn send(
     session: &mut Session,
     reply: Reply,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> pingora::Result<()> {
     // Built as plain parts, without Pingora's case map: keygate's own header names need no
     // case kept, and each name given to `insert_header` as a string is parsed and copied.
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = StatusCode::from_u16(reply.status)
         .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "reply status"))?;
+    parts.headers = reply.headers;
     let headers = &mut parts.headers;
-    headers.reserve(3 + reply.headers.len());
+    headers.reserve(ADDED_TO_EVERY_REPLY);
     if !reply.body.is_empty() {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
     }
@@ -95,12 +109,7 @@ pub(crate) async fn send(
     if reply.status != 304 {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
     }
-    let request_id = HeaderValue::from_str(request_id)
-        .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "request id"))?;
-    headers.insert(X_REQUEST_ID, request_id);
-    for (name, value) in reply.headers {
-        headers.append(name, value);
-    }
+    headers.insert(X_REQUEST_ID, request_id.header_value());
     let header = ResponseHeader::from(parts);
     session
         .write_response_header(Box::new(header), reply.body.is_empty())

@@ -109,7 +109,7 @@ impl Console {
                 status: 308,
                 body: bytes::Bytes::new(),
                 content_type: "text/plain; charset=utf-8",
-                headers: Vec::new(),
+                headers: http::HeaderMap::new(),
             };
             return Ok(secured(reply, PAGE_CACHE).with_header(http::header::LOCATION, location));
         }
@@ -136,7 +136,7 @@ impl Console {
                 bytes::Bytes::from_static(asset.body)
             },
             content_type: asset.content_type,
-            headers: Vec::new(),
+            headers: http::HeaderMap::new(),
         };
         Ok(secured(reply, cache).with_header(http::header::ETAG, etag.clone()))
     }

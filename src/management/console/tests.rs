@@ -12,11 +12,7 @@ fn get(console: &Console, file: &str, headers: &HeaderMap) -> Reply {
 }
 
 fn header<'r>(reply: &'r Reply, name: &str) -> Option<&'r str> {
-    reply
-        .headers
-        .iter()
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, v)| v.to_str().ok())
+    reply.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 #[test]
