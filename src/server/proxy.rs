@@ -116,15 +116,17 @@ impl ProxyHttp for KeygateProxy {
         super::tls::h2_request_seen(session);
         let keepalive_off = session.get_keepalive().is_none();
         ctx.framed_both_ways = body::framed_both_ways(session.req_header(), keepalive_off);
-        // Pingora keeps idle downstream connections forever unless told otherwise. Where it
-        // has already decided to close (HTTP/1.0, `Connection: close`, both
+        // Where Pingora has already decided to close (HTTP/1.0, `Connection: close`, both
         // `Transfer-Encoding` and `Content-Length`: a smuggling attempt), that stands.
+        // Otherwise it keeps the connection with no timeout of its own (`Some(0)`): the
+        // header deadline closes an idle one after `keepalive_timeout_seconds`
+        // (`conn_limits::HeaderDeadline`), where Pingora's keep-alive timeout would register
+        // a timer for every read of the connection.
         if self.gateway.shared.drain.is_draining() {
             // Stopping: this response is the connection's last.
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
-            let keepalive = ctx.live.config.server.keepalive_timeout;
-            session.set_keepalive(Some(keepalive.as_secs()));
+            session.set_keepalive(Some(0));
         }
         // Without this Pingora answers the first of pipelined requests and drops the rest.
         // Not for an upgrade: its idle read would take a tunnel's first bytes for the

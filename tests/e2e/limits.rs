@@ -350,19 +350,18 @@ async fn slow_headers_are_cut_off_and_connections_capped() {
     drop(held_open);
 }
 
-/// The header deadline holds for every request on a keep-alive connection, not only the
-/// first: a second request whose header comes a byte at a time is cut off within
-/// `keepalive_timeout_seconds` + `header_read_timeout_seconds` (the idle wait allowed before
-/// a reused connection's next request, plus the header time).
-#[tokio::test]
-async fn slow_headers_on_a_reused_connection_are_cut_off() {
+/// A gateway with a public route to `upstream`, a one-second header time and
+/// `keepalive_seconds` of keep-alive, and a connection that has had one request answered.
+async fn kept_alive_after_one_request(
+    upstream: &Upstream,
+    keepalive_seconds: u64,
+) -> (Gateway, tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
 
-    let upstream = Upstream::start("u").await;
     let mut config = GatewayConfig::public_route(upstream.addr);
-    config.server_extra = "header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = 2".into();
-    let _gateway = Gateway::start(&config).await;
-
+    config.server_extra =
+        format!("header_read_timeout_seconds = 1\nkeepalive_timeout_seconds = {keepalive_seconds}");
+    let gateway = Gateway::start(&config).await;
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", config.listen))
         .await
         .expect("connect");
@@ -374,11 +373,21 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
         .await
         .expect("first response");
     assert_eq!(first.status, 200);
+    (gateway, stream)
+}
 
+/// The header deadline holds for every request on a keep-alive connection, not only the
+/// first: a second request whose header comes a byte at a time is cut off within
+/// `keepalive_timeout_seconds` of the first response (the time a reused connection's next
+/// header has to be complete in).
+#[tokio::test]
+async fn slow_headers_on_a_reused_connection_are_cut_off() {
+    let upstream = Upstream::start("u").await;
+    let (_gateway, mut stream) = kept_alive_after_one_request(&upstream, 2).await;
     let held = trickle_header(&mut stream, "/second").await;
     assert!(
         held < Duration::from_secs(6),
-        "the second, trickled header held the connection for {held:?}; expected at most about 3 s"
+        "the second, trickled header held the connection for {held:?}; expected at most about 2 s"
     );
     assert!(
         !upstream
@@ -386,6 +395,31 @@ async fn slow_headers_on_a_reused_connection_are_cut_off() {
             .iter()
             .any(|s| s.path_and_query == "/second"),
         "the incomplete request never reached the upstream"
+    );
+}
+
+/// An idle keep-alive connection is closed once `keepalive_timeout_seconds` pass after its
+/// last response with no new request (keygate's header deadline does it; Pingora is told
+/// to keep connections without a timer of its own), and not before.
+#[tokio::test]
+async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_time() {
+    use tokio::io::AsyncReadExt;
+
+    let upstream = Upstream::start("u").await;
+    let (_gateway, mut stream) = kept_alive_after_one_request(&upstream, 3).await;
+    let answered = std::time::Instant::now();
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut rest))
+        .await
+        .expect("the idle connection is closed within 10 s");
+    let idle = answered.elapsed();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the gateway closed the connection without sending anything more: {read:?}"
+    );
+    assert!(
+        idle >= Duration::from_millis(2500) && idle < Duration::from_secs(6),
+        "closed after {idle:?} idle; keepalive_timeout_seconds is 3"
     );
 }
 
@@ -425,8 +459,8 @@ async fn oversized_headers_are_refused_with_431() {
 /// The header deadline is for headers only: a request whose upstream takes longer than
 /// `header_read_timeout_seconds` (here 2.5 s against 1 s, so the connection's deadline
 /// timer fires twice while it is served) is answered, and the same connection, left idle
-/// for 2 s (longer than the header time, within keep-alive plus header time), then
-/// serves another request.
+/// for 1.5 s (longer than the header time, within the keep-alive time), then serves
+/// another request.
 #[tokio::test]
 async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
     use tokio::io::AsyncWriteExt;
@@ -450,7 +484,7 @@ async fn a_slow_answer_outlives_the_header_deadline_on_its_connection() {
     let mut buf = Vec::new();
     for path in ["/slow", "/after"] {
         if path == "/after" {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
         }
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
