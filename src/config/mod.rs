@@ -76,8 +76,10 @@ pub struct ServerConfig {
     pub threads: usize,
     pub shutdown_grace: Duration,
     pub access_log: AccessLog,
+    /// Idle time allowed on a keep-alive connection: its next request header must be
+    /// complete within this of the previous response.
     pub keepalive_timeout: Duration,
-    /// Time a client gets to send a whole request header (after any keep-alive idle time).
+    /// Time a client gets to send a connection's first request header whole.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     /// Largest request line + header block accepted (431 beyond; Pingora itself stops
