@@ -23,7 +23,7 @@ pub(crate) fn header_size(req: &RequestHeader) -> usize {
 pub(crate) struct RequestId(HeaderValue);
 
 impl RequestId {
-    /// None yet: the request failed before its header was read.
+    /// No id yet: the request failed before its header was read.
     pub(crate) fn none() -> Self {
         RequestId(HeaderValue::from_static(""))
     }

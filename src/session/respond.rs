@@ -17,8 +17,8 @@ pub(crate) struct Reply {
     pub status: u16,
     pub body: Bytes,
     pub content_type: &'static str,
-    /// The reply's own headers; `send` adds the framing ones and `x-request-id`, and then
-    /// Pingora `Date` and `Connection`, to the same map.
+    /// The reply's own headers; `send` adds the framing ones and `x-request-id` to the
+    /// same map, and Pingora then adds `Date` and `Connection`.
     pub headers: HeaderMap,
 }
 
@@ -38,7 +38,7 @@ impl Reply {
 
     pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         if self.headers.is_empty() {
-            // One allocation for everything the reply will carry.
+            // Room for everything the reply will carry, reserved once.
             self.headers.reserve(ADDED_TO_EVERY_REPLY + 1);
         }
         self.headers.append(name, value);
