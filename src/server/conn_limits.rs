@@ -94,7 +94,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
 /// each later one within `keepalive_timeout` of the previous response: that is also what
 /// closes an idle keep-alive connection. Pingora is told to keep connections open without
 /// a timeout of its own (`early_request_filter`), since its keep-alive timeout is a timer
-/// registered for each wait on the connection, 1.3k–1.8k instructions a request.
+/// registered for each wait on the connection, one a request.
 ///
 /// Kept per connection, not per request: the connection's task carries when its next
 /// header is due (`HEADER_DUE`), which `early_request_filter` clears and `logging` sets
@@ -103,9 +103,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
 /// connections are left out: their streams run in tasks of their own, each arriving with
 /// its header whole, and an idle HTTP/2 connection is closed by `h2_idle_timeout`. Only
 /// HTTP/2 chosen by ALPN is recognised: cleartext HTTP/2 (Pingora's `h2c` option) is left
-/// off (`edge.rs`), and
-/// turning it on would need it recognised here too, or every h2c connection would be cut
-/// at the header time.
+/// off (`edge.rs`); turning it on would need it recognised here too, or every h2c
+/// connection would be cut at the header time.
 pub(crate) struct HeaderDeadline<A> {
     inner: Arc<A>,
     header_timeout: Duration,
