@@ -425,6 +425,30 @@ async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_time() {
     );
 }
 
+/// A request refused before its body is read (a 401 to a POST without a key) ends its
+/// connection after the answer instead of keeping it alive: Pingora closes a connection
+/// answered before its request was read whole, so no refused body is drained into the
+/// next request's keep-alive time (README, Decisions).
+#[tokio::test]
+async fn a_request_refused_before_its_body_is_read_closes_its_connection() {
+    let upstream = Upstream::start("u").await;
+    let config = GatewayConfig::single_route(&[upstream.addr]);
+    let _gateway = Gateway::start(&config).await;
+    // Room for a second response: a kept-alive connection would leave the read waiting
+    // (past the helper's 10 s) instead of ending at the refusal.
+    let request = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    let (responses, closed) = crate::common::raw::pipelined(config.listen, request, 2).await;
+    assert_eq!(responses.len(), 1);
+    assert_eq!(responses[0].status, 401);
+    assert_eq!(responses[0].header("connection"), Some("close"));
+    assert!(closed, "the connection ends after the refusal");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "the refused request never reached the upstream"
+    );
+}
+
 /// `max_header_bytes` bounds the request line plus headers: 431 `header_too_large` beyond
 /// it, before any key check or forwarding.
 #[tokio::test]
